@@ -1,0 +1,22 @@
+"""zigzag-mamba: ZigMa's zigzag-scan Mamba layers for vision.
+
+Importing this package loads no optional dependency (Triton, mamba-ssm, causal-conv1d) and
+touches no CUDA API; fast paths are probed at first use.
+"""
+
+from zigzag_mamba import scans
+from zigzag_mamba.ops.backends import backends, use_backend
+from zigzag_mamba.scans import ZigzagScan, list_patterns, register_pattern, scan_orders
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ZigzagScan",
+    "__version__",
+    "backends",
+    "list_patterns",
+    "register_pattern",
+    "scan_orders",
+    "scans",
+    "use_backend",
+]

@@ -81,7 +81,9 @@ def _snake(H: int, W: int, corner: int, by_columns: bool) -> torch.Tensor:
 
 @functools.cache
 def _zigzag_orders(H: int, W: int) -> torch.Tensor:
-    return torch.stack([_snake(H, W, corner, cols) for corner in range(4) for cols in (False, True)])
+    return torch.stack(
+        [_snake(H, W, corner, cols) for corner in range(4) for cols in (False, True)]
+    )
 
 
 def zigzag_orders(H: int, W: int) -> torch.Tensor:
@@ -235,7 +237,7 @@ _VIDEO_EXAMPLES = ("video_s", "video_t", "video_st", "video_sst")
 
 
 def list_patterns() -> list[str]:
-    """Names accepted by ``pattern=``. Any ``video_`` + string of s/t works, not only those listed."""
+    """Names accepted by ``pattern=`` (any ``video_`` + string of s and t works for videos)."""
     return sorted(_PATTERNS) + list(_VIDEO_EXAMPLES)
 
 
@@ -250,7 +252,9 @@ def register_pattern(name: str, builder: PatternBuilder, *, overwrite: bool = Fa
         >>> register_pattern("diagonal_sweep", lambda g: my_diagonal_orders(*g))
     """
     if not isinstance(name, str) or not name or _VIDEO.fullmatch(name):
-        raise ValueError(f"pattern name must be a non-empty string not of the video_* form: {name!r}")
+        raise ValueError(
+            f"pattern name must be a non-empty string not of the video_* form: {name!r}"
+        )
     if name in _BUILTIN or (name in _PATTERNS and not overwrite):
         raise ValueError(f"pattern {name!r} already exists; pass overwrite=True to replace it")
     if not callable(builder):
@@ -264,7 +268,9 @@ def check_order(order: object, grid: Grid) -> torch.Tensor:
         try:
             order = torch.as_tensor(order, device="cpu")
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(f"an order must be an integer tensor, got {type(order).__name__}") from exc
+            raise TypeError(
+                f"an order must be an integer tensor, got {type(order).__name__}"
+            ) from exc
     if order.dtype == torch.bool or order.dtype.is_floating_point or order.dtype.is_complex:
         raise TypeError(f"an order must have an integer dtype, got {order.dtype}")
     if order.device.type != "cpu":

@@ -1,0 +1,3 @@
+from zigzag_mamba.cli import main
+
+raise SystemExit(main())

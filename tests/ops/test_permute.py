@@ -1,0 +1,89 @@
+import pytest
+import torch
+from torch import nn
+
+from zigzag_mamba import ZigzagScan
+from zigzag_mamba.ops import inverse_order, permute_tokens
+from zigzag_mamba.ops.permute import _permute_tokens
+
+
+def random_order(L: int) -> torch.Tensor:
+    return torch.randperm(L)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 1, 3), (3, 17, 5), (1, 64, 600), (2, 9)])
+def test_permute_tokens_is_the_gather(dtype, shape):
+    x = torch.randn(shape).to(dtype)
+    order = random_order(shape[1])
+    assert torch.equal(permute_tokens(x, order), x[:, order])
+
+
+def test_strided_input():
+    x = torch.randn(4, 10, 6).transpose(0, 2)  # (6, 10, 4), not contiguous
+    order = random_order(10)
+    assert torch.equal(permute_tokens(x, order), x[:, order])
+
+
+def test_inverse_order_is_argsort():
+    order = random_order(50)
+    assert torch.equal(inverse_order(order), torch.argsort(order))
+
+
+def test_gradient_is_the_inverse_gather():
+    x = torch.randn(2, 13, 4, requires_grad=True)
+    order = random_order(13)
+    grad = torch.randn(2, 13, 4)
+    (ours,) = torch.autograd.grad(permute_tokens(x, order), x, grad)
+    (expected,) = torch.autograd.grad(x[:, order], x, grad)
+    assert torch.equal(ours, expected)
+
+
+def test_gradcheck_and_gradgradcheck_float64():
+    x = torch.randn(2, 7, 3, dtype=torch.float64, requires_grad=True)
+    order = random_order(7)
+    assert torch.autograd.gradcheck(lambda t: permute_tokens(t, order), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: permute_tokens(t, order), (x,))
+
+
+def test_opcheck():
+    order = random_order(11)
+    for x in (torch.randn(2, 11, 5), torch.randn(2, 11, 5, requires_grad=True)):
+        torch.library.opcheck(_permute_tokens, (x, order, inverse_order(order)))
+
+
+def test_bad_order_shape():
+    with pytest.raises(ValueError, match=r"\(L,\)"):
+        permute_tokens(torch.randn(2, 5, 3), torch.arange(4))
+    with pytest.raises(ValueError, match="B, L"):
+        permute_tokens(torch.randn(5), torch.arange(5))
+
+
+class ScanRoundTrip(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scan = ZigzagScan((4, 6), "zigzag8", layer_idx=3)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scan.unscan(self.proj(self.scan.scan(x)))
+
+
+def test_compile_fullgraph_has_no_graph_breaks():
+    model = ScanRoundTrip()
+    x = torch.randn(2, 24, 8)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_bf16_autocast():
+    model = ScanRoundTrip()
+    x = torch.randn(2, 24, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), model(x), atol=5e-2, rtol=5e-2)
+    y.float().sum().backward()
+    assert model.proj.weight.grad is not None

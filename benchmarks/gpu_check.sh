@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# GPU check for zigzag-mamba: tests that need CUDA, then benchmarks. About 5 minutes on an H100.
+#
+#   OUT=/some/dir bash benchmarks/gpu_check.sh      (default OUT: ./gpu_results)
+#
+# Runs from a checkout without installing it (PYTHONPATH=src). Each section writes its results
+# under $OUT and its log to $OUT/<section>.log; a failing section is recorded and the remaining
+# ones still run (device time is scarce), and the script exits non-zero at the end if any failed.
+# $OUT/summary.md collects the card, the status of every section and each section's Markdown.
+#
+# To add a section: write a function `section_<name>` that writes under "$OUT", and add a
+# `run_section <name> "<title>"` line in the order it should run.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-./gpu_results}"
+mkdir -p "$OUT"
+rm -f "$OUT/sections.md"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+FAILED=()
+
+run_section() {
+    local name="$1" title="$2" start=$SECONDS status=ok
+    echo "=== ${title} ==="
+    if ! "section_${name}" 2>&1 | tee "$OUT/${name}.log"; then
+        status=FAILED
+        FAILED+=("$name")
+    fi
+    echo "| ${title} | ${status} | $((SECONDS - start)) s |" >>"$OUT/sections.md"
+}
+
+# --- environment: card, driver and library versions ---------------------------------------
+section_environment() {
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    python - <<'PY' | tee "$OUT/environment.md"
+import torch, triton
+print(f"Card: **{torch.cuda.get_device_name()}**, torch {torch.__version__} "
+      f"(CUDA {torch.version.cuda}), triton {triton.__version__}")
+PY
+}
+
+# --- Triton kernels: the interpreter tests of tests/triton, run on the GPU ------------------
+section_triton_tests() {
+    ZIGZAG_MAMBA_CUDA_TESTS=1 python -m pytest tests/triton -x -q -p no:cacheprovider \
+        --junitxml="$OUT/triton_tests.xml"
+}
+
+# --- permute_tokens: GB/s against a device-to-device copy ---------------------------------
+section_bench_permute() {
+    python benchmarks/bench_permute.py --out "$OUT/bench_permute.md"
+}
+
+# --- ZigMaBlock forward + backward (to be added once the block exists) ---------------------
+# zigzag8 against scan=None, L = 4096 and 16384, D = 768, bf16; write "$OUT/bench_block.md".
+
+run_section environment "Environment"
+run_section triton_tests "Triton kernel tests on CUDA"
+run_section bench_permute "permute_tokens bandwidth"
+
+{
+    cat "$OUT/environment.md" 2>/dev/null || true
+    printf '\n| section | status | time |\n|---|---|---:|\n'
+    cat "$OUT/sections.md"
+    for report in "$OUT"/bench_*.md; do
+        if [[ -e "$report" ]]; then
+            printf '\n'
+            cat "$report"
+        fi
+    done
+} >"$OUT/summary.md"
+rm -f "$OUT/sections.md"
+cat "$OUT/summary.md"
+
+if ((${#FAILED[@]})); then
+    echo "failed sections: ${FAILED[*]}" >&2
+    exit 1
+fi

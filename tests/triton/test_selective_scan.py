@@ -1,0 +1,246 @@
+"""Triton selective scan against ``selective_scan_reference``, forward and every gradient.
+
+Each result is held to at most twice the error PyTorch's own reference makes in the same input
+dtypes against a float64 reference on the same inputs (with a small floor per dtype). Every
+buffer a launcher allocates starts out as NaN, so an element a kernel never writes fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from zigzag_mamba.ops.selective_scan import selective_scan_reference
+from zigzag_mamba.ops.triton import poisoned_outputs
+from zigzag_mamba.ops.triton.selective_scan import (
+    selective_scan_triton,
+    selective_scan_triton_bwd,
+    selective_scan_triton_fwd,
+)
+
+pytestmark = pytest.mark.triton
+
+DEVICE = (
+    "cuda" if os.environ.get("ZIGZAG_MAMBA_CUDA_TESTS") and torch.cuda.is_available() else "cpu"
+)
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+# Relative error allowed whatever PyTorch's own error is: rounding noise of the result's dtype.
+# bf16's is loose because the interpreter rounds fp32 -> bf16 toward zero (a GPU rounds to
+# nearest), which alone doubles the error of every bf16 result.
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    with poisoned_outputs():
+        yield
+
+
+def make_inputs(
+    batch: int = 2,
+    channels: int = 6,
+    n_state: int = 4,
+    length: int = 29,
+    groups: int | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Inputs in Mamba's ranges (A < 0, dt > 0 with or without softplus); A, D, bias in fp32."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    bc_shape = (batch, n_state, length) if groups is None else (batch, groups, n_state, length)
+    data = {
+        "u": rand(batch, channels, length),
+        "delta": 0.5 * rand(batch, channels, length).abs(),
+        "A": -torch.exp(0.5 * rand(channels, n_state)),
+        "B": rand(*bc_shape),
+        "C": rand(*bc_shape),
+        "D": rand(channels),
+        "z": rand(batch, channels, length),
+        "delta_bias": 0.1 * rand(channels),
+    }
+    params = ("A", "D", "delta_bias")
+    return {
+        k: v.to(DEVICE, torch.float32 if k in params else dtype).requires_grad_()
+        for k, v in data.items()
+    }
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    want = want.double()
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def _leaves(inputs: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict:
+    return {
+        k: v.detach().to(dtype or v.dtype).requires_grad_() if v is not None else None
+        for k, v in inputs.items()
+    }
+
+
+def _run(fn, inputs: dict, grads: list[torch.Tensor], **flags) -> list[torch.Tensor | None]:
+    """Outputs and input gradients of one implementation, for the given output gradients."""
+    outs = fn(**inputs, return_last_state=True, **flags)
+    pairs = [(o, g.to(o.dtype)) for o, g in zip(outs, grads, strict=True) if g is not None]
+    torch.autograd.backward(*map(list, zip(*pairs, strict=True)))
+    # An input the differentiated outputs do not depend on has a zero gradient, not none.
+    return [o.detach() for o in outs] + [
+        None if inputs[k] is None else _grad_or_zeros(inputs[k]) for k in NAMES
+    ]
+
+
+def _grad_or_zeros(leaf: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(leaf) if leaf.grad is None else leaf.grad
+
+
+def check_against_reference(
+    inputs: dict[str, torch.Tensor | None],
+    *,
+    grad_last: bool = True,
+    grad_out: bool = True,
+    chunk_size: int = 8,
+    **flags,
+) -> None:
+    """Forward outputs and all gradients within 2x PyTorch's own error (or the dtype floor)."""
+    shape_out = inputs["u"].shape
+    shape_last = (*shape_out[:2], inputs["A"].shape[1])
+    g = torch.Generator().manual_seed(1)
+    grads = [
+        torch.randn(shape_out, generator=g).to(DEVICE) if grad_out else None,
+        torch.randn(shape_last, generator=g).to(DEVICE) if grad_last else None,
+    ]
+    exact = _run(selective_scan_reference, _leaves(inputs, torch.float64), grads, **flags)
+    torch_own = _run(selective_scan_reference, _leaves(inputs, None), grads, **flags)
+    ours = _run(selective_scan_triton, _leaves(inputs, None), grads, chunk_size=chunk_size, **flags)
+    for name, got, want, base in zip(
+        ("out", "last_state", *NAMES), ours, exact, torch_own, strict=True
+    ):
+        if want is None:
+            assert got is None, name
+            continue
+        if not want.any():
+            assert torch.equal(got, torch.zeros_like(got)), name
+            continue
+        assert got.dtype == base.dtype and got.shape == want.shape, name
+        assert torch.isfinite(got).all(), name
+        tol = max(2 * rel_err(base, want), FLOOR[base.dtype])
+        assert rel_err(got, want) <= tol, (name, rel_err(got, want), tol)
+
+
+FEATURES = {
+    "plain": dict(D=False, z=False, delta_bias=False, delta_softplus=False),
+    "all": dict(D=True, z=True, delta_bias=True, delta_softplus=True),
+    "D-softplus": dict(D=True, z=False, delta_bias=False, delta_softplus=True),
+    "z-bias": dict(D=False, z=True, delta_bias=True, delta_softplus=False),
+}
+
+
+def _select(inputs: dict, features: dict[str, bool]) -> tuple[dict, dict]:
+    """Drop the optional inputs a feature set turns off; return (inputs, flags)."""
+    chosen = {k: (v if features.get(k, True) else None) for k, v in inputs.items()}
+    return chosen, {"delta_softplus": features["delta_softplus"]}
+
+
+@pytest.mark.parametrize("groups", [None, 2], ids=["ungrouped", "grouped"])
+@pytest.mark.parametrize("features", list(FEATURES), ids=list(FEATURES))
+def test_forward_and_gradients_match_reference(features: str, groups: int | None) -> None:
+    inputs, flags = _select(make_inputs(groups=groups), FEATURES[features])
+    check_against_reference(inputs, **flags)
+
+
+@pytest.mark.parametrize("length", [1, 8, 16, 21])
+def test_lengths_around_the_chunk(length: int) -> None:
+    inputs, flags = _select(make_inputs(length=length, seed=2), FEATURES["all"])
+    check_against_reference(inputs, chunk_size=8, **flags)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_inputs(dtype: torch.dtype) -> None:
+    inputs, flags = _select(make_inputs(dtype=dtype, seed=3), FEATURES["all"])
+    check_against_reference(inputs, **flags)
+
+
+def test_several_channel_blocks_and_odd_state_size() -> None:
+    # 40 channels of 16 states make three channel blocks per batch element (the last one
+    # partly masked); 3 states exercise the masked state lanes.
+    for n_state, channels in ((16, 40), (3, 5)):
+        inputs, flags = _select(
+            make_inputs(batch=1, channels=channels, n_state=n_state, length=11, seed=4),
+            FEATURES["all"],
+        )
+        check_against_reference(inputs, **flags)
+
+
+@pytest.mark.parametrize("which", ["last_state", "out"])
+def test_gradient_from_one_output_only(which: str) -> None:
+    inputs, flags = _select(make_inputs(seed=5), FEATURES["all"])
+    check_against_reference(
+        inputs, grad_out=which == "out", grad_last=which == "last_state", **flags
+    )
+
+
+def test_checkpoints_are_the_states_entering_each_chunk() -> None:
+    inputs, _ = _select(make_inputs(length=21, seed=6), FEATURES["all"])
+    args = [inputs[k].detach() for k in NAMES]
+    _, last, ckpt = selective_scan_triton_fwd(*args, delta_softplus=True, chunk_size=8)
+    assert ckpt.shape == (2, 6, 3, 4) and ckpt.dtype == last.dtype == torch.float32
+    assert torch.equal(ckpt[:, :, 0], torch.zeros_like(ckpt[:, :, 0]))
+    for c, stop in ((1, 8), (2, 16)):
+        prefix = [a[..., :stop] if a.dim() >= 3 else a for a in args]
+        _, state = selective_scan_reference(*prefix, delta_softplus=True, return_last_state=True)
+        torch.testing.assert_close(ckpt[:, :, c], state, rtol=1e-5, atol=1e-6)
+
+
+def test_non_contiguous_inputs() -> None:
+    inputs, flags = _select(make_inputs(seed=7), FEATURES["all"])
+    # The same values, laid out (B, L, D) underneath, as a mixer's projections leave them.
+    strided = {
+        k: v.detach().transpose(1, 2).contiguous().transpose(1, 2) if k in ("u", "z") else v
+        for k, v in inputs.items()
+    }
+    assert not strided["u"].is_contiguous()
+    check_against_reference(strided, **flags)
+
+
+def test_backward_entry_point_without_optional_inputs() -> None:
+    inputs = make_inputs(seed=8)
+    u, delta, A, B, C = (inputs[k].detach() for k in ("u", "delta", "A", "B", "C"))
+    out, _, ckpt = selective_scan_triton_fwd(u, delta, A, B, C, None, None, None, False)
+    grads = selective_scan_triton_bwd(
+        torch.ones_like(out), None, u, delta, A, B, C, None, None, None, ckpt, False
+    )
+    assert len(grads) == 8 and grads[5] is None and grads[6] is None and grads[7] is None
+    assert [g.shape for g in grads[:5]] == [u.shape, delta.shape, A.shape, B.shape, C.shape]
+
+
+def test_channel_block_override_gives_the_same_results() -> None:
+    inputs, _ = _select(make_inputs(length=11, seed=9), FEATURES["all"])
+    args = [inputs[k].detach() for k in NAMES]
+    runs = []
+    for block_d in (None, 2):
+        fwd = selective_scan_triton_fwd(*args, True, chunk_size=4, block_d=block_d)
+        grad = torch.ones_like(fwd[0])
+        bwd = selective_scan_triton_bwd(grad, None, *args, fwd[2], True, block_d=block_d)
+        runs.append((*fwd, *bwd))
+    for default, small in zip(*runs, strict=True):
+        # Channels never interact in the forward; dB, dC and dA sum over channels or batch in
+        # another order when the blocks change.
+        torch.testing.assert_close(small, default, rtol=1e-6, atol=1e-6)
+
+
+def test_rejects_bad_arguments() -> None:
+    inputs = make_inputs(channels=6, groups=4)
+    args = [inputs[k].detach() for k in ("u", "delta", "A", "B", "C")]
+    with pytest.raises(ValueError, match="divisible"):
+        selective_scan_triton_fwd(*args, None, None, None, False)
+    ungrouped = make_inputs()
+    args = [ungrouped[k].detach() for k in ("u", "delta", "A", "B", "C")]
+    with pytest.raises(ValueError, match="chunk_size must be a power of two"):
+        selective_scan_triton_fwd(*args, None, None, None, False, chunk_size=12)
+    with pytest.raises(ValueError, match="block_d must be a power of two"):
+        selective_scan_triton_fwd(*args, None, None, None, False, block_d=3)
+    with pytest.raises(TypeError, match="float64"):
+        selective_scan_triton_fwd(*(a.double() for a in args), None, None, None, False)

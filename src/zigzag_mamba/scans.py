@@ -416,13 +416,17 @@ class ZigzagScan(nn.Module):
         self.order.copy_(flat)
         self.inverse.copy_(inverse_order(flat))
 
-    def scan(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L, C) raster tokens -> (B * L // seq_len, seq_len, C) in scan order."""
+    def check_tokens(self, x: torch.Tensor) -> None:
+        """Raise a ValueError unless ``x`` is (B, L, C) raster tokens of this grid."""
         if x.dim() < 2 or x.shape[1] != self.num_tokens:
             raise ValueError(
                 f"expected tokens of shape (B, {self.num_tokens}, C) for grid {self.grid}, "
                 f"got {tuple(x.shape)}"
             )
+
+    def scan(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, C) raster tokens -> (B * L // seq_len, seq_len, C) in scan order."""
+        self.check_tokens(x)
         y = permute_tokens(x, self.order, self.inverse)
         return y.reshape(-1, self.seq_len, *x.shape[2:])
 

@@ -1,0 +1,205 @@
+"""ZigMaBlock: RMSNorm -> adaLN modulate -> scan -> Mamba -> unscan -> gate, the ZigMa layer.
+
+The structure is the official one (kept exactly, for checkpoint parity)::
+
+    residual = residual + h                      (block 0: residual = h; kept in fp32)
+    n        = RMSNorm(residual)
+    h        = n + gate * unscan(Mamba(scan(n * (1 + scale) + shift)))
+    h        = h + gate2 * CrossAttn(LN(h) * (1 + scale2) + shift2, context)     (text only)
+
+with ``shift, scale, gate(, shift2, scale2, gate2) = adaLN(c)``. Note that ``h`` carries the
+normalised stream ``n`` forward, so the next block adds it to the residual again.
+
+The forward is two stages around the mixer, :meth:`ZigMaBlock.scan_in` (residual add, norm,
+modulate, scan) and :meth:`ZigMaBlock.scan_out` (unscan, gate, add), each a plain PyTorch
+function of its inputs, so that fused kernels can take their place without changing outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from zigzag_mamba.modules.attention import CrossAttention
+from zigzag_mamba.modules.mamba import BiMamba, Mamba
+from zigzag_mamba.ops.fused import scan_in as fused_scan_in
+from zigzag_mamba.ops.fused import scan_out as fused_scan_out
+from zigzag_mamba.scans import ZigzagScan
+
+_MIXERS: dict[str, type[Mamba]] = {"mamba": Mamba, "bidirectional": BiMamba}
+
+
+def _modulate(
+    x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor | None
+) -> torch.Tensor:
+    """x (B, L, D) * (1 + scale) + shift, with shift and scale (B, D) per sample."""
+    return x if shift is None else x * (1 + scale[:, None]) + shift[:, None]
+
+
+def _gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    return x + y if gate is None else x + gate[:, None] * y
+
+
+class ZigMaBlock(nn.Module):
+    """One ZigMa layer on raster tokens (B, L, D) of a ``grid`` (H, W) or (T, H, W).
+
+    Args:
+        dim: token width D.
+        grid: the token grid; L must equal its product. Not needed when ``scan`` is None.
+        scan: a pattern name (``"zigzag8"``, ``"sweep2"``, ``"video_sst"``, ... see
+            :mod:`zigzag_mamba.scans`), explicit orders (an (L,) order, a (k, L) tensor or a
+            sequence of orders), or None for no permutation at all (a plain Mamba block).
+        layer_idx: which order of the pattern's family this layer uses (``layer_idx % k``).
+        mixer: ``"mamba"`` or ``"bidirectional"`` (Vim-style forward + reversed scan).
+        context_dim: width of the text tokens to cross-attend to; None for no cross-attention.
+        adaln: build the adaLN modulation (SiLU -> Linear(D, 3D), or 6D with cross-attention),
+            zero-initialised. False builds a block that takes no conditioning at all.
+        norm_eps: RMSNorm epsilon.
+        ssm_cfg: extra :class:`Mamba` arguments (d_state, d_conv, expand, ...).
+
+    Conditioning: ``c`` (B, D) drives the adaLN shift/scale/gate. With ``c=None`` there is no
+    modulation: shift = scale = 0 and gate = 1 (the adaLN layer, if built, is unused).
+
+    Calls: ``block(x, c, context)`` returns the residual stream after the block,
+    ``(residual + h).to(x.dtype)`` of :meth:`forward_residual` started with ``residual=None``;
+    a stack of blocks called this way computes what the backbone's stack computes. At init
+    (zero adaLN) and with ``c`` given, every gate is 0, so the mixer and the cross-attention
+    contribute exactly nothing: ``forward_residual`` returns ``(RMSNorm(residual + h),
+    residual + h)`` and ``block(x, c) == x + RMSNorm(x)`` (the official structure, not an
+    identity), and the mixer's parameters get zero gradients.
+
+    Example::
+
+        >>> block = ZigMaBlock(dim=64, grid=(4, 4), scan="zigzag8", layer_idx=3)
+        >>> block(torch.randn(2, 16, 64)).shape
+        torch.Size([2, 16, 64])
+        >>> block(torch.randn(2, 16, 64), c=torch.randn(2, 64)).shape
+        torch.Size([2, 16, 64])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        grid: int | Sequence[int] | None = None,
+        scan: str | torch.Tensor | Sequence | None = "zigzag8",
+        layer_idx: int = 0,
+        *,
+        mixer: str = "mamba",
+        context_dim: int | None = None,
+        adaln: bool = True,
+        norm_eps: float = 1e-5,
+        ssm_cfg: dict | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if mixer not in _MIXERS:
+            raise ValueError(f"mixer must be one of {sorted(_MIXERS)}, got {mixer!r}")
+        if scan is not None and grid is None:
+            raise ValueError("a block with a scan needs its token grid: pass grid=(H, W)")
+        factory = {"device": device, "dtype": dtype}
+        self.dim = dim
+        self.layer_idx = layer_idx
+        self.norm = nn.RMSNorm(dim, eps=norm_eps, **factory)
+        self.mixer = _MIXERS[mixer](dim, layer_idx=layer_idx, **(ssm_cfg or {}), **factory)
+        self.scan = None if scan is None else ZigzagScan(grid, scan, layer_idx, device=device)
+        self.msa = self.norm_msa = None
+        if context_dim is not None:
+            self.msa = CrossAttention(dim, context_dim, **factory)
+            self.norm_msa = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.adaLN_modulation = None
+        if adaln:
+            chunks = 3 if self.msa is None else 6
+            self.adaLN_modulation = nn.Sequential(
+                nn.SiLU(), nn.Linear(dim, chunks * dim, **factory)
+            )
+            self.zero_init_modulation()
+
+    @torch.no_grad()
+    def zero_init_modulation(self) -> None:
+        """Zero the adaLN layer: every gate starts at 0, so the block adds no mixer output."""
+        if self.adaLN_modulation is not None:
+            nn.init.zeros_(self.adaLN_modulation[1].weight)
+            nn.init.zeros_(self.adaLN_modulation[1].bias)
+
+    def _modulation(self, c: torch.Tensor | None) -> list:
+        chunks = 3 if self.msa is None else 6
+        if c is None:
+            return [None] * chunks
+        if self.adaLN_modulation is None:
+            raise ValueError("this block was built with adaln=False and takes no conditioning c")
+        if c.dim() != 2 or c.shape[1] != self.dim:
+            raise ValueError(f"c must have shape (B, {self.dim}), got {tuple(c.shape)}")
+        return list(self.adaLN_modulation(c).chunk(chunks, dim=-1))
+
+    def scan_in(
+        self,
+        h: torch.Tensor,
+        residual: torch.Tensor | None,
+        shift: torch.Tensor | None,
+        scale: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stage 1, one fused op: residual add -> RMSNorm -> modulate -> scan.
+
+        ``shift``, ``scale`` (B, D) or None. Returns the new residual (B, L, D, in at least
+        fp32), the normalised tokens (B, L, D, in h's dtype) and the mixer's input in scan order
+        (B', seq_len, D).
+        """
+        if self.scan is not None:
+            self.scan.check_tokens(h)
+        residual, normed, tokens = fused_scan_in(
+            h, residual, self.norm.weight, shift, scale, *self._orders(), self.norm.eps
+        )
+        seq_len = h.shape[1] if self.scan is None else self.scan.seq_len
+        return residual, normed, tokens.reshape(-1, seq_len, *h.shape[2:])
+
+    def scan_out(
+        self, y: torch.Tensor, normed: torch.Tensor, gate: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Stage 2, one fused op: unscan the mixer's output, gate it ((B, D) or None), add it
+        to ``normed``."""
+        return fused_scan_out(normed, gate, y.reshape(normed.shape), *self._orders())
+
+    def _orders(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return (None, None) if self.scan is None else (self.scan.order, self.scan.inverse)
+
+    def _cross_attend(
+        self, h: torch.Tensor, context: torch.Tensor | None, shift, scale, gate
+    ) -> torch.Tensor:
+        if context is None:
+            raise ValueError("this block cross-attends to text: pass context (B, S, context_dim)")
+        attended = self.msa(_modulate(self.norm_msa(h), shift, scale), context)
+        return _gated_add(h, attended, gate)
+
+    def forward_residual(
+        self,
+        h: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        c: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone's call: ``(h, residual) -> (h, residual)``, both (B, L, D).
+
+        ``residual=None`` starts the stream (block 0). The residual stays in (at least) fp32.
+        """
+        if context is not None and self.msa is None:
+            raise ValueError("this block has no cross-attention (context_dim=None); got context")
+        modulation = self._modulation(c)
+        shift, scale, gate = modulation[:3]
+        residual, normed, tokens = self.scan_in(h, residual, shift, scale)
+        h = self.scan_out(self.mixer(tokens), normed, gate)
+        if self.msa is not None:
+            h = self._cross_attend(h, context, *modulation[3:])
+        return h, residual
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, L, D) tokens -> (B, L, D): the residual stream after this block."""
+        h, residual = self.forward_residual(x, None, c, context)
+        return (residual + h).to(x.dtype)

@@ -1,0 +1,225 @@
+"""The Mamba-1 mixer, and the bidirectional (Vim-style) variant used as a baseline.
+
+The parameters, their names, shapes and initialisation are those of ``mamba_ssm.Mamba``, so state
+dicts move between the two unchanged::
+
+    in_proj.weight   (2*d_inner, d_model)     x_proj.weight  (dt_rank + 2*d_state, d_inner)
+    conv1d.weight    (d_inner, 1, d_conv)     dt_proj.weight (d_inner, dt_rank)
+    conv1d.bias      (d_inner,)               dt_proj.bias   (d_inner,)
+    A_log            (d_inner, d_state)       D              (d_inner,)
+    out_proj.weight  (d_model, d_inner)
+
+The scan and the convolution go through :func:`zigzag_mamba.ops.selective_scan.selective_scan`
+and :func:`zigzag_mamba.ops.conv.causal_conv1d`, which pick their kernel per device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zigzag_mamba.ops.backends import resolve
+from zigzag_mamba.ops.conv import causal_conv1d
+from zigzag_mamba.ops.selective_scan import selective_scan
+
+
+def _ssm_branch(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    conv1d: nn.Conv1d,
+    x_proj: nn.Linear,
+    dt_proj: nn.Linear,
+    A_log: torch.Tensor,
+    D: torch.Tensor,
+) -> torch.Tensor:
+    """conv + SiLU -> input-dependent (dt, B, C) -> selective scan gated by z; (B, d_inner, L)."""
+    dt_rank = dt_proj.in_features
+    d_state = A_log.shape[1]
+    # Cast like mamba_ssm's fused path: under autocast x is already in the autocast dtype.
+    weight = conv1d.weight.squeeze(1).to(x.dtype)
+    bias = None if conv1d.bias is None else conv1d.bias.to(x.dtype)
+    x = causal_conv1d(x, weight, bias, activation="silu")
+    dt, B, C = x_proj(x.transpose(1, 2)).split([dt_rank, d_state, d_state], dim=-1)
+    # dt_proj's bias is not added here: the scan adds it (in fp32) before the softplus.
+    dt = F.linear(dt, dt_proj.weight).transpose(1, 2)
+    return selective_scan(
+        x,
+        dt,
+        -torch.exp(A_log.float()),
+        B.transpose(1, 2),
+        C.transpose(1, 2),
+        D.float(),
+        z=z,
+        delta_bias=dt_proj.bias.float(),
+        delta_softplus=True,
+    )
+
+
+class Mamba(nn.Module):
+    """The Mamba-1 selective-state-space mixer: (B, L, D) -> (B, L, D).
+
+    Arguments are those of ``mamba_ssm.Mamba``. ``use_fast_path`` is kept so that mamba_ssm
+    configs pass unchanged; it has no effect here (the kernel is chosen per device, see
+    :func:`zigzag_mamba.use_backend`). ``A_log`` and ``D`` stay in fp32 whatever ``dtype`` is.
+
+    Example::
+
+        >>> mixer = Mamba(d_model=64)
+        >>> mixer(torch.randn(2, 16, 64)).shape
+        torch.Size([2, 16, 64])
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        use_fast_path: bool = True,
+        layer_idx: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+        self.dt_init, self.dt_scale = dt_init, dt_scale
+        self.use_fast_path = use_fast_path
+        self.layer_idx = layer_idx
+        factory = {"device": device, "dtype": dtype}
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
+        self.conv1d, self.x_proj, self.dt_proj = self._branch_layers(conv_bias, factory)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state, device=device))
+        self.D = nn.Parameter(torch.empty(self.d_inner, device=device))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        # Not the virtual call: a subclass initialises the parameters it adds itself.
+        Mamba.reset_parameters(self)
+
+    def _branch_layers(
+        self, conv_bias: bool, factory: dict
+    ) -> tuple[nn.Conv1d, nn.Linear, nn.Linear]:
+        conv1d = nn.Conv1d(
+            self.d_inner,
+            self.d_inner,
+            self.d_conv,
+            groups=self.d_inner,
+            padding=self.d_conv - 1,  # unused by the causal op; kept for mamba_ssm's module repr
+            bias=conv_bias,
+            **factory,
+        )
+        x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False, **factory)
+        dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+        return conv1d, x_proj, dt_proj
+
+    @torch.no_grad()
+    def _reset_branch(
+        self,
+        conv1d: nn.Conv1d,
+        x_proj: nn.Linear,
+        dt_proj: nn.Linear,
+        A_log: torch.Tensor,
+        D: torch.Tensor,
+    ) -> None:
+        conv1d.reset_parameters()
+        x_proj.reset_parameters()
+        # dt_proj's weight keeps the variance of dt at init; its bias is the inverse softplus of
+        # a dt drawn log-uniformly in [dt_min, dt_max], so that softplus(bias) starts there.
+        std = self.dt_rank**-0.5 * self.dt_scale
+        if self.dt_init == "constant":
+            nn.init.constant_(dt_proj.weight, std)
+        else:
+            nn.init.uniform_(dt_proj.weight, -std, std)
+        log_min, log_max = math.log(self.dt_min), math.log(self.dt_max)
+        u = torch.rand(self.d_inner, device=dt_proj.bias.device)
+        dt = torch.exp(u * (log_max - log_min) + log_min).clamp(min=self.dt_init_floor)
+        dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        # Backbone initialisers zero Linear biases; this flag (mamba_ssm's) exempts this one.
+        dt_proj.bias._no_reinit = True
+        # S4D-real: A = -(1, 2, ..., d_state) in every channel.
+        A_log.copy_(torch.arange(1, self.d_state + 1, dtype=torch.float32).log().expand_as(A_log))
+        D.fill_(1.0)
+        A_log._no_weight_decay = True
+        D._no_weight_decay = True
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every parameter as ``mamba_ssm.Mamba`` does (e.g. after ``to_empty``)."""
+        self.in_proj.reset_parameters()
+        self.out_proj.reset_parameters()
+        self._reset_branch(self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
+
+    def _in_proj(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2*d_inner, L)
+        return xz.chunk(2, dim=1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x, z = self._in_proj(hidden_states)
+        y = _ssm_branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
+        return self.out_proj(y.transpose(1, 2))
+
+    def extra_repr(self) -> str:
+        try:
+            backend = resolve("selective_scan", self.A_log.device.type)
+        except RuntimeError as exc:  # e.g. a module on the meta device has no kernel
+            backend = f"none ({exc})"
+        return (
+            f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, "
+            f"d_conv={self.d_conv}, dt_rank={self.dt_rank}, layer_idx={self.layer_idx}, "
+            f"selective_scan={backend!r}"
+        )
+
+
+class BiMamba(Mamba):
+    """Vim-style bidirectional mixer: a forward and a time-reversed scan, summed.
+
+    The reversed branch has its own conv, x_proj, dt_proj, A and D (named ``conv1d_b``,
+    ``x_proj_b``, ``dt_proj_b``, ``A_b_log``, ``D_b`` as in the official ZigMa "v2" model) and
+    shares ``in_proj`` / ``out_proj``; z gates both branches. Both branches are initialised like
+    :class:`Mamba`'s.
+
+    Example::
+
+        >>> BiMamba(d_model=64)(torch.randn(2, 16, 64)).shape
+        torch.Size([2, 16, 64])
+    """
+
+    def __init__(self, d_model: int, **kwargs) -> None:
+        super().__init__(d_model, **kwargs)
+        weight = self.out_proj.weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        conv_bias = self.conv1d.bias is not None
+        self.conv1d_b, self.x_proj_b, self.dt_proj_b = self._branch_layers(conv_bias, factory)
+        self.A_b_log = nn.Parameter(torch.empty_like(self.A_log))
+        self.D_b = nn.Parameter(torch.empty_like(self.D))
+        self._reset_branch(*self._reverse_branch())
+
+    def _reverse_branch(self) -> tuple:
+        return self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self._reset_branch(*self._reverse_branch())
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x, z = self._in_proj(hidden_states)
+        y = _ssm_branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
+        y_rev = _ssm_branch(x.flip(-1), z.flip(-1), *self._reverse_branch())
+        return self.out_proj((y + y_rev.flip(-1)).transpose(1, 2))

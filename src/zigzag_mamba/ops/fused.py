@@ -77,6 +77,11 @@ def scan_out_reference(
     return (h_norm.to(compute) + y).to(h_norm.dtype)
 
 
+def _contiguous(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The fake rules promise contiguous outputs; elementwise math would follow input strides."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
 def _use_triton(*tensors: torch.Tensor | None) -> bool:
     """Whether the CUDA kernels take this call (Triton computes in fp32: no float64 inputs)."""
     if resolve("fused_scan", "cuda") != "triton":
@@ -132,6 +137,7 @@ def _scan_in(
     inverse: torch.Tensor | None,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    h, residual = _contiguous(h, residual)
     return scan_in_reference(h, residual, norm_weight, shift, scale, order, eps)
 
 
@@ -164,6 +170,7 @@ def _scan_in_backward(
     inverse: torch.Tensor | None,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g_residual, g_h_norm, g_x_scan = _contiguous(g_residual, g_h_norm, g_x_scan)
     return _scan_in_backward_torch(
         g_residual, g_h_norm, g_x_scan, residual_out, norm_weight, shift, scale,
         has_residual, inverse, eps,
@@ -257,6 +264,7 @@ def _scan_out(
     order: torch.Tensor | None,
     inverse: torch.Tensor | None,
 ) -> torch.Tensor:
+    h_norm, y_seq = _contiguous(h_norm, y_seq)
     return scan_out_reference(h_norm, gate, y_seq, inverse)
 
 
@@ -283,6 +291,7 @@ def _scan_out_backward(
     order: torch.Tensor | None,
     inverse: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    g_out, y_seq = _contiguous(g_out, y_seq)
     return _scan_out_backward_torch(g_out, gate, y_seq, order, inverse)
 
 

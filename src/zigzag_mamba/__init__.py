@@ -5,12 +5,19 @@ touches no CUDA API; fast paths are probed at first use.
 """
 
 from zigzag_mamba import scans
+from zigzag_mamba.models.backbone import CONFIGS, ZigMaBackbone
+from zigzag_mamba.modules.block import ZigMaBlock
+from zigzag_mamba.modules.mamba import Mamba
 from zigzag_mamba.ops.backends import backends, use_backend
 from zigzag_mamba.scans import ZigzagScan, list_patterns, register_pattern, scan_orders
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CONFIGS",
+    "Mamba",
+    "ZigMaBackbone",
+    "ZigMaBlock",
     "ZigzagScan",
     "__version__",
     "backends",

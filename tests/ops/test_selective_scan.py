@@ -1,0 +1,239 @@
+"""selective_scan: every CPU backend against the sequential reference in float64."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+import zigzag_mamba
+from zigzag_mamba.ops import selective_scan, selective_scan_reference
+
+# The package re-exports functions under their modules' names, so fetch the modules themselves.
+scan_module = importlib.import_module("zigzag_mamba.ops.selective_scan")
+backend_registry = importlib.import_module("zigzag_mamba.ops.backends")
+
+BACKENDS = ["fused", "torch", "reference"]
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    batch: int = 2
+    channels: int = 4
+    state: int = 3
+    length: int = 100  # not a multiple of the checkpoint interval
+    groups: int | None = None  # None: B and C are (B, N, L)
+    z: bool = True
+    D: bool = True
+    delta_bias: bool = True
+    softplus: bool = True
+    last_state: bool = True
+
+
+CASES = [
+    Case(),
+    Case(batch=1, length=1),
+    Case(length=130, groups=1, state=5),
+    Case(channels=6, length=70, groups=2, z=False, D=False, delta_bias=False, softplus=False),
+    Case(channels=8, state=16, length=scan_module.CHUNK, groups=2, last_state=False),
+    Case(batch=1, length=200, softplus=False, z=False, last_state=False),
+]
+
+
+def make_inputs(case: Case, dtype=torch.float32, seed=0) -> dict[str, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    b, d, n, length = case.batch, case.channels, case.state, case.length
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)
+    bc_shape = (b, n, length) if case.groups is None else (b, case.groups, n, length)
+    # Without softplus dt = delta (+ bias) must stay positive for a decaying, stable scan.
+    delta = randn(b, d, length) if case.softplus else 0.5 * torch.rand(b, d, length, generator=g)
+    return {
+        "u": randn(b, d, length),
+        "delta": delta.to(dtype),
+        "A": -torch.rand(d, n, generator=g, dtype=dtype) * 2,
+        "B": randn(*bc_shape),
+        "C": randn(*bc_shape),
+        "D": randn(d) if case.D else None,
+        "z": randn(b, d, length) if case.z else None,
+        "delta_bias": (0.1 * torch.rand(d, generator=g, dtype=dtype)) if case.delta_bias else None,
+    }
+
+
+def run(inputs, case: Case, fn=selective_scan, grads=None):
+    """Outputs and the gradients of <outputs, grads> w.r.t. every tensor input."""
+    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items() if v is not None}
+    out, last = fn(**leaves, delta_softplus=case.softplus, return_last_state=True)
+    if grads is None:
+        gen = torch.Generator().manual_seed(1)
+        grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (out, last)]
+    loss = (out * grads[0].to(out.dtype)).sum()
+    if case.last_state:
+        loss = loss + (last * grads[1].to(last.dtype)).sum()
+    got = torch.autograd.grad(loss, list(leaves.values()))
+    return out, last, dict(zip(leaves, got, strict=True)), grads
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    diff = (actual.double() - expected).norm()
+    return 0.0 if diff == 0 else (diff / expected.norm()).item()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"L{c.length}-G{c.groups}")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_float64_reference(backend, case):
+    inputs = make_inputs(case)
+    as64 = {k: None if v is None else v.double() for k, v in inputs.items()}
+    ref_out, ref_last, ref_grads, grads = run(as64, case, selective_scan_reference)
+    with zigzag_mamba.use_backend(selective_scan=backend):
+        out, last, got_grads, _ = run(inputs, case, grads=grads)
+    assert out.dtype == torch.float32 and last.dtype == torch.float32
+    assert rel_err(out, ref_out) < 1e-5
+    if case.last_state:
+        assert rel_err(last, ref_last) < 1e-5
+    for name in ref_grads:
+        assert got_grads[name].dtype == inputs[name].dtype, name
+        assert rel_err(got_grads[name], ref_grads[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+def test_bfloat16_runs_in_float32_and_returns_bfloat16(backend):
+    case = Case(length=80, groups=2)
+    inputs = make_inputs(case)
+    low = {k: v if k in ("A", "D", "delta_bias") or v is None else v.bfloat16()
+           for k, v in inputs.items()}  # fmt: skip
+    rounded = {k: None if v is None else v.float() for k, v in low.items()}
+    with zigzag_mamba.use_backend(selective_scan=backend):
+        out, last, grads, g = run(low, case)
+        ref_out, ref_last, ref_grads, _ = run(rounded, case, grads=g)
+    assert out.dtype == torch.bfloat16 and last.dtype == torch.float32
+    assert grads["u"].dtype == torch.bfloat16 and grads["A"].dtype == torch.float32
+    assert rel_err(out, ref_out.double()) < 1e-2
+    assert rel_err(last, ref_last.double()) < 1e-5  # the state itself stays float32
+    for name in ref_grads:
+        assert rel_err(grads[name], ref_grads[name].double()) < 1e-2, name
+
+
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+def test_gradcheck_float64(backend):
+    case = Case(batch=1, channels=2, state=2, length=5, groups=1)
+    inputs = make_inputs(case, dtype=torch.float64)
+    leaves = [inputs[k].requires_grad_() for k in NAMES]
+    fn = lambda *args: selective_scan(*args, delta_softplus=True, return_last_state=True)
+    with zigzag_mamba.use_backend(selective_scan=backend):
+        assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+def test_opcheck(backend):
+    case = Case(batch=1, channels=4, state=2, length=9, groups=2)
+    inputs = make_inputs(case)
+    args = [inputs[k].requires_grad_() for k in NAMES]
+    with zigzag_mamba.use_backend(selective_scan=backend):
+        torch.library.opcheck(torch.ops.zigzag_mamba.selective_scan_fwd, (*args, True))
+        out, _, ckpt = torch.ops.zigzag_mamba.selective_scan_fwd(*args, True)
+        grads = (torch.randn_like(out), torch.randn(1, 4, 2))
+        bwd_args = (*grads, *[a.detach() for a in args], ckpt, True)
+        torch.library.opcheck(torch.ops.zigzag_mamba.selective_scan_bwd, bwd_args)
+
+
+def test_fused_kernels_write_every_output():
+    from zigzag_mamba.ops.cpu import selective_scan as kernels
+
+    case = Case(batch=2, channels=4, state=3, length=70, groups=2)
+    inputs = make_inputs(case)
+    arrays = kernels._arrays(*(inputs[k] for k in NAMES), torch.float32)
+    b, d, length, n, chunk = 2, 4, 70, 3, 16
+    nan = lambda *shape: torch.full(shape, float("nan"))
+    out, last, ckpt = nan(b, d, length), nan(b, d, n), nan(b, d, -(-length // chunk), n)
+    kernels.selective_scan_forward(*arrays, True, chunk, out.numpy(), last.numpy(), ckpt.numpy())
+    grads = [nan(b, d, length) for _ in range(3)] + [nan(b, d, n), nan(b, d), nan(b, d)]
+    parts = [torch.zeros(b, 2, 1, length, n) for _ in range(2)]
+    kernels.selective_scan_backward(
+        torch.randn(b, d, length).numpy(), torch.randn(b, d, n).numpy(), *arrays, True, chunk,
+        ckpt.numpy(), *(t.numpy() for t in grads + parts),
+    )  # fmt: skip
+    for tensor in (out, last, ckpt, *grads, *parts):
+        assert torch.isfinite(tensor).all()
+
+
+def test_fused_kernels_leave_torch_thread_count_alone():
+    inputs = make_inputs(Case(length=8))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with zigzag_mamba.use_backend(selective_scan="fused"):
+            run(inputs, Case(length=8))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_use_backend_and_environment_variable_pick_the_implementation(monkeypatch):
+    calls = []
+    torch_impl = scan_module.IMPLEMENTATIONS["torch"]
+    spy = lambda *args: calls.append("torch") or torch_impl.forward(*args)
+    monkeypatch.setitem(scan_module.IMPLEMENTATIONS, "torch", torch_impl._replace(forward=spy))
+    reference = scan_module.selective_scan_reference
+    spy_ref = lambda *args, **kw: calls.append("reference") or reference(*args, **kw)
+    monkeypatch.setattr(scan_module, "selective_scan_reference", spy_ref)
+    inputs = make_inputs(Case(length=8))
+    with zigzag_mamba.use_backend(selective_scan="torch"):
+        selective_scan(**inputs)
+    with zigzag_mamba.use_backend(selective_scan="reference"):
+        selective_scan(**inputs)
+    assert calls == ["torch", "reference"]
+    monkeypatch.setenv("ZIGZAG_MAMBA_SELECTIVE_SCAN", "torch")
+    assert zigzag_mamba.backends()["selective_scan"]["cpu"] == "torch"
+    selective_scan(**inputs)
+    assert calls[-1] == "torch"
+    monkeypatch.delenv("ZIGZAG_MAMBA_SELECTIVE_SCAN")
+    assert zigzag_mamba.backends()["selective_scan"]["cpu"] == "fused"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is not None, reason="mamba-ssm present")
+def test_forcing_mamba_ssm_without_it_is_a_clear_error():
+    with (
+        pytest.raises(RuntimeError, match="selective_scan backend 'mamba_ssm' is not available"),
+        zigzag_mamba.use_backend(selective_scan="mamba_ssm"),
+    ):
+        pass
+
+
+def test_without_numba_the_torch_scan_runs_with_one_warning(monkeypatch):
+    monkeypatch.setitem(sys.modules, "zigzag_mamba.ops.cpu.selective_scan", None)
+    backend_registry.unavailable_reason.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="fused CPU selective scan is unavailable") as rec:
+            assert backend_registry.resolve("selective_scan", "cpu") == "torch"
+            assert backend_registry.resolve("selective_scan", "cpu") == "torch"
+        assert len(rec) == 1
+    finally:
+        backend_registry.unavailable_reason.cache_clear()
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    case = Case(length=20, groups=2)
+    inputs = make_inputs(case)
+    leaves = {k: v.requires_grad_() for k, v in inputs.items()}
+
+    def loss_fn(**kw):
+        return selective_scan(**kw, delta_softplus=True).square().sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    expected = torch.autograd.grad(loss_fn(**leaves), list(leaves.values()))
+    got = torch.autograd.grad(compiled(**leaves), list(leaves.values()))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_rejects_bad_shapes():
+    inputs = make_inputs(Case(channels=4, groups=2))
+    with pytest.raises(ValueError, match="B must have shape"):
+        selective_scan(**{**inputs, "B": inputs["B"][:, :, :, :-1]})
+    with pytest.raises(ValueError, match="A must be real"):
+        selective_scan(**{**inputs, "A": inputs["A"][:3]})

@@ -204,6 +204,17 @@ def test_forcing_mamba_ssm_without_it_is_a_clear_error():
         pass
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_triton_is_the_cuda_fallback_and_refuses_cpu_tensors():
+    names = [b.name for b in backend_registry._registry["selective_scan"]]
+    assert names.index("mamba_ssm") < names.index("triton") < names.index("torch")
+    with (
+        pytest.raises(RuntimeError, match="'triton' is not available"),
+        zigzag_mamba.use_backend(selective_scan="triton"),
+    ):
+        pass
+
+
 def test_without_numba_the_torch_scan_runs_with_one_warning(monkeypatch):
     monkeypatch.setitem(sys.modules, "zigzag_mamba.ops.cpu.selective_scan", None)
     backend_registry.unavailable_reason.cache_clear()

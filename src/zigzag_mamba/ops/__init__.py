@@ -2,6 +2,7 @@
 
 from zigzag_mamba.ops.backends import backends, use_backend
 from zigzag_mamba.ops.conv import causal_conv1d
+from zigzag_mamba.ops.fused import scan_in, scan_out
 from zigzag_mamba.ops.permute import inverse_order, permute_tokens, permute_tokens_reference
 from zigzag_mamba.ops.selective_scan import selective_scan, selective_scan_reference
 
@@ -11,6 +12,8 @@ __all__ = [
     "inverse_order",
     "permute_tokens",
     "permute_tokens_reference",
+    "scan_in",
+    "scan_out",
     "selective_scan",
     "selective_scan_reference",
     "use_backend",

@@ -53,9 +53,21 @@ section_bench_permute() {
 # --- ZigMaBlock forward + backward (to be added once the block exists) ---------------------
 # zigzag8 against scan=None, L = 4096 and 16384, D = 768, bf16; write "$OUT/bench_block.md".
 
+# --- zigma bench: blocks, backbones and ops against attention ------------------------------
+# The quick CUDA sweep of `zigma bench`: ZigMa (zigzag8), ZigMa (scan=None), Vim and DiT blocks
+# at L = 1024 to 65536, D = 768, bf16, forward and forward+backward, with peak memory; ZigMa-B/2
+# against DiT-B/2 on 256^2 and 1024^2 images; permute_tokens, selective_scan and SDPA per
+# backend. A few minutes. CSV, JSON and plots under $OUT/bench_blocks/<gpu>-quick/.
+section_bench_blocks() {
+    timeout 480 python benchmarks/bench_blocks.py --quick --device cuda \
+        --out "$OUT/bench_blocks" >/dev/null &&
+        cp "$OUT"/bench_blocks/*-quick/summary.md "$OUT/bench_blocks.md"
+}
+
 run_section environment "Environment"
 run_section triton_tests "Triton kernel tests on CUDA"
 run_section bench_permute "permute_tokens bandwidth"
+run_section bench_blocks "Blocks, backbones and ops against attention"
 
 {
     cat "$OUT/environment.md" 2>/dev/null || true

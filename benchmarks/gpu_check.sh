@@ -6,7 +6,8 @@
 # Runs from a checkout without installing it (PYTHONPATH=src). Each section writes its results
 # under $OUT and its log to $OUT/<section>.log; a failing section is recorded and the remaining
 # ones still run (device time is scarce), and the script exits non-zero at the end if any failed.
-# $OUT/summary.md collects the card, the status of every section and each section's Markdown.
+# $OUT/summary.md collects the card, the status of every section and each section's Markdown;
+# everything else (logs, CSV, JSON, plots) ends up in $OUT/gpu_check_results.tar.gz.
 #
 # To add a section: write a function `section_<name>` that writes under "$OUT", and add a
 # `run_section <name> "<title>"` line in the order it should run.
@@ -50,16 +51,19 @@ section_bench_permute() {
     python benchmarks/bench_permute.py --out "$OUT/bench_permute.md"
 }
 
-# --- ZigMaBlock forward + backward (to be added once the block exists) ---------------------
-# zigzag8 against scan=None, L = 4096 and 16384, D = 768, bf16; write "$OUT/bench_block.md".
+# --- Triton selective scan: correctness at real sizes, speed against torch and SDPA --------
+section_bench_triton_scan() {
+    python benchmarks/bench_triton_scan.py --out "$OUT/bench_triton_scan.md"
+}
 
 # --- zigma bench: blocks, backbones and ops against attention ------------------------------
 # The quick CUDA sweep of `zigma bench`: ZigMa (zigzag8), ZigMa (scan=None), Vim and DiT blocks
 # at L = 1024 to 65536, D = 768, bf16, forward and forward+backward, with peak memory; ZigMa-B/2
 # against DiT-B/2 on 256^2 and 1024^2 images; permute_tokens, selective_scan and SDPA per
-# backend. A few minutes. CSV, JSON and plots under $OUT/bench_blocks/<gpu>-quick/.
+# backend. It includes the block-level scan cost: ZigMaBlock zigzag8 against scan=None at
+# L = 4096 and 16384. A few minutes. CSV, JSON and plots under $OUT/bench_blocks/<gpu>-quick/.
 section_bench_blocks() {
-    timeout 480 python benchmarks/bench_blocks.py --quick --device cuda \
+    timeout 300 python benchmarks/bench_blocks.py --quick --device cuda \
         --out "$OUT/bench_blocks" >/dev/null &&
         cp "$OUT"/bench_blocks/*-quick/summary.md "$OUT/bench_blocks.md"
 }
@@ -67,6 +71,7 @@ section_bench_blocks() {
 run_section environment "Environment"
 run_section triton_tests "Triton kernel tests on CUDA"
 run_section bench_permute "permute_tokens bandwidth"
+run_section bench_triton_scan "Triton selective scan"
 run_section bench_blocks "Blocks, backbones and ops against attention"
 
 {
@@ -82,6 +87,11 @@ run_section bench_blocks "Blocks, backbones and ops against attention"
 } >"$OUT/summary.md"
 rm -f "$OUT/sections.md"
 cat "$OUT/summary.md"
+# Everything but the summary in one archive: few files are easier to carry off a lent machine.
+archive="$(mktemp -d)/gpu_check_results.tar.gz"
+tar czf "$archive" -C "$OUT" --exclude summary.md .
+find "$OUT" -mindepth 1 -not -name summary.md -delete
+mv "$archive" "$OUT/"
 
 if ((${#FAILED[@]})); then
     echo "failed sections: ${FAILED[*]}" >&2

@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Sequence
 
 # Modules that add commands, in the order ``zigma --help`` lists them.
-COMMAND_MODULES = ("zigzag_mamba.viz",)
+COMMAND_MODULES = ("zigzag_mamba.viz", "zigzag_mamba.train.cli", "zigzag_mamba.bench.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,55 @@
+"""Building a ZigMaBackbone from the plain mapping that configs and checkpoints store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+def model_spec(
+    name: str, *, data_shape: tuple[int, ...], num_classes: int, cfg_dropout: float, **overrides
+) -> dict[str, Any]:
+    """The mapping :func:`build_model` takes: a ``CONFIGS`` preset plus the data's shape.
+
+    Example::
+
+        >>> spec = model_spec("ZigMa-T/1", data_shape=(1, 8, 8), num_classes=10, cfg_dropout=0.1)
+        >>> spec["input_size"], spec["in_channels"]
+        ([8, 8], 1)
+    """
+    channels, *size = data_shape
+    spec: dict[str, Any] = {
+        "name": name,
+        "input_size": list(size),
+        "in_channels": channels,
+        "num_classes": num_classes,
+        "class_dropout_prob": cfg_dropout if num_classes else 0.0,
+    }
+    spec.update(overrides)
+    return spec
+
+
+def build_model(spec: dict[str, Any]) -> nn.Module:
+    """``ZigMaBackbone(**CONFIGS[spec["name"]], **rest_of_spec)``, ready for the Trainer.
+
+    The Trainer drops labels for classifier-free guidance itself, from its seeded generator,
+    so that the choice is the same however many processes share a batch and after a resume;
+    the backbone keeps its null class but its own (global-RNG) label dropout is switched off.
+
+    Example::
+
+        >>> spec = model_spec("ZigMa-T/1", data_shape=(1, 8, 8), num_classes=10, cfg_dropout=0.1)
+        >>> type(build_model(spec)).__name__
+        'ZigMaBackbone'
+    """
+    from zigzag_mamba.models.backbone import CONFIGS, ZigMaBackbone
+
+    spec = dict(spec)
+    name = spec.pop("name")
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(CONFIGS)}")
+    model = ZigMaBackbone(**{**CONFIGS[name], **spec})
+    if hasattr(model.y_embedder, "dropout_prob"):
+        model.y_embedder.dropout_prob = 0.0
+    return model

@@ -1,0 +1,304 @@
+"""The ``zigma train``, ``zigma sample`` and ``zigma demo`` commands.
+
+Options come from flags, optionally on top of a YAML or JSON file (``--config``) whose keys
+are the flag names with underscores, plus ``data``, ``image_size``, ``random_flip`` and
+``model`` (a preset name, or a mapping with ``name`` and ZigMaBackbone arguments).
+Heavy imports happen inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from zigzag_mamba.train.config import TrainConfig, read_config_file
+
+DEFAULT_MODEL = "ZigMa-T/1"
+
+
+def register(subparsers) -> None:
+    _register_train(subparsers)
+    _register_sample(subparsers)
+    _register_demo(subparsers)
+
+
+# -- zigma train ---------------------------------------------------------------------------
+
+
+def _register_train(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a ZigMa model with stochastic interpolants",
+        description=(
+            "Train a ZigMaBackbone on images or latents. Several processes: "
+            "torchrun --nproc_per_node N -m zigzag_mamba train ..."
+        ),
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="YAML or JSON file of options; flags override it")
+    parser.add_argument(
+        "--data", help="'digits', a folder of images, or a .pt/.safetensors latent file"
+    )
+    parser.add_argument("--image-size", type=int, help="resize and centre-crop images to this")
+    parser.add_argument("--random-flip", action=argparse.BooleanOptionalAction)
+    parser.add_argument("--model", help=f"a ZigMa preset, e.g. {DEFAULT_MODEL} or ZigMa-B/2")
+    parser.add_argument(
+        "--model-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a ZigMaBackbone argument, e.g. depth=8 or scan=zigzag8 (repeatable)",
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        help="continue from a checkpoint (no value: OUT_DIR/checkpoints/last.pt if present)",
+    )
+    _add_config_flags(parser)
+    parser.set_defaults(func=_train)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training options (TrainConfig)")
+    defaults = TrainConfig()
+    for field in dataclasses.fields(TrainConfig):
+        default = getattr(defaults, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        help_text = f"{field.metadata['help']} (default: {default})"
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            group.add_argument(flag, type=type(default), help=help_text)
+
+
+def resolve_train_options(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]]:
+    """Merge defaults, the ``--config`` file and flags into a TrainConfig and run options."""
+    values = read_config_file(args.config) if getattr(args, "config", None) else {}
+    model = values.pop("model", DEFAULT_MODEL)
+    model = {"name": model} if isinstance(model, str) else dict(model)
+    run = {
+        "data": values.pop("data", "digits"),
+        "image_size": values.pop("image_size", None),
+        "random_flip": values.pop("random_flip", False),
+        "resume": getattr(args, "resume", None),
+    }
+    for key in ("data", "image_size", "random_flip"):
+        if hasattr(args, key):
+            run[key] = getattr(args, key)
+    if hasattr(args, "model"):
+        model["name"] = args.model
+    for item in getattr(args, "model_arg", None) or []:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--model-arg expects KEY=VALUE, got {item!r}")
+        model[key.replace("-", "_")] = _parse_value(text)
+    run["model"] = model
+    for field in dataclasses.fields(TrainConfig):
+        if hasattr(args, field.name):
+            values[field.name] = getattr(args, field.name)
+    return TrainConfig.from_dict(values), run
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        import yaml
+
+        return yaml.safe_load(text)
+    except ImportError:
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from zigzag_mamba.train.build import build_model, model_spec
+    from zigzag_mamba.train.data import open_dataset
+    from zigzag_mamba.train.trainer import NonFiniteLossError, Trainer
+
+    config, run = resolve_train_options(args)
+    dataset = open_dataset(
+        run["data"], image_size=run["image_size"], random_flip=run["random_flip"], seed=config.seed
+    )
+    overrides = dict(run["model"])
+    spec = model_spec(
+        overrides.pop("name"),
+        data_shape=tuple(dataset[0][0].shape),
+        num_classes=int(getattr(dataset, "num_classes", 0)),
+        cfg_dropout=config.cfg_dropout,
+        **overrides,
+    )
+    torch.manual_seed(config.seed)  # every process starts from the same weights
+    trainer = Trainer(build_model(spec), dataset, config, model_config=spec)
+    try:
+        if trainer.main:
+            _write_run_config(config, run, spec)
+        summary = trainer.fit(resume=run["resume"])
+    except NonFiniteLossError as exc:
+        print(f"zigma train: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if trainer.main:
+        out = Path(config.out_dir)
+        print(f"trained to step {summary['step']} (last loss {summary['loss']:.4f})")
+        print(f"checkpoint: {summary['checkpoint']}")
+        print(f"loss log:   {out / 'loss.csv'}\nsamples:    {out / 'samples'}")
+    return 0
+
+
+def _write_run_config(config: TrainConfig, run: dict[str, Any], spec: dict[str, Any]) -> None:
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {**config.to_dict(), **{k: run[k] for k in ("data", "image_size", "random_flip")}}
+    resolved["model"] = spec
+    (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+
+
+# -- zigma sample --------------------------------------------------------------------------
+
+
+def _register_sample(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sample",
+        help="draw samples from a trained checkpoint into a PNG grid",
+        description="Sample a checkpoint written by `zigma train` (EMA weights by default).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--ckpt", required=True, help="checkpoint file (…/checkpoints/last.pt)")
+    parser.add_argument("--out", default="samples.png", help="PNG grid to write")
+    parser.add_argument("--num", type=int, default=64, help="number of samples")
+    parser.add_argument("--columns", type=int, default=8, help="images per grid row")
+    parser.add_argument(
+        "--labels", type=int, nargs="+", help="class ids, cycled (default: one class per row)"
+    )
+    parser.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale (1: none)")
+    parser.add_argument(
+        "--cfg-channels",
+        default="all",
+        help="'all', or k to guide channels 0..k-1 only (3: DiT/SiT parity)",
+    )
+    parser.add_argument("--sampler", choices=["ode", "sde"], default="ode")
+    parser.add_argument(
+        "--method", default="heun", help="ODE method: euler, heun, dopri5 (torchdiffeq), ..."
+    )
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights", choices=["ema", "model"], default="ema")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--save-tensor", help="also save the raw samples (and labels) to a .pt")
+    parser.set_defaults(func=_sample)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from zigzag_mamba.train.build import build_model
+    from zigzag_mamba.train.checkpoint import load_checkpoint
+    from zigzag_mamba.train.images import save_grid
+    from zigzag_mamba.train.interpolant import Interpolant
+    from zigzag_mamba.train.samplers import generate
+
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    state = load_checkpoint(args.ckpt)
+    spec, train = state["config"]["model"], state["config"]["train"]
+    model = build_model(spec)
+    model.load_state_dict(state[args.weights])
+    model.to(device).eval()
+    interpolant = Interpolant(
+        train["path"],
+        train["prediction"],
+        train["weighting"],
+        train_eps=train["train_eps"],
+        sample_eps=train["sample_eps"],
+    )
+    generator = torch.Generator(device).manual_seed(args.seed)
+    shape = (spec["in_channels"], *spec["input_size"])
+    noise = torch.randn((args.num, *shape), generator=generator, device=device)
+    labels = _sample_labels(args, spec["num_classes"], device)
+    samples = generate(
+        model,
+        noise,
+        labels=labels,
+        interpolant=interpolant,
+        cfg_scale=args.cfg_scale,
+        null_label=spec["num_classes"] if spec.get("class_dropout_prob", 0) > 0 else None,
+        channels=args.cfg_channels if args.cfg_channels == "all" else int(args.cfg_channels),
+        sampler=args.sampler,
+        method=args.method,
+        num_steps=args.steps,
+        generator=generator,
+    )
+    path = save_grid(samples, args.out, args.columns, scale=max(1, 64 // samples.shape[-1]))
+    print(f"wrote {args.num} samples to {path}")
+    if args.save_tensor:
+        torch.save({"samples": samples.cpu(), "labels": labels}, args.save_tensor)
+        print(f"wrote the raw samples to {args.save_tensor}")
+    return 0
+
+
+def _sample_labels(args: argparse.Namespace, num_classes: int, device):
+    import torch
+
+    if not num_classes:
+        if args.labels:
+            raise SystemExit("this checkpoint is unconditional; drop --labels")
+        return None
+    if args.labels:
+        pool = torch.tensor(args.labels, device=device)
+        if pool.min() < 0 or pool.max() >= num_classes:
+            raise SystemExit(f"--labels must be in [0, {num_classes - 1}]")
+        return pool[torch.arange(args.num, device=device) % len(pool)]
+    return (torch.arange(args.num, device=device) // args.columns) % num_classes
+
+
+# -- zigma demo ----------------------------------------------------------------------------
+
+
+def _register_demo(subparsers) -> None:
+    from zigzag_mamba.train.demo import DemoConfig
+
+    parser = subparsers.add_parser(
+        "demo",
+        help="train a small class-conditional ZigMa on real handwritten digits (CPU, minutes)",
+        description=(
+            "Train a zigzag8 ZigMa on scikit-learn's 8x8 digits, sample a 10x10 grid with "
+            "classifier-free guidance, and score it with a digit classifier trained on the "
+            "spot. Writes samples.png, scans.png, loss.csv and metrics.json."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    defaults = DemoConfig()
+    for field in dataclasses.fields(DemoConfig):
+        default = getattr(defaults, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=field.metadata["help"],
+            )
+        else:
+            parser.add_argument(
+                flag, type=type(default), default=default, help=field.metadata["help"]
+            )
+    parser.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from zigzag_mamba.train.demo import DemoConfig, run_demo
+
+    names = {f.name for f in dataclasses.fields(DemoConfig)}
+    run_demo(DemoConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    return 0

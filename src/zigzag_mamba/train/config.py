@@ -1,0 +1,98 @@
+"""The training configuration: one flat dataclass, settable from flags or a YAML/JSON file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything the :class:`~zigzag_mamba.train.trainer.Trainer` needs besides model and data.
+
+    Example::
+
+        >>> TrainConfig(steps=100, batch_size=32).lr
+        0.0001
+    """
+
+    out_dir: str = _opt("outputs/train", "folder for checkpoints, logs and sample grids")
+    steps: int = _opt(10_000, "optimizer steps to train for (in total, counting a resume)")
+    max_seconds: float = _opt(
+        0.0, "stop early after this much training time, ending as at the last step (0: no limit)"
+    )
+    batch_size: int = _opt(64, "global batch per optimizer step (all processes and micro-steps)")
+    grad_accum: int = _opt(1, "micro-steps whose gradients are summed before each step")
+    lr: float = _opt(1e-4, "AdamW learning rate")
+    weight_decay: float = _opt(
+        0.0, "AdamW weight decay (never on biases, norms, 1-D and _no_weight_decay parameters)"
+    )
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.999, "AdamW beta2")
+    warmup_steps: int = _opt(0, "linear learning-rate warm-up from 0")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
+    ema_decay: float = _opt(0.9999, "decay of the exponential moving average of the weights")
+    path: str = _opt("linear", "interpolant path: linear, gvp or vp")
+    prediction: str = _opt("velocity", "what the model predicts: velocity, noise or score")
+    weighting: str = _opt("none", "loss weighting: none, velocity or likelihood")
+    train_eps: float = _opt(1e-5, "distance kept from singular ends of time in training")
+    sample_eps: float = _opt(1e-3, "distance kept from singular ends of time in sampling")
+    cfg_dropout: float = _opt(0.1, "probability of training with the null class (for CFG)")
+    precision: str = _opt("auto", "auto (bf16 autocast on CUDA when supported), fp32 or bf16")
+    compile: bool = _opt(False, "torch.compile the model")
+    grad_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:1, ...")
+    num_workers: int = _opt(0, "data-loader worker processes")
+    seed: int = _opt(0, "seeds data order, noise, times and label dropout")
+    log_every: int = _opt(10, "steps between rows of loss.csv")
+    ckpt_every: int = _opt(1000, "steps between checkpoints (and one at the end; 0: end only)")
+    sample_every: int = _opt(1000, "steps between sample grids (and one at the end; 0: end only)")
+    sample_steps: int = _opt(50, "sampler steps for sample grids")
+    sample_method: str = _opt("heun", "ODE method for sample grids: euler, heun, dopri5, ...")
+    cfg_scale: float = _opt(4.0, "classifier-free guidance scale for sample grids")
+    grid_columns: int = _opt(8, "images per row of a sample grid (rows = classes if labelled)")
+    grid_rows: int = _opt(8, "rows of a sample grid")
+    eval_samples: int = _opt(0, "samples generated for the metric hooks at each sample grid")
+    progress: bool = _opt(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.grad_accum < 1 or self.steps < 0:
+            raise ValueError("batch_size and grad_accum must be positive and steps >= 0")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a mapping, rejecting unknown keys (typos would otherwise be ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training options: {', '.join(unknown)}")
+        return cls(**values)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or JSON file holding one mapping."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as exc:
+            raise ImportError("YAML configs need PyYAML: pip install pyyaml") from exc
+        values = yaml.safe_load(text)
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of option names to values")
+    return values

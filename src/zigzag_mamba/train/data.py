@@ -1,0 +1,278 @@
+"""Training data: image folders, scikit-learn's handwritten digits, and precomputed latents.
+
+Every dataset yields ``(x, label)`` with ``x`` a float tensor of shape (C, H, W) scaled to
+``[-1, 1]`` (latents as stored) and has a ``num_classes`` attribute (0 when unlabelled).
+Random flips are a deterministic function of ``(seed, epoch, index)``, so that a resumed or a
+multi-process run flips exactly the images a single uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _pillow():
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise ImportError("image folders need Pillow: pip install 'zigzag-mamba[train]'") from exc
+    return Image
+
+
+class ImageFolder(Dataset):
+    """Images under ``root``; one class per sub-folder, or unlabelled if they lie in ``root``.
+
+    Args:
+        root: a folder of images (searched recursively).
+        size: resize the shorter side to ``size`` and centre-crop to ``size x size``. ``None``
+            keeps the images as they are, which requires them all to have one size.
+        channels: 3 (RGB) or 1 (greyscale).
+        random_flip: flip left-right with probability 1/2, freshly each epoch.
+        seed: seeds the flips.
+
+    Example::
+
+        >>> data = ImageFolder("photos/", size=64, random_flip=True)  # doctest: +SKIP
+        >>> x, label = data[0]  # x: (3, 64, 64) in [-1, 1]
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        size: int | None = None,
+        *,
+        channels: int = 3,
+        random_flip: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.root = Path(root)
+        self.size = size
+        self.mode = "RGB" if channels == 3 else "L"
+        self.random_flip = random_flip
+        self.seed = seed
+        self.epoch = 0
+        self.files, labels, self.classes = _find_images(self.root)
+        self.labels = labels
+        self.num_classes = len(self.classes)
+        self._check_readable_and_sized()
+
+    def _check_readable_and_sized(self) -> None:
+        Image = _pillow()
+        sizes: dict[tuple[int, int], Path] = {}
+        for file in self.files:
+            try:
+                with Image.open(file) as image:  # reads the header only
+                    sizes.setdefault(image.size, file)
+            except Exception as exc:
+                raise ValueError(f"cannot read image {file}: {exc}") from exc
+        if self.size is None and len(sizes) > 1:
+            (a, file_a), (b, file_b) = list(sizes.items())[:2]
+            raise ValueError(
+                f"images under {self.root} have different sizes ({a[0]}x{a[1]} in {file_a}, "
+                f"{b[0]}x{b[1]} in {file_b}); pass size= to resize and centre-crop them"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the flips of ``epoch`` (the trainer calls this at each epoch start)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        Image = _pillow()
+        file = self.files[index]
+        try:
+            with Image.open(file) as image:
+                image = image.convert(self.mode)
+                if self.size is not None:
+                    image = _resize_and_crop(image, self.size)
+                pixels = np.asarray(image, dtype=np.float32)
+        except Exception as exc:
+            raise ValueError(f"cannot read image {file}: {exc}") from exc
+        x = torch.from_numpy(pixels / 127.5 - 1.0)
+        x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
+        if self.random_flip and self._flips(index):
+            x = x.flip(-1)
+        return x.contiguous(), self.labels[index]
+
+    def _flips(self, index: int) -> bool:
+        # A string seed is hashed the same way in every process (unlike hash()).
+        return random.Random(f"{self.seed}:{self.epoch}:{index}").random() < 0.5
+
+
+def _find_images(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"no images found under {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    if all(p.parent == root for p in files):
+        return files, [0] * len(files), []
+    if any(p.parent == root for p in files):
+        raise ValueError(
+            f"{root} mixes images at its top level with class sub-folders; use one or the other"
+        )
+    classes = sorted({p.relative_to(root).parts[0] for p in files})
+    index = {name: i for i, name in enumerate(classes)}
+    return files, [index[p.relative_to(root).parts[0]] for p in files], classes
+
+
+def _resize_and_crop(image, size: int):
+    scale = size / min(image.size)
+    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    image = image.resize((width, height), resample=_pillow().Resampling.BICUBIC)
+    left, top = (width - size) // 2, (height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+class DigitsDataset(Dataset):
+    """The 1797 real 8x8 handwritten digits that scikit-learn ships (no download), 10 classes.
+
+    Args:
+        split: ``"train"``, ``"test"`` (a seeded, class-stratified ``holdout`` fraction) or
+            ``"all"``.
+        size: 8 keeps the native resolution; larger sizes upsample bilinearly.
+        holdout: the fraction held out as the test split.
+        seed: seeds the split.
+
+    Example::
+
+        >>> data = DigitsDataset("train")
+        >>> x, label = data[0]
+        >>> x.shape, data.num_classes
+        (torch.Size([1, 8, 8]), 10)
+    """
+
+    num_classes = 10
+
+    def __init__(
+        self, split: str = "train", size: int = 8, *, holdout: float = 0.2, seed: int = 0
+    ) -> None:
+        if split not in ("train", "test", "all"):
+            raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+        images, labels = load_digits_tensors(size)
+        if split != "all":
+            test = _stratified_holdout(labels, holdout, seed)
+            keep = test if split == "test" else ~test
+            images, labels = images[keep], labels[keep]
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+
+def load_digits_tensors(size: int = 8) -> tuple[Tensor, Tensor]:
+    """All digits as ``(images (N, 1, size, size) in [-1, 1], labels (N,))``."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise ImportError(
+            "the digits data set needs scikit-learn: pip install 'zigzag-mamba[train]'"
+        ) from exc
+    digits = load_digits()
+    images = torch.from_numpy(digits.images).float()[:, None] / 8.0 - 1.0  # pixels are 0..16
+    if size != 8:
+        images = torch.nn.functional.interpolate(
+            images, size=(size, size), mode="bilinear", align_corners=False
+        )
+    return images, torch.from_numpy(digits.target).long()
+
+
+def _stratified_holdout(labels: Tensor, fraction: float, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    test = torch.zeros(len(labels), dtype=torch.bool)
+    for label in labels.unique():
+        members = (labels == label).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        test[members[: round(fraction * len(members))]] = True
+    return test
+
+
+class LatentDataset(Dataset):
+    """Precomputed latents (e.g. from a VAE encoder) stored in a ``.pt`` or ``.safetensors`` file.
+
+    The file holds ``latents`` (N, C, H, W) and optionally ``labels`` (N,) of class ids; latents
+    are multiplied by ``scale`` (e.g. 0.18215 for Stable Diffusion's VAE). Nothing is downloaded:
+    encode your images with your own VAE first.
+
+    Example::
+
+        >>> torch.save({"latents": torch.randn(10, 4, 32, 32)}, "latents.pt")  # doctest: +SKIP
+        >>> LatentDataset("latents.pt", scale=0.18215)[0][0].shape  # doctest: +SKIP
+        torch.Size([4, 32, 32])
+    """
+
+    def __init__(self, path: str | Path, *, scale: float = 1.0) -> None:
+        tensors = _load_tensors(Path(path))
+        if "latents" not in tensors:
+            raise ValueError(f"{path} has no 'latents' tensor (found: {sorted(tensors)})")
+        latents = tensors["latents"]
+        if latents.dim() != 4 or len(latents) == 0:
+            raise ValueError(f"latents in {path} must be a non-empty (N, C, H, W) tensor")
+        labels = tensors.get("labels")
+        if labels is None:
+            labels, self.num_classes = torch.zeros(len(latents), dtype=torch.long), 0
+        elif labels.shape != (len(latents),):
+            raise ValueError(f"labels in {path} must have shape ({len(latents)},)")
+        else:
+            self.num_classes = int(labels.max()) + 1
+        self.latents = latents.float() * scale
+        self.labels = labels.long()
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.latents[index], int(self.labels[index])
+
+
+def _load_tensors(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"latent file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a dict with a 'latents' tensor")
+    return data
+
+
+def open_dataset(
+    source: str, *, image_size: int | None = None, random_flip: bool = False, seed: int = 0
+) -> Dataset:
+    """Build a dataset from a short description, as the CLI does.
+
+    ``"digits"`` (scikit-learn's digits, train split; ``image_size`` defaults to 8), a folder
+    of images, or a ``.pt``/``.safetensors`` file of latents.
+
+    Example::
+
+        >>> len(open_dataset("digits"))
+        1437
+    """
+    if source == "digits":
+        return DigitsDataset("train", image_size or 8, seed=seed)
+    path = Path(source)
+    if path.is_dir():
+        return ImageFolder(path, image_size, random_flip=random_flip, seed=seed)
+    if path.suffix in (".pt", ".pth", ".safetensors"):
+        return LatentDataset(path)
+    raise FileNotFoundError(
+        f"data source {source!r} is not 'digits', a folder of images, or a latent file"
+    )

@@ -1,0 +1,56 @@
+"""Image grids written as PNG with Pillow (no torchvision)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """Map images in ``[-1, 1]`` of shape (N, C, H, W) to uint8 arrays of shape (N, H, W, C)."""
+    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
+    return pixels.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def image_grid(images: Tensor, columns: int | None = None, *, pad: int = 1) -> np.ndarray:
+    """Tile (N, C, H, W) images in ``[-1, 1]`` into one uint8 array, row by row."""
+    n, channels, height, width = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = np.zeros(
+        (rows * (height + pad) + pad, columns * (width + pad) + pad, channels), dtype=np.uint8
+    )
+    for k, tile in enumerate(to_uint8(images)):
+        top, left = pad + (k // columns) * (height + pad), pad + (k % columns) * (width + pad)
+        grid[top : top + height, left : left + width] = tile
+    return grid
+
+
+def save_grid(
+    images: Tensor, path: str | Path, columns: int | None = None, *, scale: int = 1
+) -> Path:
+    """Write ``images`` (N, C, H, W) in ``[-1, 1]`` as a PNG grid, enlarged ``scale`` times.
+
+    Enlarging uses nearest-neighbour so small images keep their true pixels.
+
+    Example::
+
+        >>> save_grid(torch.rand(16, 1, 8, 8) * 2 - 1, "grid.png", columns=4, scale=4)
+        PosixPath('grid.png')
+    """
+    from PIL import Image
+
+    grid = image_grid(images, columns)
+    picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    if scale > 1:
+        picture = picture.resize(
+            (picture.width * scale, picture.height * scale), Image.Resampling.NEAREST
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path)
+    return path

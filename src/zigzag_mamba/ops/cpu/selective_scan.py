@@ -7,11 +7,15 @@ length 0 along L when absent. ``ckpt`` (nb, nd, ceil(L / chunk), N) holds the st
 each chunk: the forward writes it, the backward recomputes each chunk's states from it, so no
 (nb, nd, L, N) tensor ever exists.
 
-The forward runs one (batch, channel) sequence per parallel iteration with the N-vector state in
-a small array that stays in L1. Everything per time step (bias, softplus, D skip, silu gate) is
-fused, and per-chunk precomputation of dt and of the gate keeps the transcendental functions in
-vectorisable loops. The backward walks chunks in reverse; dB and dC, which sum over the
-channels of a group, are accumulated into per-job partial buffers (``dB_part[b, g, s]``) so that
+Both kernels vectorise across channels: each parallel job owns a block of ``_LANES`` channels
+of one batch element (a multiple of the SIMD width), so every inner loop runs over the block's
+lanes with unit stride, and the state is an (N, _LANES) array. Per chunk, u, delta, z (and in
+the backward dout) are transposed into (chunk, _LANES) tiles, dt, softplus' derivative and the
+silu gate are computed for the whole tile, and the recurrence then touches only small local
+arrays and one element each of B and C per state. The backward walks chunks in reverse,
+recomputes the chunk's states and decays from its checkpoint into an L2-sized scratch, and runs
+the adjoint recurrence over it; dB and dC, which sum over the channels of a group, are reduced
+over the block's lanes and accumulated into per-job partial buffers (``dB_part[b, g, s]``) so that
 parallel jobs never write the same element.
 
 float32 uses a polynomial ``exp`` that LLVM can vectorise (there is no vector math library to
@@ -30,11 +34,19 @@ import torch
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
+from numba.np.arrayobj import populate_array
 
-# Reassociation lets LLVM vectorise the sums over the state dimension. The exp polynomial is
-# compiled separately without it, so its Cody-Waite range reduction stays exact.
+# Reassociation lets LLVM vectorise the sums over the lanes (for dB and dC). The exp polynomial
+# is compiled separately without it, so its Cody-Waite range reduction stays exact. Functions
+# that divide use error_model="numpy": the ZeroDivisionError branch of Python semantics would keep
+# their loops from vectorising, and no divisor here can be zero.
 _FAST = {"contract", "reassoc", "nsz"}
 _f32 = np.float32
+# Channels per parallel job and width of every inner loop: a multiple of the SIMD width and a
+# compile-time trip count, so LLVM unrolls the lane loops without remainders. 32 float32 lanes
+# (four AVX2 vectors) share each step's loop overhead, scalar loads of B and C, and horizontal
+# sums better than 16, and measured a little faster; the chunk scratch still fits in L2.
+_LANES = 32
 
 _LOG2E = _f32(1.4426950408889634)
 _LN2_HI = _f32(0.693145751953125)  # few mantissa bits, so k * _LN2_HI is exact
@@ -73,7 +85,7 @@ def _exp32(x):
     return p * _int_bits_as_float32(np.int32((k + _EXPONENT_BIAS) * _MANTISSA_SCALE))
 
 
-@njit(cache=True, fastmath={"contract"})
+@njit(cache=True, fastmath={"contract"}, error_model="numpy")
 def _log1p32_unit(e):
     """log(1 + e) for e in [0, 1]."""
     s = e / (_TWO + e)
@@ -104,139 +116,281 @@ def _log1p_unit_impl(e):
     return lambda e: math.log1p(e)
 
 
-@njit(cache=True, fastmath=_FAST)
-def _chunk_dt(delta, bias, b, d, softplus, c0, c1, dts, ddts):
-    """dt = softplus(delta + bias) (or delta + bias) and d dt / d delta for steps c0..c1."""
-    for i in range(c1 - c0):
-        x = delta[b, d, c0 + i] + bias[d]
-        if softplus:
-            e = _exp(-abs(x))  # softplus and sigmoid from one exp, stable for either sign
-            dts[i] = max(x, _ZERO) + _log1p_unit(e)
-            ddts[i] = (_ONE if x >= _ZERO else e) / (_ONE + e)
-        else:
-            dts[i] = x
-            ddts[i] = _ONE
+@intrinsic
+def _stack_tile(typingctx, rows, dtype):
+    """An uninitialised C-contiguous (rows, _LANES) array on the calling function's stack.
+
+    LLVM knows that stack memory aliases no other array, so loops that store into such arrays
+    vectorise without runtime overlap checks (too many of those make it give up and run the
+    scalar loop). The memory lives until the calling function returns: call this only at the
+    top level of a kernel, never in a loop or in a helper that returns the array.
+    """
+    item = dtype.dtype
+    array_type = types.Array(item, 2, "C")
+
+    def codegen(context, builder, signature, args):
+        n_rows = context.cast(builder, args[0], signature.args[0], types.intp)
+        lanes = context.get_constant(types.intp, _LANES)
+        ll_item = context.get_value_type(item)
+        itemsize = context.get_constant(types.intp, context.get_abi_sizeof(ll_item))
+        array = context.make_array(array_type)(context, builder)
+        populate_array(
+            array,
+            data=builder.alloca(ll_item, size=builder.mul(n_rows, lanes)),
+            shape=[n_rows, lanes],
+            strides=[builder.mul(lanes, itemsize), itemsize],
+            itemsize=itemsize,
+            meminfo=None,
+        )
+        return array._getvalue()
+
+    return array_type(rows, dtype), codegen
 
 
-@njit(cache=True, fastmath=_FAST)
-def _chunk_gate(z, b, d, c0, c1, gate, dgate):
-    """silu(z) and its derivative for steps c0..c1."""
-    for i in range(c1 - c0):
-        zi = z[b, d, c0 + i]
-        sig = _ONE / (_ONE + _exp(-zi))
-        gate[i] = zi * sig
-        dgate[i] = sig * (_ONE + zi * (_ONE - sig))
+@njit(cache=True)
+def _block_bounds(n_chan, n_group, block):
+    """(group, first channel, channel count) of the block-th block of _LANES channels.
+
+    Blocks never straddle a group, so one block reads one row of B and C; a group whose size is
+    not a multiple of _LANES ends in a partial block.
+    """
+    per_group = n_chan // n_group
+    per_block = -(-per_group // _LANES)
+    g, k = block // per_block, block % per_block
+    first = g * per_group + k * _LANES
+    return g, first, min(_LANES, (g + 1) * per_group - first)
 
 
-@njit(cache=True, fastmath=_FAST)
-def _forward_channel(b, d, g, u, delta, A, Bt, Ct, Dv, z, bias, softplus, chunk, out, last, ckpt):
-    length, n_state = u.shape[2], A.shape[1]
+# The copies below take stack tiles; inlining them (in numba's IR) keeps the tiles' addresses
+# from escaping into a call, which would cost LLVM its knowledge that they alias nothing.
+
+
+@njit(cache=True, inline="always")
+def _load_tile(src, b, d0, width, c0, steps, tile):
+    """tile[i, w] = src[b, d0 + w, c0 + i]; lanes beyond ``width`` are zeroed."""
+    # Contiguous stores, strided loads: the order that compiles to plain scalar copies (the
+    # other order is vectorised with gathers, which are slower than scalar code here).
+    for i in range(steps):
+        for w in range(_LANES):
+            tile[i, w] = src[b, d0 + w, c0 + i] if w < width else 0
+
+
+@njit(cache=True, inline="always")
+def _store_tile(tile, b, d0, width, c0, steps, dst):
+    # Contiguous stores, strided loads from the (L1-resident) tile: the other order compiles to
+    # scatters, which are far slower.
+    for w in range(width):
+        for i in range(steps):
+            dst[b, d0 + w, c0 + i] = tile[i, w]
+
+
+@njit(cache=True, inline="always")
+def _load_lanes(vec, d0, width, lanes):
+    """lanes[w] = vec[d0 + w], zero beyond ``width``."""
+    for w in range(_LANES):
+        lanes[w] = vec[d0 + w] if w < width else 0
+
+
+@njit(cache=True, inline="always")
+def _load_A(A, d0, width, a):
+    """a[n, w] = A[d0 + w, n]; padding lanes get A = 0, so their state never moves off zero."""
+    for n in range(A.shape[1]):
+        for w in range(_LANES):
+            a[n, w] = A[d0 + w, n] if w < width else 0
+
+
+# The transcendental tiles are heap arrays passed to ordinary calls: these loops vectorise on
+# their own, and the hot loops only read the tiles.
+
+
+@njit(cache=True, fastmath=_FAST, error_model="numpy")
+def _tile_dt(bias, softplus, steps, dts, ddts):
+    """In place: dts = softplus(delta + bias) (or delta + bias); ddts = d dt / d delta."""
+    for i in range(steps):
+        for w in range(_LANES):
+            x = dts[i, w] + bias[w]
+            if softplus:
+                e = _exp(-abs(x))  # softplus and sigmoid from one exp, stable for either sign
+                dts[i, w] = max(x, _ZERO) + _log1p_unit(e)
+                ddts[i, w] = (_ONE if x >= _ZERO else e) / (_ONE + e)
+            else:
+                dts[i, w] = x
+                ddts[i, w] = _ONE
+
+
+@njit(cache=True, fastmath=_FAST, error_model="numpy")
+def _tile_gate(steps, gate, dgate):
+    """In place: gate = silu(z); dgate = silu'(z)."""
+    for i in range(steps):
+        for w in range(_LANES):
+            zi = gate[i, w]
+            sig = _ONE / (_ONE + _exp(-zi))
+            gate[i, w] = zi * sig
+            dgate[i, w] = sig * (_ONE + zi * (_ONE - sig))
+
+
+@njit(cache=True, fastmath=_FAST, error_model="numpy")
+def _forward_block(b, g, d0, width, u, delta, A, Bt, Ct, Dv, z, bias, softplus, chunk, out, last,
+                   ckpt):  # fmt: skip
+    length, n_state, dtype = u.shape[2], A.shape[1], u.dtype
     has_z = z.shape[2] == length
-    x = np.zeros(n_state, u.dtype)
-    dts, ddts = np.empty(chunk, u.dtype), np.empty(chunk, u.dtype)
-    gate, dgate = np.ones(chunk, u.dtype), np.empty(chunk, u.dtype)
-    a_row, skip = A[d], Dv[d]
+    x, a = _stack_tile(n_state, dtype), _stack_tile(n_state, dtype)
+    vecs = _stack_tile(2, dtype)
+    skip, bias_w = vecs[0], vecs[1]
+    us, dtus, ys = _stack_tile(chunk, dtype), _stack_tile(chunk, dtype), _stack_tile(chunk, dtype)
+    dts, ddts = np.empty((chunk, _LANES), dtype), np.empty((chunk, _LANES), dtype)
+    gate, dgate = np.ones((chunk, _LANES), dtype), np.empty((chunk, _LANES), dtype)
+    x[:] = 0
+    _load_A(A, d0, width, a)
+    _load_lanes(Dv, d0, width, skip)
+    _load_lanes(bias, d0, width, bias_w)
     for c0 in range(0, length, chunk):
-        c1 = min(c0 + chunk, length)
-        for n in range(n_state):
-            ckpt[b, d, c0 // chunk, n] = x[n]
-        _chunk_dt(delta, bias, b, d, softplus, c0, c1, dts, ddts)
-        if has_z:
-            _chunk_gate(z, b, d, c0, c1, gate, dgate)
-        for i in range(c1 - c0):
-            t = c0 + i
-            dt, ut = dts[i], u[b, d, t]
-            dtu = dt * ut
-            y = skip * ut
+        steps = min(chunk, length - c0)
+        for w in range(width):
             for n in range(n_state):
-                x[n] = _exp(dt * a_row[n]) * x[n] + dtu * Bt[b, g, t, n]
-                y += x[n] * Ct[b, g, t, n]
-            out[b, d, t] = y * gate[i]
-    for n in range(n_state):
-        last[b, d, n] = x[n]
+                ckpt[b, d0 + w, c0 // chunk, n] = x[n, w]
+        _load_tile(u, b, d0, width, c0, steps, us)
+        _load_tile(delta, b, d0, width, c0, steps, dts)
+        _tile_dt(bias_w, softplus, steps, dts, ddts)
+        if has_z:
+            _load_tile(z, b, d0, width, c0, steps, gate)
+            _tile_gate(steps, gate, dgate)
+        # Whole-tile loops for the per-step terms keep the recurrence below down to the loop
+        # over the state.
+        for i in range(steps):
+            for w in range(_LANES):
+                dtus[i, w] = dts[i, w] * us[i, w]
+                ys[i, w] = skip[w] * us[i, w]
+        for i in range(steps):
+            t = c0 + i
+            for n in range(n_state):
+                bn, cn = Bt[b, g, t, n], Ct[b, g, t, n]
+                for w in range(_LANES):
+                    x[n, w] = _exp(dts[i, w] * a[n, w]) * x[n, w] + dtus[i, w] * bn
+                    ys[i, w] += x[n, w] * cn
+        for i in range(steps):
+            for w in range(_LANES):
+                ys[i, w] *= gate[i, w]
+        _store_tile(ys, b, d0, width, c0, steps, out)
+    for w in range(width):
+        for n in range(n_state):
+            last[b, d0 + w, n] = x[n, w]
 
 
 @njit(cache=True, parallel=True)
 def selective_scan_forward(u, delta, A, Bt, Ct, Dv, z, bias, softplus, chunk, out, last, ckpt):
     """Fill ``out`` (nb, nd, L), ``last`` (nb, nd, N) and ``ckpt`` (see the module docstring)."""
-    n_batch, n_chan = u.shape[0], u.shape[1]
-    per_group = n_chan // Bt.shape[1]
-    for job in prange(n_batch * n_chan):
-        b, d = job // n_chan, job % n_chan
-        _forward_channel(
-            b, d, d // per_group, u, delta, A, Bt, Ct, Dv, z, bias, softplus, chunk, out, last, ckpt
-        )
+    n_batch, n_chan, n_group = u.shape[0], u.shape[1], Bt.shape[1]
+    n_block = n_group * -(-(n_chan // n_group) // _LANES)
+    for job in prange(n_batch * n_block):
+        b = job // n_block
+        g, d0, width = _block_bounds(n_chan, n_group, job % n_block)
+        _forward_block(b, g, d0, width, u, delta, A, Bt, Ct, Dv, z, bias, softplus, chunk, out,
+                       last, ckpt)  # fmt: skip
 
 
-@njit(cache=True, fastmath=_FAST)
-def _recompute_chunk(b, d, g, c0, c1, u, A, Bt, Ct, Dv, dts, ckpt, chunk, xs, decays, ys):
-    """States xs[i] before step c0 + i (xs[i + 1] after it), decays, and pre-gate outputs."""
-    n_state = A.shape[1]
-    for n in range(n_state):
-        xs[0, n] = ckpt[b, d, c0 // chunk, n]
-    a_row = A[d]
-    for i in range(c1 - c0):
-        t = c0 + i
-        dt, ut = dts[i], u[b, d, t]
-        dtu = dt * ut
-        y = Dv[d] * ut
-        for n in range(n_state):
-            a = _exp(dt * a_row[n])
-            decays[i, n] = a
-            xs[i + 1, n] = a * xs[i, n] + dtu * Bt[b, g, t, n]
-            y += xs[i + 1, n] * Ct[b, g, t, n]
-        ys[i] = y
-
-
-@njit(cache=True, fastmath=_FAST)
-def _backward_channel(
-    b, d, g, s, dout, dlast, u, delta, A, Bt, Ct, Dv, z, bias, softplus, chunk, ckpt,
+@njit(cache=True, fastmath=_FAST, error_model="numpy")
+def _backward_block(
+    b, g, s, d0, width, dout, dlast, u, delta, A, Bt, Ct, Dv, z, bias, softplus, chunk, ckpt,
     du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part,
 ):  # fmt: skip
-    length, n_state = u.shape[2], A.shape[1]
+    length, n_state, dtype = u.shape[2], A.shape[1], u.dtype
     has_z = z.shape[2] == length
-    dts, ddts = np.empty(chunk, u.dtype), np.empty(chunk, u.dtype)
-    gate, dgate = np.ones(chunk, u.dtype), np.zeros(chunk, u.dtype)
-    ys = np.empty(chunk, u.dtype)
-    xs, decays = np.empty((chunk + 1, n_state), u.dtype), np.empty((chunk, n_state), u.dtype)
-    h = np.empty(n_state, u.dtype)  # adjoint of the state, carried backwards through time
+    a, h = _stack_tile(n_state, dtype), _stack_tile(n_state, dtype)  # h: adjoint of the state
+    dA_acc = _stack_tile(n_state, dtype)
+    vecs = _stack_tile(4, dtype)
+    skip, bias_w, dD_acc, dbias_acc = vecs[0], vecs[1], vecs[2], vecs[3]
+    us, ys, gouts = _stack_tile(chunk, dtype), _stack_tile(chunk, dtype), _stack_tile(chunk, dtype)
+    dys, dtus = _stack_tile(chunk, dtype), _stack_tile(chunk, dtype)
+    sum_hb, sum_q = _stack_tile(chunk, dtype), _stack_tile(chunk, dtype)
+    dts, ddts = np.empty((chunk, _LANES), dtype), np.empty((chunk, _LANES), dtype)
+    gate, dgate = np.ones((chunk, _LANES), dtype), np.zeros((chunk, _LANES), dtype)
+    # States before each step of the chunk (xs[i + 1] after step i) and the step's decays: with
+    # N = 16 and chunk = 64 about 270 KB, which stays in L2 while the chunk is reversed. They
+    # live on the heap, since their size would overflow small thread stacks for large N.
+    xs = np.empty((chunk + 1, n_state, _LANES), dtype)
+    decays = np.empty((chunk, n_state, _LANES), dtype)
+    # The chunk's dB and dC terms, added to the partial buffers once per chunk.
+    dB_chunk, dC_chunk = np.empty((chunk, n_state), dtype), np.empty((chunk, n_state), dtype)
+    _load_A(A, d0, width, a)
+    _load_lanes(Dv, d0, width, skip)
+    _load_lanes(bias, d0, width, bias_w)
     for n in range(n_state):
-        h[n] = dlast[b, d, n]
-    dA_acc = np.zeros(n_state, u.dtype)
-    dD_acc = dbias_acc = _ZERO  # float32 zero; numba widens it for float64 inputs
-    a_row, skip = A[d], Dv[d]
+        for w in range(_LANES):
+            h[n, w] = dlast[b, d0 + w, n] if w < width else 0
+    dA_acc[:] = 0
+    dD_acc[:] = 0
+    dbias_acc[:] = 0
     for c0 in range((length - 1) // chunk * chunk, -1, -chunk):
-        c1 = min(c0 + chunk, length)
-        _chunk_dt(delta, bias, b, d, softplus, c0, c1, dts, ddts)
+        steps = min(chunk, length - c0)
+        _load_tile(u, b, d0, width, c0, steps, us)
+        _load_tile(delta, b, d0, width, c0, steps, dts)
+        _tile_dt(bias_w, softplus, steps, dts, ddts)
+        _load_tile(dout, b, d0, width, c0, steps, gouts)
         if has_z:
-            _chunk_gate(z, b, d, c0, c1, gate, dgate)
-        _recompute_chunk(b, d, g, c0, c1, u, A, Bt, Ct, Dv, dts, ckpt, chunk, xs, decays, ys)
-        for i in range(c1 - c0 - 1, -1, -1):
+            _load_tile(z, b, d0, width, c0, steps, gate)
+            _tile_gate(steps, gate, dgate)
+        for n in range(n_state):
+            for w in range(_LANES):
+                xs[0, n, w] = ckpt[b, d0 + w, c0 // chunk, n] if w < width else 0
+        for i in range(steps):
+            for w in range(_LANES):
+                dtus[i, w] = dts[i, w] * us[i, w]
+                dys[i, w] = gouts[i, w] * gate[i, w]
+                ys[i, w] = skip[w] * us[i, w]
+                sum_hb[i, w] = sum_q[i, w] = 0
+        # Recompute the chunk's states; dC needs only them, so it is accumulated here too.
+        for i in range(steps):
             t = c0 + i
-            g_out = dout[b, d, t]
-            if has_z:
-                dz[b, d, t] = g_out * ys[i] * dgate[i]
-            dy = g_out * gate[i]
-            dt, ut = dts[i], u[b, d, t]
-            dtu = dt * ut
-            sum_hb = sum_hdecay = _ZERO
             for n in range(n_state):
-                hn = h[n] + dy * Ct[b, g, t, n]
-                dC_part[b, g, s, t, n] += dy * xs[i + 1, n]
-                dB_part[b, g, s, t, n] += hn * dtu
-                sum_hb += hn * Bt[b, g, t, n]
-                w = hn * decays[i, n] * xs[i, n]
-                dA_acc[n] += w * dt
-                sum_hdecay += w * a_row[n]
-                h[n] = hn * decays[i, n]
-            dD_acc += dy * ut
-            du[b, d, t] = dy * skip + dt * sum_hb
-            dd = (sum_hdecay + ut * sum_hb) * ddts[i]
-            ddelta[b, d, t] = dd
-            dbias_acc += dd
-    dA_part[b, d, :] = dA_acc
-    dD_part[b, d] = dD_acc
-    dbias_part[b, d] = dbias_acc
+                bn, cn = Bt[b, g, t, n], Ct[b, g, t, n]
+                acc_c = _ZERO
+                for w in range(_LANES):
+                    decay = _exp(dts[i, w] * a[n, w])
+                    decays[i, n, w] = decay
+                    xn = decay * xs[i, n, w] + dtus[i, w] * bn
+                    xs[i + 1, n, w] = xn
+                    ys[i, w] += xn * cn
+                    acc_c += dys[i, w] * xn
+                dC_chunk[i, n] = acc_c
+        for i in range(steps - 1, -1, -1):
+            t = c0 + i
+            for n in range(n_state):
+                bn, cn = Bt[b, g, t, n], Ct[b, g, t, n]
+                acc_b = _ZERO
+                for w in range(_LANES):
+                    hn = h[n, w] + dys[i, w] * cn
+                    acc_b += hn * dtus[i, w]
+                    sum_hb[i, w] += hn * bn
+                    decay = decays[i, n, w]
+                    q = hn * decay * xs[i, n, w]  # d loss / d (dt * A)
+                    dA_acc[n, w] += q * dts[i, w]
+                    sum_q[i, w] += q * a[n, w]
+                    h[n, w] = hn * decay
+                dB_chunk[i, n] = acc_b
+        for i in range(steps):
+            for n in range(n_state):
+                dB_part[b, g, s, c0 + i, n] += dB_chunk[i, n]
+                dC_part[b, g, s, c0 + i, n] += dC_chunk[i, n]
+        # us, gouts and ys are no longer needed: they take du, ddelta and dz.
+        for i in range(steps):
+            for w in range(_LANES):
+                ut, dy = us[i, w], dys[i, w]
+                dD_acc[w] += dy * ut
+                dd = (sum_q[i, w] + ut * sum_hb[i, w]) * ddts[i, w]
+                dbias_acc[w] += dd
+                ys[i, w] *= gouts[i, w] * dgate[i, w]
+                us[i, w] = dy * skip[w] + dts[i, w] * sum_hb[i, w]
+                gouts[i, w] = dd
+        _store_tile(us, b, d0, width, c0, steps, du)
+        _store_tile(gouts, b, d0, width, c0, steps, ddelta)
+        if has_z:
+            _store_tile(ys, b, d0, width, c0, steps, dz)
+    for w in range(width):
+        for n in range(n_state):
+            dA_part[b, d0 + w, n] = dA_acc[n, w]
+        dD_part[b, d0 + w] = dD_acc[w]
+        dbias_part[b, d0 + w] = dbias_acc[w]
 
 
 @njit(cache=True, parallel=True)
@@ -249,19 +403,19 @@ def selective_scan_backward(
     ``du``, ``ddelta``, ``dz`` are written in full. ``dA_part`` (nb, nd, N), ``dD_part`` and
     ``dbias_part`` (nb, nd) hold per-batch terms (the caller sums over nb). ``dB_part`` and
     ``dC_part`` (nb, G, S, L, N) must be zero on entry: job (b, g, s) adds the terms of the s-th
-    of S slices of group g's channels; the caller sums over S.
+    of S slices of group g's channel blocks; the caller sums over S.
     """
     n_batch, n_chan = u.shape[0], u.shape[1]
     n_group, n_split = Bt.shape[1], dB_part.shape[2]
-    per_group = n_chan // n_group
+    per_block = -(-(n_chan // n_group) // _LANES)
     for job in prange(n_batch * n_group * n_split):
         b, rest = job // (n_group * n_split), job % (n_group * n_split)
         g, s = rest // n_split, rest % n_split
-        first = g * per_group
-        for d in range(first + s * per_group // n_split, first + (s + 1) * per_group // n_split):
-            _backward_channel(
-                b, d, g, s, dout, dlast, u, delta, A, Bt, Ct, Dv, z, bias, softplus, chunk,
-                ckpt, du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part,
+        for k in range(s * per_block // n_split, (s + 1) * per_block // n_split):
+            _, d0, width = _block_bounds(n_chan, n_group, g * per_block + k)
+            _backward_block(
+                b, g, s, d0, width, dout, dlast, u, delta, A, Bt, Ct, Dv, z, bias, softplus,
+                chunk, ckpt, du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part,
             )  # fmt: skip
 
 
@@ -359,7 +513,8 @@ def backward(
     with _torch_thread_count() as threads:
         # Enough independent slices of each group to keep every thread busy; each slice owns
         # a partial dB/dC buffer, summed below.
-        splits = min(n_chan // n_group, max(1, -(-2 * threads // (n_batch * n_group))))
+        blocks = -(-(n_chan // n_group) // _LANES)
+        splits = min(blocks, max(1, -(-2 * threads // (n_batch * n_group))))
         dB_part, dC_part = (
             torch.zeros(n_batch, n_group, splits, length, n_state, dtype=dtype) for _ in range(2)
         )

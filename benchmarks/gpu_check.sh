@@ -56,6 +56,12 @@ section_bench_triton_scan() {
     python benchmarks/bench_triton_scan.py --out "$OUT/bench_triton_scan.md"
 }
 
+# --- the zigzag scan's cost: ZigMaBlock zigzag8 against scan=None, interleaved calls --------
+# L = 4096 and 16384, D = 768, bf16, forward and forward+backward. About a minute.
+section_bench_scan_cost() {
+    python benchmarks/bench_scan_cost.py --device cuda --out "$OUT/bench_scan_cost.md"
+}
+
 # --- zigma bench: blocks, backbones and ops against attention ------------------------------
 # The quick CUDA sweep of `zigma bench`: ZigMa (zigzag8), ZigMa (scan=None), Vim and DiT blocks
 # at L = 1024 to 65536, D = 768, bf16, forward and forward+backward, with peak memory; ZigMa-B/2
@@ -72,6 +78,7 @@ run_section environment "Environment"
 run_section triton_tests "Triton kernel tests on CUDA"
 run_section bench_permute "permute_tokens bandwidth"
 run_section bench_triton_scan "Triton selective scan"
+run_section bench_scan_cost "The zigzag scan's cost in a block"
 run_section bench_blocks "Blocks, backbones and ops against attention"
 
 {

@@ -65,6 +65,31 @@ def test_time_call_repeats_and_batches_fast_calls():
     assert result.low <= result.median <= result.high and result.spread >= 0
 
 
+def test_time_interleaved_takes_turns_in_a_rotated_order():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    result = timing.time_interleaved(fns, CPU, repeats=3, warmup=1)
+    assert calls == list("abc" + "abc" + "bca" + "cab")  # warm-up, then rotated turns
+    assert all(len(t.samples) == 3 and t.inner == 1 for t in result.values())
+
+
+def test_paired_ratio_pairs_the_repeats():
+    slow = timing.Timing([2.0, 4.0, 6.0, 8.0, 30.0])
+    fast = timing.Timing([1.0, 4.0, 2.0, 4.0, 10.0])
+    # per-repeat ratios 2, 1, 3, 2, 3: a ratio of medians (6 / 4) would miss the pairing
+    assert timing.paired_ratio(slow, fast) == (2.0, 2.0, 3.0)
+
+
+def test_paired_blocks_share_weights_and_inputs():
+    blocks = contenders.paired_scan_blocks(16, 64, 2, CPU, torch.float32)
+    zigzag, plain = blocks["zigzag8"], blocks["scan=None"]
+    assert plain.inputs is zigzag.inputs and plain.module.scan is None
+    parameters = zip(zigzag.module.named_parameters(), plain.module.parameters(), strict=True)
+    assert all(torch.equal(p, q) for (_, p), q in parameters)
+    out_zigzag, out_plain = (w.fn(*w.inputs) for w in (zigzag, plain))
+    assert out_zigzag.shape == out_plain.shape and not torch.equal(out_zigzag, out_plain)
+
+
 def test_peak_memory_sees_a_large_temporary():
     size = 64 * timing.MIB
     peak = timing.peak_memory(lambda: torch.ones(size // 4), CPU)

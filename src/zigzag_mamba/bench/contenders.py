@@ -254,6 +254,17 @@ def block_workload(
     return _workload(module, (x, c), compile)
 
 
+def paired_scan_blocks(
+    dim: int, length: int, batch: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, Workload]:
+    """The zigzag8 block and the ``scan=None`` block with the same weights and the same inputs:
+    the two sides of the scan's own cost."""
+    zigzag = block_workload("zigma", dim, length, batch, device, dtype)
+    plain = block_workload("zigma-noscan", dim, length, batch, device, dtype)
+    plain.module.load_state_dict(zigzag.module.state_dict())
+    return {"zigzag8": zigzag, "scan=None": Workload(plain.module, zigzag.inputs, plain.module)}
+
+
 def backbone_workload(
     name: str,
     dim: int,

@@ -101,6 +101,42 @@ def time_call(
     return Timing([_timed(fn, device, inner) for _ in range(repeats)], inner)
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    repeats: int,
+    warmup: int = 1,
+) -> dict[str, Timing]:
+    """Time several callables in turns: repeat r calls each of them once, in a rotated order.
+
+    For comparing contenders whose difference is smaller than the drift of a shared machine:
+    consecutive calls see the same machine state, so the ratio of the r-th samples of two
+    contenders (see :func:`paired_ratio`) is far steadier than the ratio of two medians taken
+    one after the other. Rotating the order keeps any cost of running first or second (a
+    cold cache, a clock ramping up) from falling on one contender.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            _timed(fns[name], device, 1)
+    timings = {name: Timing() for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            timings[name].samples.append(_timed(fns[name], device, 1))
+    return timings
+
+
+def paired_ratio(numerator: Timing, denominator: Timing) -> tuple[float, float, float]:
+    """(median, lower quartile, upper quartile) of the per-repeat ratios of two interleaved
+    timings."""
+    ratios = sorted(a / b for a, b in zip(numerator.samples, denominator.samples, strict=True))
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
+    return statistics.median(ratios), low, high
+
+
 # ----------------------------------------------------------------------------- peak memory
 
 

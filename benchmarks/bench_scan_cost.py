@@ -1,0 +1,101 @@
+"""What the zigzag scan costs a ZigMa block: ``scan="zigzag8"`` against the same block with
+``scan=None`` (no permutation op at all, a plain Mamba block).
+
+The two blocks share their weights, inputs and conditioning, and their calls alternate
+(:func:`zigzag_mamba.bench.timing.time_interleaved`), so that the few percent being measured are
+not drowned by the drift of a shared machine between two separate measurements. Reported per
+L and mode: each block's median time and the median (and quartiles) of the per-repeat ratios
+zigzag8 / scan=None. The zigzag block runs order 1 of zigzag8 (a column snake, the strided
+gather) on an H x W grid with H a power of two.
+
+Targets (not asserted): <= 1.05x forward+backward at L = 4096, D = 384 on a CPU (float32);
+<= 1.02x at L = 4096 and 16384, D = 768, bf16 on a GPU.
+
+Usage::
+
+    python benchmarks/bench_scan_cost.py                       # CPU: L = 4096, D = 384
+    python benchmarks/bench_scan_cost.py --device cuda         # GPU: L = 4096, 16384, D = 768
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+
+import torch
+
+from zigzag_mamba.bench.contenders import paired_scan_blocks
+from zigzag_mamba.bench.timing import machine_info, paired_ratio, time_interleaved
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULTS = {  # device -> (lengths, dim, batch, dtype, repeats)
+    "cpu": ("4096", 384, 1, "fp32", 30),
+    "cuda": ("4096,16384", 768, 4, "bf16", 40),
+}
+MODES = ("fwd", "fwd+bwd")
+
+
+def measure(args: argparse.Namespace, device: torch.device) -> list[dict[str, object]]:
+    rows = []
+    for length in (int(v) for v in args.lengths.split(",")):
+        blocks = paired_scan_blocks(args.dim, length, args.batch, device, DTYPES[args.dtype])
+        for mode in MODES:
+            calls = {name: functools.partial(w.run, mode) for name, w in blocks.items()}
+            timings = time_interleaved(calls, device, repeats=args.repeats, warmup=2)
+            ratio, low, high = paired_ratio(timings["zigzag8"], timings["scan=None"])
+            row = {"L": length, "mode": mode, "ratio": ratio, "q1": low, "q3": high}
+            row |= {name: t.median for name, t in timings.items()}
+            print(row, flush=True)
+            rows.append(row)
+    return rows
+
+
+def report(rows: list[dict[str, object]], args: argparse.Namespace, device: torch.device) -> str:
+    info = machine_info(device, DTYPES[args.dtype])
+    lines = [
+        "# The zigzag scan's cost in a ZigMa block",
+        "",
+        f"Device: **{info['gpu'] or info['cpu']}** ({info['torch_threads']} torch threads); "
+        f"torch {info['torch']}; selective scan: "
+        f"{info['backends']['selective_scan'][device.type]}; "
+        f"D = {args.dim}, batch "
+        f"{args.batch}, {args.dtype}; {args.repeats} interleaved repeats per row. Ratio: median "
+        "(and quartiles) of the per-repeat ratios zigzag8 / scan=None.",
+        "",
+        "| L | mode | zigzag8 (ms) | scan=None (ms) | ratio | quartiles |",
+        "|---:|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['L']} | {r['mode']} | {1e3 * r['zigzag8']:.2f} | {1e3 * r['scan=None']:.2f} "
+            f"| {r['ratio']:.3f}x | {r['q1']:.3f}-{r['q3']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=list(DEFAULTS))
+    parser.add_argument("--lengths", help="comma-separated token counts")
+    parser.add_argument("--dim", type=int)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--dtype", choices=list(DTYPES))
+    parser.add_argument("--repeats", type=int, help="interleaved calls of each block")
+    parser.add_argument("--out", type=Path, help="also write the Markdown table here")
+    args = parser.parse_args()
+    for key, value in zip(
+        ("lengths", "dim", "batch", "dtype", "repeats"), DEFAULTS[args.device], strict=True
+    ):
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    device = torch.device(args.device)
+    text = report(measure(args, device), args, device)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

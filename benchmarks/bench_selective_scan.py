@@ -10,10 +10,17 @@ softplus as the Mamba mixer calls it:
 - ``pscan``: a baseline written here, in the style of the mambapy package: the whole (B, D, L, N)
   decay and input tensors are materialised and scanned with a Blelloch parallel scan (work
   O(L), depth O(log L)), with a reverse scan as its backward;
-- ``reference``: the sequential loop differentiated by autograd.
+- ``reference``: :func:`zigzag_mamba.ops.selective_scan_reference`, the sequential loop
+  differentiated by autograd (each step computes its own decay from a slice of delta);
+- ``materialised loop``: a sequential loop written the way mamba-ssm's ``selective_scan_ref``
+  is: the decays exp(delta A) and the inputs delta B u are first materialised as (B, D, L, N)
+  tensors, then stepped through one slice at a time under autograd. Each slice's backward
+  writes a full (B, D, L, N) gradient, so its backward is O(L^2): this is the loop a user
+  would otherwise differentiate.
 
-Each time is the median of several repeats after one warm-up call; the ratios come from the same
-run. Timings on a shared machine are noisy: compare ratios, not absolute times.
+Each time is the median of several repeats after one warm-up call; ``fused`` and ``torch`` are
+called in turns, and their speed-up is the median of the per-turn ratios, so that the drift of a
+shared machine falls on both alike. The loops are timed once.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import zigzag_mamba
+from zigzag_mamba.bench.timing import paired_ratio, time_interleaved
 from zigzag_mamba.ops import selective_scan, selective_scan_reference
 
 
@@ -78,6 +86,21 @@ def pscan_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     inputs = (dt * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)
     states = _BlellochScan.apply(decay, inputs)
     y = (states * C.transpose(1, 2).unsqueeze(1)).sum(-1) + u * D[:, None]
+    return y * F.silu(z)
+
+
+def materialised_loop(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """The sequential scan over materialised (B, D, L, N) decays and inputs (see above)."""
+    dt = delta + delta_bias[:, None]
+    dt = F.softplus(dt) if delta_softplus else dt
+    decay = torch.exp(torch.einsum("bdl,dn->bdln", dt, A))
+    inputs = torch.einsum("bdl,bnl,bdl->bdln", dt, B, u)
+    state = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for i in range(u.shape[2]):
+        state = decay[:, :, i] * state + inputs[:, :, i]
+        ys.append(torch.einsum("bdn,bn->bd", state, C[:, :, i]))
+    y = torch.stack(ys, 2) + u * D[:, None]
     return y * F.silu(z)
 
 
@@ -144,35 +167,44 @@ def main() -> None:
     channels, lengths, pscan_length, ref_length = (
         (64, (256, 1024), 1024, 256) if args.quick else (768, (1024, 4096, 16384), 4096, 1024)
     )
-    fused, chunked = with_backend("fused"), with_backend("torch")
+    contenders = {"fused": with_backend("fused"), "torch": with_backend("torch")}
 
     start = time.perf_counter()
-    fwd_bwd(fused, make_inputs(8, 32))
+    fwd_bwd(contenders["fused"], make_inputs(8, 32))
     first_call = time.perf_counter() - start
     print(f"machine: {machine()}")
     print(f"fused kernels' first call (compile, or load numba's on-disk cache): {first_call:.1f} s")
-    print(f"shapes: B=1, D={channels}, N=16; forward + backward; median of repeats (s)\n")
+    print(
+        f"shapes: B=1, D={channels}, N=16; forward + backward; median of repeats (s); "
+        "fused vs torch: median (quartiles) of the per-turn ratios\n"
+    )
 
     rows, times = [], {}
     for length in lengths:
         inputs = make_inputs(channels, length)
-        repeats = 3 if length >= 16384 else 5
-        for name, fn in (("fused", fused), ("torch", chunked)):
-            times[name, length] = median_time(functools.partial(fwd_bwd, fn, inputs), repeats)
-        ratio = times["torch", length] / times["fused", length]
-        rows.append(f"| fused vs torch | {length} | {times['fused', length]:.3f} | "
-                    f"{times['torch', length]:.3f} | {ratio:.1f}x |")  # fmt: skip
+        calls = {name: functools.partial(fwd_bwd, fn, inputs) for name, fn in contenders.items()}
+        repeats = 5 if length >= 16384 else 9
+        timings = time_interleaved(calls, torch.device("cpu"), repeats=repeats)
+        times |= {(name, length): t.median for name, t in timings.items()}
+        ratio, low, high = paired_ratio(timings["torch"], timings["fused"])
+        t_fused, t_torch = times["fused", length], times["torch", length]
+        rows.append(f"| fused vs torch | {length} | {t_fused:.3f} | {t_torch:.3f} | "
+                    f"{ratio:.1f}x ({low:.1f}-{high:.1f}) |")  # fmt: skip
     inputs = make_inputs(channels, pscan_length)
     times["pscan", pscan_length] = median_time(lambda: fwd_bwd(pscan_selective_scan, inputs), 3)
     t_torch, t_pscan = times["torch", pscan_length], times["pscan", pscan_length]
     rows.append(f"| torch vs pscan | {pscan_length} | {t_torch:.3f} | {t_pscan:.3f} | "
                 f"{t_pscan / t_torch:.1f}x |")  # fmt: skip
     inputs = make_inputs(channels, ref_length)
-    t_ref = median_time(lambda: fwd_bwd(selective_scan_reference, inputs), 1, warmup=0)
-    for name in ("fused", "torch"):
-        t = times[name, ref_length]
-        rows.append(f"| {name} vs reference | {ref_length} | {t:.3f} | {t_ref:.3f} | "
-                    f"{t_ref / t:.0f}x |")  # fmt: skip
+    for loop_name, loop in (
+        ("reference", selective_scan_reference),
+        ("materialised loop", materialised_loop),
+    ):
+        t_loop = median_time(lambda loop=loop: fwd_bwd(loop, inputs), 1, warmup=0)
+        for name in contenders:
+            t = times[name, ref_length]
+            rows.append(f"| {name} vs {loop_name} | {ref_length} | {t:.3f} | {t_loop:.3f} | "
+                        f"{t_loop / t:.0f}x |")  # fmt: skip
 
     print("| comparison | L | time (s) | baseline (s) | speed-up |")
     print("|---|---|---|---|---|")

@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -321,3 +322,61 @@ def test_every_preset_builds_on_meta(name):
     tokens = (32 // config["patch_size"]) ** 2
     expected = expected_parameters(config["dim"], config["depth"], config["patch_size"], 4, tokens)
     assert count(model) == expected
+
+
+# ---------------------------------------------------------------- save_pretrained / from_pretrained
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_classes": 10, "input_size": (8, 12), "pos_embed": "sincos"},
+        {"d_context": 16, "scan": "hilbert4", "ssm_cfg": {"d_state": 8}},
+        {"num_frames": 2, "scan": "video_st", "input_size": 4},
+    ],
+)
+def test_save_pretrained_round_trip_gives_the_same_model(tmp_path, kwargs):
+    model = tiny(**kwargs).eval()
+    randomise(model, seed=3)
+    model.save_pretrained(tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    loaded = ZigMaBackbone.from_pretrained(tmp_path / "run").eval()
+    assert loaded.config == model.config
+    saved = model.state_dict()
+    assert loaded.state_dict().keys() == saved.keys()
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())
+    frames = (kwargs["num_frames"],) if "num_frames" in kwargs else ()
+    x = torch.randn(2, *frames, 4, *model.image_size)
+    t = torch.rand(2)
+    extra = {"y": torch.tensor([1, 7])} if "num_classes" in kwargs else {}
+    if "d_context" in kwargs:
+        extra = {"context": torch.randn(2, 3, 16)}
+    assert torch.equal(loaded(x, t, **extra), model(x, t, **extra))
+
+
+def test_from_pretrained_overrides_and_casts(tmp_path):
+    tiny(num_classes=10).save_pretrained(tmp_path)
+    loaded = ZigMaBackbone.from_pretrained(tmp_path, dtype=torch.bfloat16, scan="sweep2")
+    assert loaded.config["scan"] == "sweep2" and loaded.blocks[1].scan.pattern_name == "sweep2"
+    assert loaded.x_embedder.proj.weight.dtype == torch.bfloat16
+    assert loaded.blocks[0].mixer.A_log.dtype == torch.float32  # kept in fp32, as when built
+
+
+def test_from_pretrained_is_strict(tmp_path):
+    tiny().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "depth": 3}))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        ZigMaBackbone.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors missing"):
+        ZigMaBackbone.from_pretrained(tmp_path / "elsewhere")
+
+
+def test_save_pretrained_needs_a_named_scan(tmp_path):
+    model = tiny(scan=torch.arange(16).flip(0))
+    with pytest.raises(ValueError, match="register_pattern"):
+        model.save_pretrained(tmp_path)
+    assert not any(tmp_path.iterdir())

@@ -12,8 +12,10 @@ The parameter names are those of the official ZigMa checkpoints (see
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -31,6 +33,9 @@ from zigzag_mamba.modules.embed import (
 )
 
 PosEmbed = Literal["none", "sincos", "learned"]
+# The file names of huggingface_hub's PyTorchModelHubMixin, so that a saved folder can be pushed
+# to (or was downloaded from) the Hub as it is.
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 
 class FinalLayer(nn.Module):
@@ -97,6 +102,23 @@ class ZigMaBackbone(nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.image_size = self._check_config(input_size, patch_size, pos_embed, dim)
+        # The arguments, as save_pretrained writes them to config.json.
+        self.config = {
+            "input_size": list(self.image_size),
+            "patch_size": patch_size,
+            "in_channels": in_channels,
+            "dim": dim,
+            "depth": depth,
+            "scan": scan,
+            "pos_embed": pos_embed,
+            "num_frames": num_frames,
+            "num_classes": num_classes,
+            "class_dropout_prob": class_dropout_prob,
+            "d_context": d_context,
+            "mixer": mixer,
+            "ssm_cfg": ssm_cfg,
+            "norm_eps": norm_eps,
+        }
         if num_classes > 0 and d_context is not None:
             raise ValueError("condition on classes (num_classes) or on text (d_context), not both")
         self.patch_size, self.in_channels, self.num_frames = patch_size, in_channels, num_frames
@@ -235,6 +257,59 @@ class ZigMaBackbone(nn.Module):
         model.load_state_dict(convert_official_state_dict(state_dict), strict=True)
         return model
 
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        """Write ``config.json`` (the constructor's arguments) and ``model.safetensors``.
+
+        The folder has the layout of huggingface_hub's ``PyTorchModelHubMixin``; load it with
+        :meth:`from_pretrained`. Needs ``safetensors`` (``pip install zigzag-mamba[hub]``).
+
+        Example::
+
+            >>> model.save_pretrained("zigma-b2-run7")
+            >>> same = ZigMaBackbone.from_pretrained("zigma-b2-run7")
+        """
+        save_file = _safetensors().save_file
+        if not isinstance(self.config["scan"], str | None):
+            raise ValueError(
+                "save_pretrained records the scan by name; this model was built with explicit "
+                "orders: register them with zigzag_mamba.register_pattern and build with its name"
+            )
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+        (directory / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **overrides,
+    ) -> ZigMaBackbone:
+        """Load a folder written by :meth:`save_pretrained` (strict: every weight must match).
+
+        ``overrides`` replace entries of the saved config that do not change any weight's
+        shape, e.g. another ``scan`` pattern. For a model on the Hub, download
+        the folder first (``huggingface_hub.snapshot_download(repo_id)``) and pass its path.
+        The model is built on the meta device, so that no weight is initialised only to be
+        overwritten.
+        """
+        load_file = _safetensors().load_file
+        directory = Path(directory)
+        missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (directory / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{directory} is not a saved ZigMaBackbone: {' and '.join(missing)} missing"
+            )
+        config = {**json.loads((directory / CONFIG_NAME).read_text()), **overrides}
+        model = cls(**config, device="meta", dtype=dtype).to_empty(device=device or "cpu")
+        model.init_non_persistent_buffers()
+        model.load_state_dict(load_file(directory / WEIGHTS_NAME), strict=True)
+        return model
+
     # ------------------------------------------------------------------ forward
 
     def _patchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -356,6 +431,17 @@ class ZigMaBackbone(nn.Module):
         cond, uncond = guided.chunk(2, dim=0)
         mixed = uncond + cfg_scale * (cond - uncond)
         return torch.cat([torch.cat([mixed, mixed]), rest], dim=channel_dim)
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError as exc:
+        raise ImportError(
+            "saving and loading pretrained folders needs safetensors: "
+            "pip install 'zigzag-mamba[hub]'"
+        ) from exc
+    return safetensors.torch
 
 
 def _preset(dim: int, depth: int, patch_size: int) -> dict:

@@ -137,8 +137,29 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.zigzag_mamba.selective_scan_fwd, (*args, True))
         out, _, ckpt = torch.ops.zigzag_mamba.selective_scan_fwd(*args, True)
         grads = (torch.randn_like(out), torch.randn(1, 4, 2))
-        bwd_args = (*grads, *[a.detach() for a in args], ckpt, True)
+        bwd_args = (*grads, *[a.detach() for a in args], ckpt, True, backend)
         torch.library.opcheck(torch.ops.zigzag_mamba.selective_scan_bwd, bwd_args)
+
+
+def test_backward_runs_the_forwards_implementation():
+    # Checkpoints belong to the implementation that wrote them (mamba-ssm's forward leaves
+    # none), so a backward run under another backend choice must still use the forward's.
+    case = Case(batch=2, channels=64, state=4, length=150, groups=1)
+    inputs = make_inputs(case)
+
+    def grads(forward_backend: str, backward_backend: str) -> list[torch.Tensor]:
+        leaves = [inputs[k].detach().requires_grad_() for k in NAMES]
+        with zigzag_mamba.use_backend(selective_scan=forward_backend):
+            out = selective_scan(*leaves, delta_softplus=True)
+        with zigzag_mamba.use_backend(selective_scan=backward_backend):
+            return torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+    torch_only, fused_only = grads("torch", "torch"), grads("fused", "fused")
+    assert any(not torch.equal(a, b) for a, b in zip(torch_only, fused_only, strict=True))
+    for forward, backward in (("torch", "fused"), ("fused", "torch")):
+        expected = torch_only if forward == "torch" else fused_only
+        mixed = grads(forward, backward)
+        assert all(torch.equal(a, b) for a, b in zip(mixed, expected, strict=True))
 
 
 def test_fused_kernels_write_every_output():

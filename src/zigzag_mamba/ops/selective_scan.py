@@ -277,6 +277,7 @@ def _scan_bwd(
     delta_bias: torch.Tensor | None,
     ckpt: torch.Tensor,
     delta_softplus: bool,
+    backend: str,
 ) -> list[torch.Tensor]:
     grads = chunked_backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt,
                             delta_softplus)  # fmt: skip
@@ -292,22 +293,20 @@ def _pack_grads(grads, inputs) -> list[torch.Tensor]:
     ]
 
 
-def _backward_on(device_type: str) -> Callable[..., list[torch.Tensor]]:
-    def kernel(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, delta_softplus):
-        impl = IMPLEMENTATIONS[resolve(OP, device_type)]
-        grads = impl.backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt,
-                              delta_softplus)  # fmt: skip
-        return _pack_grads(grads, (u, delta, A, B, C, D, z, delta_bias))
-
-    return kernel
+def _backward_kernel(
+    dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, delta_softplus, backend
+) -> list[torch.Tensor]:
+    impl = IMPLEMENTATIONS[backend]
+    grads = impl.backward(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, delta_softplus)
+    return _pack_grads(grads, (u, delta, A, B, C, D, z, delta_bias))
 
 
-_scan_bwd.register_kernel("cpu")(_backward_on("cpu"))
-_scan_bwd.register_kernel("cuda")(_backward_on("cuda"))
+_scan_bwd.register_kernel("cpu")(_backward_kernel)
+_scan_bwd.register_kernel("cuda")(_backward_kernel)
 
 
 @_scan_bwd.register_fake
-def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, delta_softplus):
+def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt, delta_softplus, backend):
     inputs = (u, delta, A, B, C, D, z, delta_bias)
     return [u.new_empty(0) if x is None else x.new_empty(x.shape) for x in inputs]
 
@@ -317,6 +316,10 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(output[2])
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
     ctx.delta_softplus = delta_softplus
+    # The backward must run the forward's implementation, whatever is in force when it runs:
+    # the checkpoints are that implementation's (mamba-ssm's forward leaves none).
+    device = u.device.type
+    ctx.backend = resolve(OP, device) if device in ("cpu", "cuda") else "torch"
 
 
 def _backward(ctx, dout, dlast, _dckpt):
@@ -326,7 +329,7 @@ def _backward(ctx, dout, dlast, _dckpt):
     if dlast is None:
         dlast = ckpt.new_zeros(u.shape[0], u.shape[1], A.shape[1])
     grads = _scan_bwd(dout.contiguous(), dlast, u, delta, A, B, C, D, z, delta_bias, ckpt,
-                      ctx.delta_softplus)  # fmt: skip
+                      ctx.delta_softplus, ctx.backend)  # fmt: skip
     optional = (None, None, None, None, None, D, z, delta_bias)
     return (*(g if i < 5 or optional[i] is not None else None for i, g in enumerate(grads)), None)
 

@@ -105,6 +105,7 @@ def materialised_loop(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
 
 
 def make_inputs(channels: int, length: int, state: int = 16) -> dict[str, torch.Tensor]:
+    """The scan's inputs as the Mamba mixer passes them, and a gradient for its output."""
     g = torch.Generator().manual_seed(0)
     randn = lambda *shape: torch.randn(*shape, generator=g)
     return {
@@ -116,13 +117,15 @@ def make_inputs(channels: int, length: int, state: int = 16) -> dict[str, torch.
         "D": torch.ones(channels),
         "z": randn(1, channels, length),
         "delta_bias": randn(channels) * 0.1,
+        "grad_out": randn(1, channels, length),
     }
 
 
 def fwd_bwd(fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
-    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}
-    out = fn(**leaves, delta_softplus=True)
-    out.backward(torch.ones_like(out))
+    """One forward and backward; the output's gradient (``inputs["grad_out"]``) is made
+    beforehand, as a network's upstream layers would have made it."""
+    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items() if k != "grad_out"}
+    fn(**leaves, delta_softplus=True).backward(inputs["grad_out"])
 
 
 def median_time(call: Callable[[], None], repeats: int, warmup: int = 1) -> float:

@@ -47,6 +47,7 @@ _f32 = np.float32
 # (four AVX2 vectors) share each step's loop overhead, scalar loads of B and C, and horizontal
 # sums better than 16, and measured a little faster; the chunk scratch still fits in L2.
 _LANES = 32
+_HALF_LANES = _LANES // 2
 
 _LOG2E = _f32(1.4426950408889634)
 _LN2_HI = _f32(0.693145751953125)  # few mantissa bits, so k * _LN2_HI is exact
@@ -114,6 +115,28 @@ def _log1p_unit_impl(e):
     if e == types.float32:
         return lambda e: _log1p32_unit(e)
     return lambda e: math.log1p(e)
+
+
+@intrinsic
+def _wide_vectors(typingctx):
+    """Let LLVM compile the calling function with the CPU's widest vector registers.
+
+    On AVX-512 CPUs LLVM prefers 256-bit vectors unless a function says otherwise (process-wide,
+    numba could only change that for every function it compiles). These two string attributes
+    say it for the calling kernel alone (llvmlite's attribute set knows only keyword attributes,
+    hence ``set.add``); targets without such registers ignore them. ``noinline`` keeps the body
+    in a function that carries them: code inlined into a caller is compiled under the caller's
+    attributes. Measured on an AVX-512 Xeon: about 9% off the forward and 6% off the backward.
+    """
+
+    def codegen(context, builder, signature, args):
+        attributes = builder.function.attributes
+        set.add(attributes, '"prefer-vector-width"="512"')
+        set.add(attributes, '"min-legal-vector-width"="512"')
+        attributes.add("noinline")
+        return context.get_dummy_value()
+
+    return types.none(), codegen
 
 
 @intrinsic
@@ -232,6 +255,7 @@ def _tile_gate(steps, gate, dgate):
 @njit(cache=True, fastmath=_FAST, error_model="numpy")
 def _forward_block(b, g, d0, width, u, delta, A, Bt, Ct, Dv, z, bias, softplus, chunk, out, last,
                    ckpt):  # fmt: skip
+    _wide_vectors()
     length, n_state, dtype = u.shape[2], A.shape[1], u.dtype
     has_z = z.shape[2] == length
     x, a = _stack_tile(n_state, dtype), _stack_tile(n_state, dtype)
@@ -294,6 +318,7 @@ def _backward_block(
     b, g, s, d0, width, dout, dlast, u, delta, A, Bt, Ct, Dv, z, bias, softplus, chunk, ckpt,
     du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part,
 ):  # fmt: skip
+    _wide_vectors()
     length, n_state, dtype = u.shape[2], A.shape[1], u.dtype
     has_z = z.shape[2] == length
     a, h = _stack_tile(n_state, dtype), _stack_tile(n_state, dtype)  # h: adjoint of the state
@@ -356,18 +381,23 @@ def _backward_block(
         for i in range(steps - 1, -1, -1):
             t = c0 + i
             for n in range(n_state):
-                bn, cn = Bt[b, g, t, n], Ct[b, g, t, n]
-                acc_b = _ZERO
-                for w in range(_LANES):
-                    hn = h[n, w] + dys[i, w] * cn
-                    acc_b += hn * dtus[i, w]
-                    sum_hb[i, w] += hn * bn
-                    decay = decays[i, n, w]
-                    q = hn * decay * xs[i, n, w]  # d loss / d (dt * A)
-                    dA_acc[n, w] += q * dts[i, w]
-                    sum_q[i, w] += q * a[n, w]
-                    h[n, w] = hn * decay
-                dB_chunk[i, n] = acc_b
+                dB_chunk[i, n] = 0
+            # Half the lanes at a time: the per-step sums over the state (sum_hb, sum_q) then
+            # fit in registers across the loop over n. Measured 5% off the backward.
+            for v in range(0, _LANES, _HALF_LANES):
+                for n in range(n_state):
+                    bn, cn = Bt[b, g, t, n], Ct[b, g, t, n]
+                    acc_b = _ZERO
+                    for w in range(v, v + _HALF_LANES):
+                        hn = h[n, w] + dys[i, w] * cn
+                        acc_b += hn * dtus[i, w]
+                        sum_hb[i, w] += hn * bn
+                        decay = decays[i, n, w]
+                        q = hn * decay * xs[i, n, w]  # d loss / d (dt * A)
+                        dA_acc[n, w] += q * dts[i, w]
+                        sum_q[i, w] += q * a[n, w]
+                        h[n, w] = hn * decay
+                    dB_chunk[i, n] += acc_b
         for i in range(steps):
             for n in range(n_state):
                 dB_part[b, g, s, c0 + i, n] += dB_chunk[i, n]

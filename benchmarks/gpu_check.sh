@@ -1,31 +1,51 @@
 #!/usr/bin/env bash
-# GPU check for zigzag-mamba: tests that need CUDA, then benchmarks. About 5 minutes on an H100.
+# GPU check for zigzag-mamba: tests that need CUDA, then benchmarks. At most 9 minutes.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh      (default OUT: ./gpu_results)
 #
 # Runs from a checkout without installing it (PYTHONPATH=src). Each section writes its results
 # under $OUT and its log to $OUT/<section>.log; a failing section is recorded and the remaining
 # ones still run (device time is scarce), and the script exits non-zero at the end if any failed.
+# Each section has a time limit, and all of them together at most $GPU_CHECK_SECONDS (default
+# 540), so that the summary and the archive are always written, even when a slow section is cut
+# short (its status then reads "timed out").
 # $OUT/summary.md collects the card, the status of every section and each section's Markdown;
 # everything else (logs, CSV, JSON, plots) ends up in $OUT/gpu_check_results.tar.gz.
 #
 # To add a section: write a function `section_<name>` that writes under "$OUT", and add a
-# `run_section <name> "<title>"` line in the order it should run.
-set -euo pipefail
+# `run_section <name> "<title>" <seconds>` line in the order it should run. $PY is the Python
+# to use ($PYTHON, default python3).
+set -uo pipefail
 
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu_results}"
+BUDGET="${GPU_CHECK_SECONDS:-540}"
+RESERVE=20 # seconds kept for the summary and the archive
 mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export OUT PY
 rm -f "$OUT/sections.md"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 FAILED=()
 
 run_section() {
-    local name="$1" title="$2" start=$SECONDS status=ok
-    echo "=== ${title} ==="
-    if ! "section_${name}" 2>&1 | tee "$OUT/${name}.log"; then
-        status=FAILED
+    local name="$1" title="$2" limit="$3" start=$SECONDS status=ok rc=0
+    local left=$((BUDGET - RESERVE - SECONDS))
+    ((limit > left)) && limit=$left
+    echo "=== ${title} (at most ${limit} s) ==="
+    if ((limit <= 0)); then
+        status="skipped (out of time)"
         FAILED+=("$name")
+    else
+        export -f "section_${name}"
+        timeout --kill-after=10 "$limit" bash -uo pipefail -c "section_${name}" 2>&1 |
+            tee "$OUT/${name}.log" || rc=$?
+        if ((rc == 124 || rc == 137)); then
+            status="timed out"
+        elif ((rc != 0)); then
+            status=FAILED
+        fi
+        [[ $status == ok ]] || FAILED+=("$name")
     fi
     echo "| ${title} | ${status} | $((SECONDS - start)) s |" >>"$OUT/sections.md"
 }
@@ -33,7 +53,7 @@ run_section() {
 # --- environment: card, driver and library versions ---------------------------------------
 section_environment() {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-    python - <<'PY' | tee "$OUT/environment.md"
+    "$PY" - <<'PY' | tee "$OUT/environment.md"
 import torch, triton
 print(f"Card: **{torch.cuda.get_device_name()}**, torch {torch.__version__} "
       f"(CUDA {torch.version.cuda}), triton {triton.__version__}")
@@ -42,24 +62,24 @@ PY
 
 # --- Triton kernels: the interpreter tests of tests/triton, run on the GPU ------------------
 section_triton_tests() {
-    ZIGZAG_MAMBA_CUDA_TESTS=1 python -m pytest tests/triton -x -q -p no:cacheprovider \
+    ZIGZAG_MAMBA_CUDA_TESTS=1 "$PY" -m pytest tests/triton -x -q -p no:cacheprovider \
         --junitxml="$OUT/triton_tests.xml"
 }
 
 # --- permute_tokens: GB/s against a device-to-device copy ---------------------------------
 section_bench_permute() {
-    python benchmarks/bench_permute.py --out "$OUT/bench_permute.md"
+    "$PY" benchmarks/bench_permute.py --out "$OUT/bench_permute.md"
 }
 
 # --- Triton selective scan: correctness at real sizes, speed against torch and SDPA --------
 section_bench_triton_scan() {
-    python benchmarks/bench_triton_scan.py --out "$OUT/bench_triton_scan.md"
+    "$PY" benchmarks/bench_triton_scan.py --out "$OUT/bench_triton_scan.md"
 }
 
 # --- the zigzag scan's cost: ZigMaBlock zigzag8 against scan=None, interleaved calls --------
 # L = 4096 and 16384, D = 768, bf16, forward and forward+backward. About a minute.
 section_bench_scan_cost() {
-    python benchmarks/bench_scan_cost.py --device cuda --out "$OUT/bench_scan_cost.md"
+    "$PY" benchmarks/bench_scan_cost.py --device cuda --out "$OUT/bench_scan_cost.md"
 }
 
 # --- zigma bench: blocks, backbones and ops against attention ------------------------------
@@ -69,17 +89,16 @@ section_bench_scan_cost() {
 # backend. It includes the block-level scan cost: ZigMaBlock zigzag8 against scan=None at
 # L = 4096 and 16384. A few minutes. CSV, JSON and plots under $OUT/bench_blocks/<gpu>-quick/.
 section_bench_blocks() {
-    timeout 300 python benchmarks/bench_blocks.py --quick --device cuda \
-        --out "$OUT/bench_blocks" >/dev/null &&
+    "$PY" benchmarks/bench_blocks.py --quick --device cuda --out "$OUT/bench_blocks" >/dev/null &&
         cp "$OUT"/bench_blocks/*-quick/summary.md "$OUT/bench_blocks.md"
 }
 
-run_section environment "Environment"
-run_section triton_tests "Triton kernel tests on CUDA"
-run_section bench_permute "permute_tokens bandwidth"
-run_section bench_triton_scan "Triton selective scan"
-run_section bench_scan_cost "The zigzag scan's cost in a block"
-run_section bench_blocks "Blocks, backbones and ops against attention"
+run_section environment "Environment" 60
+run_section triton_tests "Triton kernel tests on CUDA" 150
+run_section bench_permute "permute_tokens bandwidth" 60
+run_section bench_triton_scan "Triton selective scan" 90
+run_section bench_scan_cost "The zigzag scan's cost in a block" 60
+run_section bench_blocks "Blocks, backbones and ops against attention" 240
 
 {
     cat "$OUT/environment.md" 2>/dev/null || true

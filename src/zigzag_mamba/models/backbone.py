@@ -72,6 +72,9 @@ class ZigMaBackbone(nn.Module):
         mixer: ``"mamba"`` or ``"bidirectional"``.
         ssm_cfg: extra :class:`~zigzag_mamba.Mamba` arguments.
 
+    ``model.config`` holds these arguments (less device and dtype), as :meth:`save_pretrained`
+    writes them.
+
     Example::
 
         >>> model = ZigMaBackbone(input_size=8, in_channels=4, **CONFIGS["ZigMa-T/2"])

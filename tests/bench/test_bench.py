@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,3 +177,32 @@ def cli_commands() -> list[str]:
 
     parser = build_parser()
     return list(parser._subparsers._group_actions[0].choices)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "expected"),
+    [
+        (
+            "bench_scan_cost.py",
+            ["--lengths", "64", "--dim", "16", "--repeats", "3"],
+            ["| 64 | fwd |", "| 64 | fwd+bwd |"],
+        ),
+        (
+            "bench_selective_scan.py",
+            ["--quick"],
+            ["| fused vs torch | 1024 |", "| torch vs materialised loop | 256 |"],
+        ),
+    ],
+)
+def test_benchmark_scripts_print_their_tables(tmp_path, script, args, expected):
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert all(row in done.stdout for row in expected), done.stdout

@@ -328,7 +328,7 @@ def _backward(ctx, dout, dlast, _dckpt):
         dout = torch.zeros_like(u)
     if dlast is None:
         dlast = ckpt.new_zeros(u.shape[0], u.shape[1], A.shape[1])
-    grads = _scan_bwd(dout.contiguous(), dlast, u, delta, A, B, C, D, z, delta_bias, ckpt,
+    grads = _scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, ckpt,
                       ctx.delta_softplus, ctx.backend)  # fmt: skip
     optional = (None, None, None, None, None, D, z, delta_bias)
     return (*(g if i < 5 or optional[i] is not None else None for i, g in enumerate(grads)), None)

@@ -1,9 +1,11 @@
 """Fused selective-scan kernels for the CPU, compiled by numba.
 
-Layouts (all C-contiguous, one floating dtype, float32 or float64):
-u, delta, z, out (nb, nd, L); A (nd, N); Bt, Ct (nb, G, L, N), i.e. B and C transposed so that
-the loop over the state dimension is contiguous; Dv, bias (nd,) (zeros when absent); z has
-length 0 along L when absent. ``ckpt`` (nb, nd, ceil(L / chunk), N) holds the state entering
+Layouts (one floating dtype, float32 or float64): u, delta, z, out (nb, nd, L), and dout in the
+backward, with any strides: each chunk of them is copied into a tile anyway, so the transposed
+views a Mamba mixer passes (token-major (nb, L, nd) memory) are read in place instead of being
+copied first. The rest is C-contiguous: A (nd, N); Bt, Ct (nb, G, L, N), i.e. B and C transposed
+so that the loop over the state dimension is contiguous; Dv, bias (nd,) (zeros when absent); z
+has length 0 along L when absent. ``ckpt`` (nb, nd, ceil(L / chunk), N) holds the state entering
 each chunk: the forward writes it, the backward recomputes each chunk's states from it, so no
 (nb, nd, L, N) tensor ever exists.
 
@@ -474,13 +476,13 @@ def _arrays(u, delta, A, B, C, D, z, delta_bias, dtype) -> list[np.ndarray]:
     n_chan = u.shape[1]
     zeros = torch.zeros(n_chan, dtype=dtype)
     tensors = [
-        u.to(dtype).contiguous(),
-        delta.to(dtype).contiguous(),
+        u.to(dtype),
+        delta.to(dtype),
         A.to(dtype).contiguous(),
         _state_last(B, dtype),
         _state_last(C, dtype),
         zeros if D is None else D.to(dtype).contiguous(),
-        u.new_empty((*u.shape[:2], 0), dtype=dtype) if z is None else z.to(dtype).contiguous(),
+        u.new_empty((*u.shape[:2], 0), dtype=dtype) if z is None else z.to(dtype),
         zeros if delta_bias is None else delta_bias.to(dtype).contiguous(),
     ]
     return [t.numpy() for t in tensors]
@@ -549,7 +551,7 @@ def backward(
             torch.zeros(n_batch, n_group, splits, length, n_state, dtype=dtype) for _ in range(2)
         )
         selective_scan_backward(
-            dout.to(dtype).contiguous().numpy(), dlast.to(dtype).contiguous().numpy(), *arrays,
+            dout.to(dtype).numpy(), dlast.to(dtype).contiguous().numpy(), *arrays,
             delta_softplus, chunk, ckpt.contiguous().numpy(), du.numpy(), ddelta.numpy(),
             dz.numpy(), dA_part.numpy(), dD_part.numpy(), dbias_part.numpy(), dB_part.numpy(),
             dC_part.numpy(),

@@ -35,6 +35,11 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[:, index]``: index_select is up to twice as fast as advanced indexing on the CPU."""
+    return x.index_select(1, index)
+
+
 def _per_sample(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, D) -> (B, 1, D), broadcasting one row per sample over the tokens."""
     return v.to(dtype)[:, None]
@@ -60,7 +65,7 @@ def scan_in_reference(
     if shift is not None:
         y = y + _per_sample(shift, compute)
     x_scan = y.to(h.dtype)
-    return r, h_norm, x_scan if order is None else x_scan[:, order]
+    return r, h_norm, x_scan if order is None else _gather(x_scan, order)
 
 
 def scan_out_reference(
@@ -71,7 +76,7 @@ def scan_out_reference(
 ) -> torch.Tensor:
     """The definition of :func:`scan_out` in plain PyTorch (differentiable by autograd)."""
     compute = _compute_dtype(h_norm)
-    y = y_seq.to(compute) if inverse is None else y_seq.to(compute)[:, inverse]
+    y = y_seq.to(compute) if inverse is None else _gather(y_seq.to(compute), inverse)
     if gate is not None:
         y = y * _per_sample(gate, compute)
     return (h_norm.to(compute) + y).to(h_norm.dtype)
@@ -111,7 +116,7 @@ def _scan_in_backward_torch(
     rstd = torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps)
     n = r * rstd
     w = norm_weight.to(compute)
-    g_x = g_x_scan.to(compute) if inverse is None else g_x_scan.to(compute)[:, inverse]
+    g_x = g_x_scan.to(compute) if inverse is None else _gather(g_x_scan.to(compute), inverse)
     g_shift = None if shift is None else g_x.sum(1).to(shift.dtype)
     g_scale = None if scale is None else (g_x * n * w).sum(1).to(scale.dtype)
     if scale is not None:
@@ -248,11 +253,11 @@ def _scan_out_backward_torch(
     g = g_out.to(compute)
     g_gate = None
     if gate is not None:
-        y = y_seq.to(compute) if inverse is None else y_seq.to(compute)[:, inverse]
+        y = y_seq.to(compute) if inverse is None else _gather(y_seq.to(compute), inverse)
         g_gate = (g * y).sum(1).to(gate.dtype)
         g = g * _per_sample(gate, compute)
     # copy: without gate and order, g_y would otherwise be the input g_out itself.
-    g_y = g.to(y_seq.dtype, copy=True) if order is None else g[:, order].to(y_seq.dtype)
+    g_y = g.to(y_seq.dtype, copy=True) if order is None else _gather(g, order).to(y_seq.dtype)
     return g_y, *_or_empty(g_out, g_gate)
 
 

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -206,3 +207,23 @@ def test_benchmark_scripts_print_their_tables(tmp_path, script, args, expected):
     )
     assert done.returncode == 0, done.stderr
     assert all(row in done.stdout for row in expected), done.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the real GPU check on a GPU")
+def test_gpu_check_always_writes_its_summary(tmp_path):
+    # Without a GPU every section fails fast; the script must still say so section by section
+    # and leave the summary and the archive, as it would after a section timed out.
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_SECONDS": "120"}
+    env["PYTHON"] = sys.executable
+    done = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_check.sh")], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "gpu_check_results.tar.gz",
+        "summary.md",
+    ]
+    summary = (tmp_path / "summary.md").read_text()
+    for title in ("Triton kernel tests on CUDA", "permute_tokens bandwidth", "Blocks, backbones"):
+        assert f"| {title}" in summary
+    assert summary.count("| FAILED |") == 6

@@ -27,13 +27,13 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import triton
 
+from zigzag_mamba.bench.timing import call_seconds
 from zigzag_mamba.ops.backends import resolve
 from zigzag_mamba.ops.permute import inverse_order, permute_tokens
 from zigzag_mamba.ops.triton.permute import default_block_l, gather_tokens
@@ -69,20 +69,7 @@ def median_seconds(fn: Callable[[], object], device: str, warmup: int, repeats: 
     """Median wall time of one call, after ``warmup`` calls (CUDA events on a GPU)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(call_seconds(fn, device) for _ in range(repeats))
 
 
 def gbps(x: torch.Tensor, seconds: float) -> float:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import zigzag_mamba
-from zigzag_mamba.bench.timing import paired_ratio, time_interleaved
+from zigzag_mamba.bench.timing import call_seconds, paired_ratio, time_interleaved
 from zigzag_mamba.ops import selective_scan, selective_scan_reference
 
 
@@ -131,12 +131,7 @@ def fwd_bwd(fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor]) ->
 def median_time(call: Callable[[], None], repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(call_seconds(call, "cpu") for _ in range(repeats))
 
 
 def with_backend(name: str) -> Callable[..., torch.Tensor]:

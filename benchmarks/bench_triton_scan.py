@@ -26,6 +26,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from zigzag_mamba.bench.timing import call_seconds
 from zigzag_mamba.ops.selective_scan import selective_scan_reference
 from zigzag_mamba.ops.triton.selective_scan import selective_scan_triton
 
@@ -106,17 +107,7 @@ def median_ms(fn: Callable[[], object], device: str, repeats: int, budget_s: flo
     times: list[float] = []
     spent = time.perf_counter()
     while len(times) < repeats and (len(times) < 3 or time.perf_counter() - spent < budget_s):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
+        times.append(1e3 * call_seconds(fn, device))
     return statistics.median(times)
 
 

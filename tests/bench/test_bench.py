@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,10 @@ def test_time_call_repeats_and_batches_fast_calls():
     result = timing.time_call(lambda: None, CPU, min_repeats=4, min_time_s=0.0)
     assert len(result.samples) == 4 and result.inner > 1
     assert result.low <= result.median <= result.high and result.spread >= 0
+
+
+def test_call_seconds_times_one_call():
+    assert 0.01 <= timing.call_seconds(lambda: time.sleep(0.01), CPU) < 1.0
 
 
 def test_time_interleaved_takes_turns_in_a_rotated_order():

@@ -77,6 +77,21 @@ def _timed(fn: Callable[[], object], device: torch.device, inner: int) -> float:
     return (time.perf_counter() - start) / inner
 
 
+def call_seconds(fn: Callable[[], object], device: torch.device | str) -> float:
+    """Duration of one call of ``fn``: CUDA events around it on a GPU (the device's own clock,
+    without the host's launch latency), the host clock elsewhere."""
+    if torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start_s = time.perf_counter()
+    fn()
+    return time.perf_counter() - start_s
+
+
 def time_call(
     fn: Callable[[], object],
     device: torch.device,

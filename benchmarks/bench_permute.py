@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import triton
 
+from zigzag_mamba.bench.report import LiveReport
 from zigzag_mamba.bench.timing import call_seconds
 from zigzag_mamba.ops.backends import resolve
 from zigzag_mamba.ops.permute import inverse_order, permute_tokens
@@ -118,9 +119,9 @@ def sweep(shape, dtype_name: str, device: str, args) -> list[tuple[int, int, flo
     return results
 
 
-def report(rows: list[dict[str, object]], sweep_rows, sweep_shape, device: str) -> str:
+def header(device: str) -> list[str]:
     card = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)"
-    lines = [
+    return [
         "# permute_tokens bandwidth",
         "",
         f"Card: **{card}**; torch {torch.__version__}, triton {triton.__version__}. GB/s = (bytes "
@@ -130,16 +131,15 @@ def report(rows: list[dict[str, object]], sweep_rows, sweep_shape, device: str) 
         "| index_select GB/s | % copy |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        op = f"{r['op']:.0f} ({r['op backend']})" if "op" in r else "-"
-        lines.append(
-            f"| {r['size']} | {r['dtype']} | {r['order']} | {r['copy']:.0f} | {r['triton']:.0f} "
-            f"| {100 * r['triton'] / r['copy']:.0f}% | {op} | {r['index_select']:.0f} "
-            f"| {100 * r['index_select'] / r['copy']:.0f}% |"
-        )
-    if sweep_rows:
-        lines += _sweep_table(sweep_rows, sweep_shape)
-    return "\n".join(lines) + "\n"
+
+
+def table_row(r: dict[str, object]) -> str:
+    op = f"{r['op']:.0f} ({r['op backend']})" if "op" in r else "-"
+    return (
+        f"| {r['size']} | {r['dtype']} | {r['order']} | {r['copy']:.0f} | {r['triton']:.0f} "
+        f"| {100 * r['triton'] / r['copy']:.0f}% | {op} | {r['index_select']:.0f} "
+        f"| {100 * r['index_select'] / r['copy']:.0f}% |"
+    )
 
 
 def _sweep_table(sweep_rows: list[tuple[int, int, float]], shape) -> list[str]:
@@ -167,15 +167,12 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true", help="skip the launch-shape sweep")
     args = parser.parse_args()
     sizes = parse_sizes(args.sizes)
-    rows = []
+    report = LiveReport(args.out)
+    report.add(*header(args.device))
     for shape, dtype_name in sizes:
-        rows.append(measure(shape, dtype_name, args.device, args))
-        print(rows[-1], flush=True)
-    sweep_rows = [] if args.no_sweep else sweep(*sizes[0], args.device, args)
-    text = report(rows, sweep_rows, sizes[0], args.device)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+        report.add(table_row(measure(shape, dtype_name, args.device, args)))
+    if not args.no_sweep:
+        report.add(*_sweep_table(sweep(*sizes[0], args.device, args), sizes[0]))
 
 
 if __name__ == "__main__":

@@ -21,39 +21,27 @@ from __future__ import annotations
 
 import argparse
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from zigzag_mamba.bench.contenders import paired_scan_blocks
+from zigzag_mamba.bench.report import LiveReport
 from zigzag_mamba.bench.timing import machine_info, paired_ratio, time_interleaved
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULTS = {  # device -> (lengths, dim, batch, dtype, repeats)
     "cpu": ("4096", 384, 1, "fp32", 30),
-    "cuda": ("4096,16384", 768, 4, "bf16", 40),
+    "cuda": ("4096,16384", 768, 4, "bf16", 20),
 }
 MODES = ("fwd", "fwd+bwd")
 
 
-def measure(args: argparse.Namespace, device: torch.device) -> list[dict[str, object]]:
-    rows = []
-    for length in (int(v) for v in args.lengths.split(",")):
-        blocks = paired_scan_blocks(args.dim, length, args.batch, device, DTYPES[args.dtype])
-        for mode in MODES:
-            calls = {name: functools.partial(w.run, mode) for name, w in blocks.items()}
-            timings = time_interleaved(calls, device, repeats=args.repeats, warmup=2)
-            ratio, low, high = paired_ratio(timings["zigzag8"], timings["scan=None"])
-            row = {"L": length, "mode": mode, "ratio": ratio, "q1": low, "q3": high}
-            row |= {name: t.median for name, t in timings.items()}
-            print(row, flush=True)
-            rows.append(row)
-    return rows
-
-
-def report(rows: list[dict[str, object]], args: argparse.Namespace, device: torch.device) -> str:
+def measure(args: argparse.Namespace, device: torch.device) -> Iterator[str]:
+    """The report's Markdown lines: what ran, then one table row per L and mode."""
     info = machine_info(device, DTYPES[args.dtype])
-    lines = [
+    yield from (
         "# The zigzag scan's cost in a ZigMa block",
         "",
         f"Device: **{info['gpu'] or info['cpu']}** ({info['torch_threads']} torch threads); "
@@ -65,13 +53,18 @@ def report(rows: list[dict[str, object]], args: argparse.Namespace, device: torc
         "",
         "| L | mode | zigzag8 (ms) | scan=None (ms) | ratio | quartiles |",
         "|---:|---|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['L']} | {r['mode']} | {1e3 * r['zigzag8']:.2f} | {1e3 * r['scan=None']:.2f} "
-            f"| {r['ratio']:.3f}x | {r['q1']:.3f}-{r['q3']:.3f} |"
-        )
-    return "\n".join(lines) + "\n"
+    )
+    for length in (int(v) for v in args.lengths.split(",")):
+        blocks = paired_scan_blocks(args.dim, length, args.batch, device, DTYPES[args.dtype])
+        for mode in MODES:
+            calls = {name: functools.partial(w.run, mode) for name, w in blocks.items()}
+            timings = time_interleaved(calls, device, repeats=args.repeats, warmup=2)
+            ratio, low, high = paired_ratio(timings["zigzag8"], timings["scan=None"])
+            ours, plain = (1e3 * timings[name].median for name in ("zigzag8", "scan=None"))
+            yield (
+                f"| {length} | {mode} | {ours:.2f} | {plain:.2f} | {ratio:.3f}x "
+                f"| {low:.3f}-{high:.3f} |"
+            )
 
 
 def main() -> None:
@@ -89,12 +82,9 @@ def main() -> None:
     ):
         if getattr(args, key) is None:
             setattr(args, key, value)
-    device = torch.device(args.device)
-    text = report(measure(args, device), args, device)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    report = LiveReport(args.out)
+    for line in measure(args, torch.device(args.device)):
+        report.add(line)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@
 2. Speed, forward and forward+backward, at each --lengths: the Triton scan, the chunked PyTorch
    scan (``use_backend(selective_scan="torch")``) and flash attention (SDPA, bf16, heads of 64
    over the same width), medians over repeats timed with CUDA events.
+3. Launch shapes: forward and backward kernel times at --sweep-length for each channel block
+   (channels per program) and chunk size, against the defaults, to guide them.
 
-Writes a Markdown report to --out and prints it. Usage on a CUDA machine::
+Writes a Markdown report to --out, row by row (a run cut short keeps what it measured), and
+prints it. Usage on a CUDA machine::
 
     python benchmarks/bench_triton_scan.py --out bench-triton-scan.md
 
@@ -17,18 +20,26 @@ Writes a Markdown report to --out and prints it. Usage on a CUDA machine::
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from zigzag_mamba.bench.report import LiveReport
 from zigzag_mamba.bench.timing import call_seconds
 from zigzag_mamba.ops.selective_scan import selective_scan_reference
-from zigzag_mamba.ops.triton.selective_scan import selective_scan_triton
+from zigzag_mamba.ops.triton.selective_scan import (
+    DEFAULT_CHUNK,
+    selective_scan_triton,
+    selective_scan_triton_bwd,
+    selective_scan_triton_fwd,
+)
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 PARAMS = ("A", "D", "delta_bias")
@@ -67,11 +78,9 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).norm() / want.norm()).item()
 
 
-def correctness(args: argparse.Namespace) -> list[str]:
-    rows = [
-        "| inputs | tensor | Triton rel. error | PyTorch fp32 rel. error | ok |",
-        "|---" * 5 + "|",
-    ]
+def correctness(args: argparse.Namespace) -> Iterator[str]:
+    yield "| inputs | tensor | Triton rel. error | PyTorch fp32 rel. error | ok |"
+    yield "|---" * 5 + "|"
     for dtype in (torch.bfloat16, torch.float32):
         inputs = mamba_inputs(
             args.batch, args.width, args.state, args.check_length, dtype, args.device
@@ -95,9 +104,8 @@ def correctness(args: argparse.Namespace) -> list[str]:
             err, base_err = rel_err(got, want), rel_err(base, want)
             ok = err <= max(2 * base_err, 1e-5) and bool(torch.isfinite(got).all())
             verdict = "yes" if ok else "**NO**"
-            rows.append(f"| {str(dtype)[6:]} | {name} | {err:.2e} | {base_err:.2e} | {verdict} |")
+            yield f"| {str(dtype)[6:]} | {name} | {err:.2e} | {base_err:.2e} | {verdict} |"
         del exact, own, ours
-    return rows
 
 
 def median_ms(fn: Callable[[], object], device: str, repeats: int, budget_s: float) -> float:
@@ -162,10 +170,10 @@ def torch_scan() -> Callable | None:
     return run
 
 
-def speed(args: argparse.Namespace) -> list[str]:
+def speed(args: argparse.Namespace) -> Iterator[str]:
     baseline = torch_scan()
-    head = "| L | pass | Triton ms | PyTorch scan ms | SDPA flash ms | vs PyTorch scan | vs SDPA |"
-    rows = [head, "|---" * 7 + "|"]
+    yield "| L | pass | Triton ms | PyTorch scan ms | SDPA flash ms | vs PyTorch scan | vs SDPA |"
+    yield "|---" * 7 + "|"
     for length in args.lengths:
         inputs = mamba_inputs(
             args.batch, args.width, args.state, length, torch.bfloat16, args.device
@@ -175,33 +183,62 @@ def speed(args: argparse.Namespace) -> list[str]:
             ours = time_it(scan_step(selective_scan_triton, inputs, backward))
             attn = time_it(attention_step(args.batch, args.width, length, args.device, backward))
             ref = math.nan if baseline is None else time_it(scan_step(baseline, inputs, backward))
-            rows.append(
+            yield (
                 f"| {length} | {'fwd+bwd' if backward else 'fwd'} | {ours:.3f} | {ref:.3f} | "
                 f"{attn:.3f} | {ref / ours:.1f}x | {attn / ours:.2f}x |"
             )
             if args.device == "cuda":
                 torch.cuda.empty_cache()
     if baseline is None:
-        rows.append("\nThe chunked PyTorch scan (zigzag_mamba.ops.selective_scan) is missing.")
-    return rows
+        yield "\nThe chunked PyTorch scan (zigzag_mamba.ops.selective_scan) is missing."
+
+
+def launch_shapes(args: argparse.Namespace) -> Iterator[str]:
+    """Forward and backward kernel times per (channels per program, chunk size)."""
+    inputs = mamba_inputs(
+        args.batch, args.width, args.state, args.sweep_length, torch.bfloat16, args.device
+    )
+    u, delta, A, B, C, D, z, bias = (inputs[k] for k in NAMES)
+    grad = torch.randn_like(u)
+    time_it = lambda fn: median_ms(fn, args.device, args.repeats, args.budget)
+    yield "| channels per program | chunk | fwd ms | bwd ms | fwd+bwd ms |"
+    yield "|---:|---:|---:|---:|---:|"
+    # Channel blocks at the default chunk, then chunks at the default channel block (None: the
+    # launcher's heuristic).
+    shapes = [(block_d, DEFAULT_CHUNK) for block_d in (None, 2, 4, 8, 16)]
+    shapes += [(None, chunk) for chunk in (DEFAULT_CHUNK // 2, DEFAULT_CHUNK * 2)]
+    for block_d, chunk in shapes:
+        args_in = (u, delta, A, B, C, D, z, bias)
+        fwd = functools.partial(
+            selective_scan_triton_fwd, *args_in, True, chunk_size=chunk, block_d=block_d
+        )
+        ckpt = fwd()[2]
+        bwd = functools.partial(
+            selective_scan_triton_bwd, grad, None, *args_in, ckpt, True, block_d=block_d
+        )
+        t_fwd, t_bwd = time_it(fwd), time_it(bwd)
+        shape = "auto" if block_d is None else block_d
+        yield f"| {shape} | {chunk} | {t_fwd:.3f} | {t_bwd:.3f} | {t_fwd + t_bwd:.3f} |"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="Markdown report path")
+    parser.add_argument("--out", type=Path, required=True, help="Markdown report path")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--width", type=int, default=1536, help="scan channels D")
     parser.add_argument("--state", type=int, default=16)
     parser.add_argument("--check-length", type=int, default=4096)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    parser.add_argument("--sweep-length", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--budget", type=float, default=2.0, help="seconds per measurement")
+    parser.add_argument("--budget", type=float, default=1.0, help="seconds per measurement")
     args = parser.parse_args()
     card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (Triton interpreter)"
     import triton
 
-    lines = [
+    report = LiveReport(args.out)
+    report.add(
         "# Triton selective scan",
         "",
         f"{card}; torch {torch.__version__}, triton {triton.__version__}; B={args.batch}, "
@@ -210,18 +247,21 @@ def main() -> None:
         "",
         f"## Correctness at L={args.check_length} (vs float64 reference; bound: 2x PyTorch fp32)",
         "",
-        *correctness(args),
-        "",
-        "## Speed (median ms; ratios > 1 mean Triton is faster)",
-        "",
-        *speed(args),
+    )
+    for line in correctness(args):
+        report.add(line)
+    report.add("", "## Speed (median ms; ratios > 1 mean Triton is faster)", "")
+    for line in speed(args):
+        report.add(line)
+    report.add(
         "",
         "Targets: >= 10x the PyTorch scan at L=4096 fwd+bwd; faster than SDPA at L >= 8192.",
-    ]
-    report = "\n".join(lines) + "\n"
-    with open(args.out, "w") as f:
-        f.write(report)
-    print(report)
+        "",
+        f"## Launch shapes at L={args.sweep_length} (bf16, with z, D, delta_bias, softplus)",
+        "",
+    )
+    for line in launch_shapes(args):
+        report.add(line)
 
 
 if __name__ == "__main__":

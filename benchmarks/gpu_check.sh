@@ -60,10 +60,15 @@ print(f"Card: **{torch.cuda.get_device_name()}**, torch {torch.__version__} "
 PY
 }
 
-# --- Triton kernels: the interpreter tests of tests/triton, run on the GPU ------------------
+# --- Triton kernels: the interpreter tests of tests/triton, run on the GPU, and the ops and a
+# ZigMa block end to end on CUDA (tests/triton/test_cuda.py) --------------------------------
+# Compiling the kernels' variants takes most of the time: spread it over 4 processes when
+# pytest-xdist is there.
 section_triton_tests() {
-    ZIGZAG_MAMBA_CUDA_TESTS=1 "$PY" -m pytest tests/triton -x -q -p no:cacheprovider \
-        --junitxml="$OUT/triton_tests.xml"
+    local workers=()
+    "$PY" -c "import xdist" 2>/dev/null && workers=(-n 4)
+    ZIGZAG_MAMBA_CUDA_TESTS=1 "$PY" -m pytest tests/triton "${workers[@]}" --maxfail=10 -q \
+        -p no:cacheprovider --junitxml="$OUT/triton_tests.xml"
 }
 
 # --- permute_tokens: GB/s against a device-to-device copy ---------------------------------
@@ -71,7 +76,8 @@ section_bench_permute() {
     "$PY" benchmarks/bench_permute.py --out "$OUT/bench_permute.md"
 }
 
-# --- Triton selective scan: correctness at real sizes, speed against torch and SDPA --------
+# --- Triton selective scan: correctness at real sizes, speed against torch and SDPA, and a
+# sweep of launch shapes --------------------------------------------------------------------
 section_bench_triton_scan() {
     "$PY" benchmarks/bench_triton_scan.py --out "$OUT/bench_triton_scan.md"
 }
@@ -96,7 +102,7 @@ section_bench_blocks() {
 run_section environment "Environment" 60
 run_section triton_tests "Triton kernel tests on CUDA" 150
 run_section bench_permute "permute_tokens bandwidth" 60
-run_section bench_triton_scan "Triton selective scan" 90
+run_section bench_triton_scan "Triton selective scan" 150
 run_section bench_scan_cost "The zigzag scan's cost in a block" 60
 run_section bench_blocks "Blocks, backbones and ops against attention" 240
 

@@ -240,6 +240,23 @@ def markdown(meta: dict, settings: dict, rows: list[dict], summary: dict) -> str
 # ----------------------------------------------------------------------------- files
 
 
+class LiveReport:
+    """Markdown lines, printed and rewritten to ``path`` (if given) at every addition, so that a
+    benchmark cut short by a time limit keeps every row it measured."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.lines: list[str] = []
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, *lines: str) -> None:
+        self.lines += lines
+        print("\n".join(lines), flush=True)
+        if self.path is not None:
+            self.path.write_text("\n".join(self.lines) + "\n")
+
+
 def write_csv(rows: list[dict], path: Path) -> Path:
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, COLUMNS, extrasaction="ignore")

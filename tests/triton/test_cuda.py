@@ -68,7 +68,7 @@ def test_block_on_cuda_matches_the_block_on_cpu(scan: str | None):
     grad = torch.randn(2, 60, 64)
     results = []
     for block, device in ((cpu, "cpu"), (gpu, "cuda")):
-        xi = x.to(device).requires_grad_()
+        xi = x.to(device, copy=True).requires_grad_()
         out = block(xi, c.to(device))
         out.backward(grad.to(device))
         grads = [p.grad.cpu() for p in block.parameters()]

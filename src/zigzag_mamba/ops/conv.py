@@ -1,8 +1,9 @@
 """Causal depthwise conv1d: ``out[b, d, t] = bias[d] + sum_k weight[d, k] x[b, d, t - K + 1 + k]``.
 
 On CUDA the causal-conv1d package's kernel runs when it imports (probed lazily, once) and
-supports the kernel width (2 to 4 taps); everywhere else ``F.conv1d`` with K - 1 zeros of left
-padding and one group per channel. Both are differentiable by autograd.
+supports the kernel width (2 to 4 taps), except inside ``torch.compile``; everywhere else
+``F.conv1d`` with K - 1 zeros of left padding and one group per channel. Both are differentiable
+by autograd.
 """
 
 from __future__ import annotations
@@ -57,7 +58,11 @@ def causal_conv1d(
     if x.dim() != 3 or weight.shape[0] != x.shape[1] or weight.dim() != 2:
         shapes = f"{tuple(x.shape)} and {tuple(weight.shape)}"
         raise ValueError(f"expected x (B, D, L) and weight (D, K), got {shapes}")
-    kernel = _causal_conv1d_fn() if x.is_cuda and 2 <= weight.shape[1] <= 4 else None
+    # Under torch.compile the F.conv1d path runs: the package's kernel is opaque to the
+    # compiler (it would break the graph), and the probe's import cannot be traced.
+    compiling = torch.compiler.is_compiling()
+    use_kernel = x.is_cuda and not compiling and 2 <= weight.shape[1] <= 4
+    kernel = _causal_conv1d_fn() if use_kernel else None
     if kernel is not None:
         return kernel(x, weight, bias, activation)
     return causal_conv1d_reference(x, weight, bias, activation)

@@ -66,11 +66,23 @@ def scan_order(length: int, device: str) -> tuple[torch.Tensor, str]:
     return torch.randperm(length, generator=torch.Generator().manual_seed(0)).to(device), "random"
 
 
+# Calls per timed sample: back to back, the host prepares the next launch while the device runs
+# the previous one (as in a model), so a sample measures the device's work, not launch latency.
+CALLS_PER_SAMPLE = 10
+
+
 def median_seconds(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> float:
-    """Median wall time of one call, after ``warmup`` calls (CUDA events on a GPU)."""
+    """Median time per call over ``repeats`` samples of CALLS_PER_SAMPLE calls each, after
+    ``warmup`` calls (CUDA events on a GPU)."""
     for _ in range(warmup):
         fn()
-    return statistics.median(call_seconds(fn, device) for _ in range(repeats))
+
+    def sample() -> None:
+        for _ in range(CALLS_PER_SAMPLE):
+            fn()
+
+    samples = [call_seconds(sample, device) for _ in range(repeats)]
+    return statistics.median(samples) / CALLS_PER_SAMPLE
 
 
 def gbps(x: torch.Tensor, seconds: float) -> float:
@@ -125,7 +137,8 @@ def header(device: str) -> list[str]:
         "# permute_tokens bandwidth",
         "",
         f"Card: **{card}**; torch {torch.__version__}, triton {triton.__version__}. GB/s = (bytes "
-        "read + bytes written) / median time; % of the copy measured in the same run.",
+        "read + bytes written) / median time per call, calls timed 10 back to back; % of the "
+        "copy measured in the same run.",
         "",
         "| size (B x L x C) | dtype | order | copy GB/s | triton GB/s | % copy | op GB/s "
         "| index_select GB/s | % copy |",

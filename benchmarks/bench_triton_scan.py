@@ -6,8 +6,9 @@
 2. Speed, forward and forward+backward, at each --lengths: the Triton scan, the chunked PyTorch
    scan (``use_backend(selective_scan="torch")``) and flash attention (SDPA, bf16, heads of 64
    over the same width), medians over repeats timed with CUDA events.
-3. Launch shapes: forward and backward kernel times at --sweep-length for each channel block
-   (channels per program) and chunk size, against the defaults, to guide them.
+3. Launch shapes: forward and backward kernel times at --sweep-length for several channel
+   blocks (channels per program) and numbers of steps stored together, against the defaults,
+   to guide them.
 
 Writes a Markdown report to --out, row by row (a run cut short keeps what it measured), and
 prints it. Usage on a CUDA machine::
@@ -35,7 +36,6 @@ from zigzag_mamba.bench.report import LiveReport
 from zigzag_mamba.bench.timing import call_seconds
 from zigzag_mamba.ops.selective_scan import selective_scan_reference
 from zigzag_mamba.ops.triton.selective_scan import (
-    DEFAULT_CHUNK,
     selective_scan_triton,
     selective_scan_triton_bwd,
     selective_scan_triton_fwd,
@@ -193,32 +193,33 @@ def speed(args: argparse.Namespace) -> Iterator[str]:
         yield "\nThe chunked PyTorch scan (zigzag_mamba.ops.selective_scan) is missing."
 
 
+# (channels per program, steps stored together) of each kernel; None: the launcher's default.
+FWD_SHAPES = [(None, None), (2, 16), (8, 16), (4, 8), (8, 8), (4, 4)]
+BWD_SHAPES = [(None, None), (1, 16), (2, 16), (4, 8), (2, 4), (4, 4)]
+
+
 def launch_shapes(args: argparse.Namespace) -> Iterator[str]:
-    """Forward and backward kernel times per (channels per program, chunk size)."""
+    """Forward and backward kernel times per (channels per program, steps stored together)."""
     inputs = mamba_inputs(
         args.batch, args.width, args.state, args.sweep_length, torch.bfloat16, args.device
     )
-    u, delta, A, B, C, D, z, bias = (inputs[k] for k in NAMES)
-    grad = torch.randn_like(u)
+    scan_args = [inputs[k] for k in NAMES]
+    grad = torch.randn_like(inputs["u"])
+    ckpt = selective_scan_triton_fwd(*scan_args, True)[2]
     time_it = lambda fn: median_ms(fn, args.device, args.repeats, args.budget)
-    yield "| channels per program | chunk | fwd ms | bwd ms | fwd+bwd ms |"
-    yield "|---:|---:|---:|---:|---:|"
-    # Channel blocks at the default chunk, then chunks at the default channel block (None: the
-    # launcher's heuristic).
-    shapes = [(block_d, DEFAULT_CHUNK) for block_d in (None, 2, 4, 8, 16)]
-    shapes += [(None, chunk) for chunk in (DEFAULT_CHUNK // 2, DEFAULT_CHUNK * 2)]
-    for block_d, chunk in shapes:
-        args_in = (u, delta, A, B, C, D, z, bias)
-        fwd = functools.partial(
-            selective_scan_triton_fwd, *args_in, True, chunk_size=chunk, block_d=block_d
-        )
-        ckpt = fwd()[2]
-        bwd = functools.partial(
-            selective_scan_triton_bwd, grad, None, *args_in, ckpt, True, block_d=block_d
-        )
-        t_fwd, t_bwd = time_it(fwd), time_it(bwd)
-        shape = "auto" if block_d is None else block_d
-        yield f"| {shape} | {chunk} | {t_fwd:.3f} | {t_bwd:.3f} | {t_fwd + t_bwd:.3f} |"
+    yield "| kernel | channels per program | steps stored together | ms |"
+    yield "|---|---:|---:|---:|"
+    for kernel, shapes in (("fwd", FWD_SHAPES), ("bwd", BWD_SHAPES)):
+        for block_d, steps in shapes:
+            overrides = {"block_d": block_d} | ({} if steps is None else {"steps": steps})
+            if kernel == "fwd":
+                fn = functools.partial(selective_scan_triton_fwd, *scan_args, True, **overrides)
+            else:
+                fn = functools.partial(
+                    selective_scan_triton_bwd, grad, None, *scan_args, ckpt, True, **overrides
+                )
+            shown = ("default", "default") if block_d is None else (block_d, steps)
+            yield f"| {kernel} | {shown[0]} | {shown[1]} | {time_it(fn):.3f} |"
 
 
 def main() -> None:

@@ -216,19 +216,22 @@ def test_backward_entry_point_without_optional_inputs() -> None:
     assert [g.shape for g in grads[:5]] == [u.shape, delta.shape, A.shape, B.shape, C.shape]
 
 
-def test_channel_block_override_gives_the_same_results() -> None:
-    inputs, _ = _select(make_inputs(length=11, seed=9), FEATURES["all"])
+@pytest.mark.parametrize(("block_d", "steps"), [(2, 4), (None, 1), (4, 2)])
+def test_launch_overrides_give_the_same_results(block_d: int | None, steps: int) -> None:
+    # make_inputs' N = 4 caps the default steps per store at 4; chunk 8 over L = 21 leaves a
+    # partial chunk and partial groups of steps.
+    inputs, _ = _select(make_inputs(length=21, seed=9), FEATURES["all"])
     args = [inputs[k].detach() for k in NAMES]
+    grad = torch.randn_like(args[0])
     runs = []
-    for block_d in (None, 2):
-        fwd = selective_scan_triton_fwd(*args, True, chunk_size=4, block_d=block_d)
-        grad = torch.ones_like(fwd[0])
-        bwd = selective_scan_triton_bwd(grad, None, *args, fwd[2], True, block_d=block_d)
+    for overrides in ({}, {"block_d": block_d, "steps": steps}):
+        fwd = selective_scan_triton_fwd(*args, True, chunk_size=8, **overrides)
+        bwd = selective_scan_triton_bwd(grad, None, *args, fwd[2], True, **overrides)
         runs.append((*fwd, *bwd))
-    for default, small in zip(*runs, strict=True):
+    for default, other in zip(*runs, strict=True):
         # Channels never interact in the forward; dB, dC and dA sum over channels or batch in
         # another order when the blocks change.
-        torch.testing.assert_close(small, default, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(other, default, rtol=1e-6, atol=1e-6)
 
 
 def test_rejects_bad_arguments() -> None:

@@ -33,15 +33,13 @@ from zigzag_mamba.ops.triton import new_empty, next_power_of_2
 # Steps per checkpoint: the backward replays at most this many steps per chunk and keeps their
 # states in scratch; the checkpoints cost N * 4 bytes per channel per CHUNK steps.
 DEFAULT_CHUNK = 64
-# State elements per program: the (BLOCK_D, N) tile then fits one warp's registers with room for
-# the backward's temporaries.
-_TILE = 256
-# Steps unrolled per loop iteration: the steps' loads and exps do not depend on the state, so
-# unrolling lets them overlap while only the multiply-add chain of the state stays serial. The
-# backward unrolls less: its step already needs most of a thread's 255 registers.
-_UNROLL_FWD = 4
-_UNROLL_BWD = 2
-
+# State elements per program, and steps whose results are stored together (at most N, so the
+# (BLOCK_D, STEPS) output tiles share the state tile's register layout). The backward keeps more
+# per step in flight, so it takes smaller tiles and fewer steps: at N = 16, (4 x 16, 16 steps)
+# in the forward uses 128 registers per thread, (2 x 16, 8 steps) in the backward 148; larger
+# ones spill (sm_90, Triton 3.6).
+_TILE_FWD, _STEPS_FWD = 64, 16
+_TILE_BWD, _STEPS_BWD = 32, 8
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); the last three are None without D, z, delta_bias.
 Grads = tuple[torch.Tensor | None, ...]
@@ -88,7 +86,7 @@ def _scan_fwd_kernel(
     out_ptr, last_ptr, ckpt_ptr,
     L, channels, channels_per_group, blocks_per_group, n_state, n_chunks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, UNROLL: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, STEPS: tl.constexpr,
 ):  # fmt: skip
     batch, group, d, d_mask, n, n_mask = _program_tile(
         channels, channels_per_group, blocks_per_group, n_state, BLOCK_D, BLOCK_N
@@ -101,20 +99,34 @@ def _scan_fwd_kernel(
     rows = (batch * channels + d) * L  # (BLOCK_D,) offsets of row t = 0 in u, delta, z, out
     bc_row = ((batch * (channels // channels_per_group) + group) * n_state + n) * L
     ckpt = ckpt_ptr + ((batch * channels + d[:, None]) * n_chunks) * n_state + n[None, :]
+    steps = tl.arange(0, STEPS)
     x = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     for c in range(n_chunks):
         tl.store(ckpt + c * n_state, x, mask=tile_mask)
-        for t in tl.range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, L), loop_unroll_factor=UNROLL):
-            dt, _ = _delta_at(delta_ptr + rows + t, d_mask, bias, HAS_BIAS, SOFTPLUS)
-            u = tl.load(u_ptr + rows + t, mask=d_mask, other=0.0).to(tl.float32)
-            b_t = tl.load(B_ptr + bc_row + t, mask=n_mask, other=0.0).to(tl.float32)
-            c_t = tl.load(C_ptr + bc_row + t, mask=n_mask, other=0.0).to(tl.float32)
-            x = tl.exp(dt[:, None] * A) * x + (dt * u)[:, None] * b_t[None, :]
-            y = tl.sum(x * c_t[None, :], axis=1) + skip * u
-            if HAS_Z:
-                g = tl.load(z_ptr + rows + t, mask=d_mask, other=0.0).to(tl.float32)
-                y *= g * tl.sigmoid(g)
-            tl.store(out_ptr + rows + t, y.to(out_ptr.dtype.element_ty), mask=d_mask)
+        for t0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, L), STEPS):
+            # The outputs of STEPS steps are stored together after them: a store between two
+            # steps would keep the next step's loads (which might alias it) from being issued
+            # early, and each step would wait out a full load latency.
+            ys = tl.zeros((BLOCK_D, STEPS), dtype=tl.float32)
+            for j in tl.static_range(STEPS):
+                t = t0 + j
+                # Past the end, dt = u = B = 0 leave the state as it is. (tl.where: `mask & scalar`
+                # loses the boolean dtype in the interpreter.)
+                live_d = tl.where(t < L, d_mask, False)
+                live_n = tl.where(t < L, n_mask, False)
+                dt, _ = _delta_at(delta_ptr + rows + t, live_d, bias, HAS_BIAS, SOFTPLUS)
+                u = tl.load(u_ptr + rows + t, mask=live_d, other=0.0).to(tl.float32)
+                b_t = tl.load(B_ptr + bc_row + t, mask=live_n, other=0.0).to(tl.float32)
+                c_t = tl.load(C_ptr + bc_row + t, mask=live_n, other=0.0).to(tl.float32)
+                x = tl.exp(dt[:, None] * A) * x + (dt * u)[:, None] * b_t[None, :]
+                y = tl.sum(x * c_t[None, :], axis=1) + skip * u
+                if HAS_Z:
+                    g = tl.load(z_ptr + rows + t, mask=live_d, other=0.0).to(tl.float32)
+                    y *= g * tl.sigmoid(g)
+                ys = tl.where(steps[None, :] == j, y[:, None], ys)
+            ts = t0 + steps
+            out = out_ptr + rows[:, None] + ts[None, :]
+            tl.store(out, ys.to(out_ptr.dtype.element_ty), mask=d_mask[:, None] & (ts < L)[None, :])
     last = last_ptr + (batch * channels + d[:, None]) * n_state + n[None, :]
     tl.store(last, x, mask=tile_mask)
 
@@ -127,7 +139,7 @@ def _scan_bwd_kernel(
     L, channels, channels_per_group, blocks_per_group, n_state, n_chunks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_GLAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    UNROLL: tl.constexpr,
+    STEPS: tl.constexpr,
 ):  # fmt: skip
     batch, group, d, d_mask, n, n_mask = _program_tile(
         channels, channels_per_group, blocks_per_group, n_state, BLOCK_D, BLOCK_N
@@ -154,54 +166,87 @@ def _scan_bwd_kernel(
     dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    steps = tl.arange(0, STEPS)
     for k in range(n_chunks):
         start = (n_chunks - 1 - k) * CHUNK
         stop = tl.minimum(start + CHUNK, L)
-        # Replay: slot s holds the state entering step start + s.
+        # Replay: slot s holds the state entering step start + s. Each step's inputs are loaded
+        # one step ahead, before the slot store that would otherwise hold their loads back.
         x = tl.load(ckpt + (start // CHUNK) * n_state, mask=tile_mask, other=0.0)
-        for t in tl.range(start, stop, loop_unroll_factor=UNROLL):
+        next_dt, _ = _delta_at(delta_ptr + rows + start, d_mask, bias, HAS_BIAS, SOFTPLUS)
+        next_u = tl.load(u_ptr + rows + start, mask=d_mask, other=0.0).to(tl.float32)
+        next_b = tl.load(B_ptr + bc_row + start, mask=n_mask, other=0.0).to(tl.float32)
+        for t in range(start, stop):
+            dt, u, b_t = next_dt, next_u, next_b
+            more = tl.where(t + 1 < stop, d_mask, False)
+            next_dt, _ = _delta_at(delta_ptr + rows + t + 1, more, bias, HAS_BIAS, SOFTPLUS)
+            next_u = tl.load(u_ptr + rows + t + 1, mask=more, other=0.0).to(tl.float32)
+            next_b = tl.load(B_ptr + bc_row + t + 1, mask=tl.where(t + 1 < stop, n_mask, False))
+            next_b = next_b.to(tl.float32)
             tl.store(slots + (t - start) * (BLOCK_D * BLOCK_N), x)
-            dt, _ = _delta_at(delta_ptr + rows + t, d_mask, bias, HAS_BIAS, SOFTPLUS)
-            u = tl.load(u_ptr + rows + t, mask=d_mask, other=0.0).to(tl.float32)
-            b_t = tl.load(B_ptr + bc_row + t, mask=n_mask, other=0.0).to(tl.float32)
             x = tl.exp(dt[:, None] * A) * x + (dt * u)[:, None] * b_t[None, :]
         # The reverse walk may read slots written by other threads of the program.
         tl.debug_barrier()
-        for r in tl.range(stop - start, loop_unroll_factor=UNROLL):
-            t = stop - 1 - r
-            x_prev = tl.load(slots + (t - start) * (BLOCK_D * BLOCK_N))
-            dt, raw = _delta_at(delta_ptr + rows + t, d_mask, bias, HAS_BIAS, SOFTPLUS)
-            u = tl.load(u_ptr + rows + t, mask=d_mask, other=0.0).to(tl.float32)
-            b_t = tl.load(B_ptr + bc_row + t, mask=n_mask, other=0.0).to(tl.float32)
-            c_t = tl.load(C_ptr + bc_row + t, mask=n_mask, other=0.0).to(tl.float32)
-            g = tl.load(gout_ptr + rows + t, mask=d_mask, other=0.0).to(tl.float32)
-            decay = tl.exp(dt[:, None] * A)
-            x = decay * x_prev + (dt * u)[:, None] * b_t[None, :]
+        # The reverse walk, STEPS steps at a time (the latest first); as in the forward, their
+        # results are stored together after them. Steps before `start` (the chunk's first group
+        # may be partial) load zeros, which leave adj and every sum unchanged.
+        for r0 in range(0, stop - start, STEPS):
+            top = stop - 1 - r0
+            du_s = tl.zeros((BLOCK_D, STEPS), dtype=tl.float32)
+            ddt_s = tl.zeros((BLOCK_D, STEPS), dtype=tl.float32)
+            dz_s = tl.zeros((BLOCK_D, STEPS), dtype=tl.float32)
+            db_s = tl.zeros((STEPS, BLOCK_N), dtype=tl.float32)
+            dc_s = tl.zeros((STEPS, BLOCK_N), dtype=tl.float32)
+            for j in tl.static_range(STEPS):
+                t = top - j
+                live_d = tl.where(t >= start, d_mask, False)
+                live_n = tl.where(t >= start, n_mask, False)
+                live = live_d[:, None] & live_n[None, :]
+                x_prev = tl.load(slots + (t - start) * (BLOCK_D * BLOCK_N), mask=live, other=0.0)
+                dt, raw = _delta_at(delta_ptr + rows + t, live_d, bias, HAS_BIAS, SOFTPLUS)
+                u = tl.load(u_ptr + rows + t, mask=live_d, other=0.0).to(tl.float32)
+                b_t = tl.load(B_ptr + bc_row + t, mask=live_n, other=0.0).to(tl.float32)
+                c_t = tl.load(C_ptr + bc_row + t, mask=live_n, other=0.0).to(tl.float32)
+                g = tl.load(gout_ptr + rows + t, mask=live_d, other=0.0).to(tl.float32)
+                decay = tl.exp(dt[:, None] * A)
+                x = decay * x_prev + (dt * u)[:, None] * b_t[None, :]
+                if HAS_Z:
+                    zt = tl.load(z_ptr + rows + t, mask=live_d, other=0.0).to(tl.float32)
+                    gate = tl.sigmoid(zt)
+                    y = tl.sum(x * c_t[None, :], axis=1) + skip * u
+                    dz = g * y * gate * (1.0 + zt * (1.0 - gate))
+                    dz_s = tl.where(steps[None, :] == j, dz[:, None], dz_s)
+                    g *= zt * gate
+                # h = dL/dx_t: through y_t now, and through x_{t+1} (adj) later.
+                h = adj + g[:, None] * c_t[None, :]
+                h_b = tl.sum(h * b_t[None, :], axis=1)
+                adj = h * decay
+                # d/d(dt) of exp(dt A) x_prev + dt u B  is  A exp(dt A) x_prev + u B.
+                ddt = tl.sum(adj * x_prev * A, axis=1) + u * h_b
+                dA += dt[:, None] * adj * x_prev
+                if SOFTPLUS:
+                    ddt *= tl.sigmoid(raw)
+                dD += g * u
+                dbias += ddt
+                du = dt * h_b + skip * g
+                du_s = tl.where(steps[None, :] == j, du[:, None], du_s)
+                ddt_s = tl.where(steps[None, :] == j, ddt[:, None], ddt_s)
+                db = tl.sum(h * (dt * u)[:, None], axis=0)
+                dc = tl.sum(x * g[:, None], axis=0)
+                db_s = tl.where(steps[:, None] == j, db[None, :], db_s)
+                dc_s = tl.where(steps[:, None] == j, dc[None, :], dc_s)
+            ts = top - steps
+            keep = ts >= start
+            per_d = rows[:, None] + ts[None, :]
+            d_keep = d_mask[:, None] & keep[None, :]
+            tl.store(du_ptr + per_d, du_s.to(du_ptr.dtype.element_ty), mask=d_keep)
+            tl.store(ddelta_ptr + per_d, ddt_s.to(ddelta_ptr.dtype.element_ty), mask=d_keep)
             if HAS_Z:
-                zt = tl.load(z_ptr + rows + t, mask=d_mask, other=0.0).to(tl.float32)
-                gate = tl.sigmoid(zt)
-                y = tl.sum(x * c_t[None, :], axis=1) + skip * u
-                dz = g * y * gate * (1.0 + zt * (1.0 - gate))
-                tl.store(dz_ptr + rows + t, dz.to(dz_ptr.dtype.element_ty), mask=d_mask)
-                g *= zt * gate
-            # h = dL/dx_t: through y_t now, and through x_{t+1} (adj) later.
-            h = adj + g[:, None] * c_t[None, :]
-            h_b = tl.sum(h * b_t[None, :], axis=1)
-            adj = h * decay
-            # d/d(dt) of exp(dt A) x_prev + dt u B  is  A exp(dt A) x_prev + u B.
-            ddt = tl.sum(adj * x_prev * A, axis=1) + u * h_b
-            dA += dt[:, None] * adj * x_prev
-            if SOFTPLUS:
-                ddt *= tl.sigmoid(raw)
-            dD += g * u
-            dbias += ddt
-            du = dt * h_b + skip * g
-            tl.store(du_ptr + rows + t, du.to(du_ptr.dtype.element_ty), mask=d_mask)
-            tl.store(ddelta_ptr + rows + t, ddt.to(ddelta_ptr.dtype.element_ty), mask=d_mask)
-            db = tl.sum(h * (dt * u)[:, None], axis=0)
-            dc = tl.sum(x * g[:, None], axis=0)
-            tl.store(dB_ptr + part + t * n_state, db, mask=n_mask)
-            tl.store(dC_ptr + part + t * n_state, dc, mask=n_mask)
+                tl.store(dz_ptr + per_d, dz_s.to(dz_ptr.dtype.element_ty), mask=d_keep)
+            per_n = part[None, :] + ts[:, None] * n_state
+            n_keep = keep[:, None] & n_mask[None, :]
+            tl.store(dB_ptr + per_n, db_s, mask=n_keep)
+            tl.store(dC_ptr + per_n, dc_s, mask=n_keep)
         # The next chunk's replay overwrites slots that other threads may still be reading.
         tl.debug_barrier()
     tl.store(dA_ptr + state, dA, mask=tile_mask)
@@ -217,7 +262,12 @@ def _grouped(bc: torch.Tensor) -> torch.Tensor:
 
 
 def _launch_shape(
-    sequences: int, channels_per_group: int, n_state: int, device: torch.device, block_d: int | None
+    sequences: int,
+    channels_per_group: int,
+    n_state: int,
+    device: torch.device,
+    block_d: int | None,
+    tile: int,
 ) -> tuple[int, int, int]:
     """(BLOCK_D, BLOCK_N, blocks_per_group): whole states per program, enough programs per SM.
 
@@ -228,7 +278,7 @@ def _launch_shape(
     block_n = next_power_of_2(n_state)
     if block_d is not None:
         return block_d, block_n, triton.cdiv(channels_per_group, block_d)
-    block_d = min(max(1, _TILE // block_n), next_power_of_2(channels_per_group))
+    block_d = min(max(1, tile // block_n), next_power_of_2(channels_per_group))
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         while block_d > 4 and sequences * triton.cdiv(channels_per_group, block_d) < 2 * sms:
@@ -255,6 +305,12 @@ def _check(*tensors: torch.Tensor | None) -> None:
             raise TypeError(f"the Triton scan takes fp32, fp16 or bf16 tensors, not {t.dtype}")
 
 
+def _check_powers_of_two(**sizes: int) -> None:
+    for name, value in sizes.items():
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two, got {value}")
+
+
 def selective_scan_triton_fwd(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -268,18 +324,18 @@ def selective_scan_triton_fwd(
     *,
     chunk_size: int = DEFAULT_CHUNK,
     block_d: int | None = None,
+    steps: int = _STEPS_FWD,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the scan; return ``(out, last_state, checkpoints)``.
 
     ``out`` (B, D, L) has u's dtype; ``last_state`` (B, D, N) and ``checkpoints``
     (B, D, ceil(L / chunk_size), N), the state entering each chunk, are fp32. ``chunk_size``
-    (a power of two) trades checkpoint memory against the backward's scratch; ``block_d``
-    (channels per program, a power of two) overrides the launch heuristic, for benchmarking.
+    (a power of two) trades checkpoint memory against the backward's scratch. ``block_d``
+    (channels per program) and ``steps`` (steps whose outputs are stored together, capped at N
+    and the chunk), both powers of two, override the launch defaults, for benchmarking.
     """
     _check(u, delta, A, B, C, D, z, delta_bias)
-    for name, value in (("chunk_size", chunk_size), ("block_d", block_d or 1)):
-        if value < 1 or value & (value - 1):
-            raise ValueError(f"{name} must be a power of two, got {value}")
+    _check_powers_of_two(chunk_size=chunk_size, block_d=block_d or 1, steps=steps)
     batch, channels, length = u.shape
     n_state = A.shape[1]
     Bg, Cg = _grouped(B), _grouped(C)
@@ -289,7 +345,7 @@ def selective_scan_triton_fwd(
     last = new_empty((batch, channels, n_state), torch.float32, u.device)
     ckpt = new_empty((batch, channels, n_chunks, n_state), torch.float32, u.device)
     block_d, block_n, blocks = _launch_shape(
-        batch * Bg.shape[1], per_group, n_state, u.device, block_d
+        batch * Bg.shape[1], per_group, n_state, u.device, block_d, _TILE_FWD
     )
     u_ = u.contiguous()
     _scan_fwd_kernel[(batch * Bg.shape[1] * blocks,)](
@@ -300,7 +356,7 @@ def selective_scan_triton_fwd(
         out, last, ckpt,
         length, channels, per_group, blocks, n_state, n_chunks,
         SOFTPLUS=delta_softplus, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk_size,
-        UNROLL=_UNROLL_FWD, num_warps=1, **_flags(D, z, delta_bias),
+        STEPS=min(steps, block_n, chunk_size), num_warps=1, **_flags(D, z, delta_bias),
     )  # fmt: skip
     return out, last, ckpt
 
@@ -320,15 +376,17 @@ def selective_scan_triton_bwd(
     delta_softplus: bool,
     *,
     block_d: int | None = None,
+    steps: int = _STEPS_BWD,
 ) -> Grads:
     """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)``, each in its input's dtype.
 
     Takes the forward's inputs and its ``checkpoints`` (the chunk size is recovered from their
     count); ``grad_out`` or ``grad_last_state`` may be None (no gradient flows from it). The
-    gradients of absent optional inputs (D, z, delta_bias) are None. ``block_d`` overrides the
-    launch heuristic (it need not match the forward's).
+    gradients of absent optional inputs (D, z, delta_bias) are None. ``block_d`` and ``steps``
+    override the launch defaults as in the forward (they need not match the forward's).
     """
     _check(u, delta, A, B, C, D, z, delta_bias)
+    _check_powers_of_two(block_d=block_d or 1, steps=steps)
     batch, channels, length = u.shape
     n_state = A.shape[1]
     Bg, Cg = _grouped(B), _grouped(C)
@@ -339,7 +397,7 @@ def selective_scan_triton_bwd(
     # chunk, to anything >= L: the smallest such power of two also keeps the scratch smallest).
     chunk = next_power_of_2(triton.cdiv(length, n_chunks))
     block_d, block_n, blocks = _launch_shape(
-        batch * Bg.shape[1], per_group, n_state, u.device, block_d
+        batch * Bg.shape[1], per_group, n_state, u.device, block_d, _TILE_BWD
     )
     programs = batch * groups * blocks
     device = u.device
@@ -366,8 +424,8 @@ def selective_scan_triton_bwd(
         du, ddelta, du if dz is None else dz, dA, dD, dbias, dB, dC,
         length, channels, per_group, blocks, n_state, n_chunks,
         SOFTPLUS=delta_softplus, HAS_GLAST=grad_last_state is not None,
-        BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, UNROLL=_UNROLL_BWD, num_warps=1,
-        **_flags(D, z, delta_bias),
+        BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, STEPS=min(steps, block_n, chunk),
+        num_warps=1, **_flags(D, z, delta_bias),
     )  # fmt: skip
     return (
         du,

@@ -8,7 +8,8 @@ sums are fp32, and results are stored in their tensor's dtype (the output in u's
 
 Work split: one program owns ``BLOCK_D`` channels of one batch element (and one group of B/C,
 so ungrouped B/C are the case G = 1) and keeps their whole state as a (BLOCK_D, N) tile in
-registers while it walks the sequence one step at a time. The sequence is cut into chunks of
+registers while it walks the sequence one step at a time, storing the results of every
+``STEPS`` steps together. The sequence is cut into chunks of
 ``CHUNK`` steps; the forward stores the state entering every chunk (the *checkpoints*,
 (B, D, n_chunks, N) fp32), so the backward never needs all L states: it walks the chunks last to
 first, replays the chunk forward from its checkpoint into a per-program scratch buffer

@@ -120,9 +120,10 @@ run_section bench_blocks "Blocks, backbones and ops against attention" 240
 rm -f "$OUT/sections.md"
 cat "$OUT/summary.md"
 # Everything but the summary in one archive: few files are easier to carry off a lent machine.
+# (Only the top-level summary stays out: the block sweep writes a summary.md of its own.)
 archive="$(mktemp -d)/gpu_check_results.tar.gz"
-tar czf "$archive" -C "$OUT" --exclude summary.md .
-find "$OUT" -mindepth 1 -not -name summary.md -delete
+tar czf "$archive" -C "$OUT" --exclude=./summary.md .
+find "$OUT" -mindepth 1 -maxdepth 1 -not -name summary.md -exec rm -rf {} +
 mv "$archive" "$OUT/"
 
 if ((${#FAILED[@]})); then

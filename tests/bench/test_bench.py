@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -220,6 +221,10 @@ def test_gpu_check_always_writes_its_summary(tmp_path):
     # and leave the summary and the archive, as it would after a section timed out.
     env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_SECONDS": "120"}
     env["PYTHON"] = sys.executable
+    # A section's own summary.md, as the block sweep writes, must go into the archive.
+    nested = tmp_path / "bench_blocks" / "gpu-quick" / "summary.md"
+    nested.parent.mkdir(parents=True)
+    nested.write_text("sweep summary")
     done = subprocess.run(
         ["bash", str(BENCHMARKS / "gpu_check.sh")], capture_output=True, text=True, env=env
     )
@@ -228,6 +233,8 @@ def test_gpu_check_always_writes_its_summary(tmp_path):
         "gpu_check_results.tar.gz",
         "summary.md",
     ]
+    with tarfile.open(tmp_path / "gpu_check_results.tar.gz") as archive:
+        assert "./bench_blocks/gpu-quick/summary.md" in archive.getnames()
     summary = (tmp_path / "summary.md").read_text()
     for title in ("Triton kernel tests on CUDA", "permute_tokens bandwidth", "Blocks, backbones"):
         assert f"| {title}" in summary

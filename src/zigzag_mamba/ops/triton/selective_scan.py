@@ -35,8 +35,9 @@ from zigzag_mamba.ops.triton import new_empty, next_power_of_2
 # states in scratch; the checkpoints cost N * 4 bytes per channel per CHUNK steps.
 DEFAULT_CHUNK = 64
 # State elements per program, and steps whose results are stored together. Measured on an H100
-# at B=2, D=1536, N=16, L=4096 (bf16): 4 channels x 4 steps ran fastest for both kernels, 15%
-# (forward) and 17% (backward) ahead of 4 x 16 and 2 x 8; 8 x 16 channels spill in the backward.
+# at B=2, D=1536, N=16, L=4096 (bf16), in two sweeps: 4 channels x 4 steps ran fastest for both
+# kernels, 15% (forward) and 17% (backward) ahead of 4 x 16 and 2 x 8 (one shape timed twice
+# varied by 8%); 8 channels x 16 steps spill registers in the backward.
 _TILE_FWD, _STEPS_FWD = 64, 4
 _TILE_BWD, _STEPS_BWD = 64, 4
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import torch
 import triton
 
 from zigzag_mamba.bench.report import LiveReport
-from zigzag_mamba.bench.timing import call_seconds
+from zigzag_mamba.bench.timing import median_call_seconds
 from zigzag_mamba.ops.backends import resolve
 from zigzag_mamba.ops.permute import inverse_order, permute_tokens
 from zigzag_mamba.ops.triton.permute import default_block_l, gather_tokens
@@ -66,23 +65,15 @@ def scan_order(length: int, device: str) -> tuple[torch.Tensor, str]:
     return torch.randperm(length, generator=torch.Generator().manual_seed(0)).to(device), "random"
 
 
-# Calls per timed sample: back to back, the host prepares the next launch while the device runs
-# the previous one (as in a model), so a sample measures the device's work, not launch latency.
+# Calls per timed sample: back to back, so that a sample measures the device's work, not the
+# launch latency.
 CALLS_PER_SAMPLE = 10
 
 
-def median_seconds(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> float:
-    """Median time per call over ``repeats`` samples of CALLS_PER_SAMPLE calls each, after
-    ``warmup`` calls (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-
-    def sample() -> None:
-        for _ in range(CALLS_PER_SAMPLE):
-            fn()
-
-    samples = [call_seconds(sample, device) for _ in range(repeats)]
-    return statistics.median(samples) / CALLS_PER_SAMPLE
+def seconds_per_call(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> float:
+    return median_call_seconds(
+        fn, device, repeats=repeats, warmup=warmup, calls_per_sample=CALLS_PER_SAMPLE
+    )
 
 
 def gbps(x: torch.Tensor, seconds: float) -> float:
@@ -114,7 +105,7 @@ def measure(shape, dtype_name: str, device: str, args) -> dict[str, object]:
         contenders["op"] = lambda: permute_tokens(x, order, inverse)
         row["op backend"] = resolve("permute_tokens", "cuda")
     for name, fn in contenders.items():
-        row[name] = gbps(x, median_seconds(fn, device, args.warmup, args.repeats))
+        row[name] = gbps(x, seconds_per_call(fn, device, args.warmup, args.repeats))
     return row
 
 
@@ -127,7 +118,7 @@ def sweep(shape, dtype_name: str, device: str, args) -> list[tuple[int, int, flo
     for block_l, warps in SWEEP:
         fn = lambda: gather_tokens(x, order, block_l=block_l, num_warps=warps)  # noqa: B023
         check(fn(), expected, f"triton block_l={block_l} warps={warps}")
-        results.append((block_l, warps, gbps(x, median_seconds(fn, device, 2, args.repeats))))
+        results.append((block_l, warps, gbps(x, seconds_per_call(fn, device, 2, args.repeats))))
     return results
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import functools
 import platform
-import statistics
 import time
 from collections.abc import Callable
 
@@ -37,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import zigzag_mamba
-from zigzag_mamba.bench.timing import call_seconds, paired_ratio, time_interleaved
+from zigzag_mamba.bench.timing import median_call_seconds, paired_ratio, time_interleaved
 from zigzag_mamba.ops import selective_scan, selective_scan_reference
 
 
@@ -128,12 +127,6 @@ def fwd_bwd(fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor]) ->
     fn(**leaves, delta_softplus=True).backward(inputs["grad_out"])
 
 
-def median_time(call: Callable[[], None], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        call()
-    return statistics.median(call_seconds(call, "cpu") for _ in range(repeats))
-
-
 def with_backend(name: str) -> Callable[..., torch.Tensor]:
     def run(**kw):
         with zigzag_mamba.use_backend(selective_scan=name):
@@ -189,7 +182,9 @@ def main() -> None:
         rows.append(f"| fused vs torch | {length} | {t_fused:.3f} | {t_torch:.3f} | "
                     f"{ratio:.1f}x ({low:.1f}-{high:.1f}) |")  # fmt: skip
     inputs = make_inputs(channels, pscan_length)
-    times["pscan", pscan_length] = median_time(lambda: fwd_bwd(pscan_selective_scan, inputs), 3)
+    times["pscan", pscan_length] = median_call_seconds(
+        lambda: fwd_bwd(pscan_selective_scan, inputs), "cpu", repeats=3
+    )
     t_torch, t_pscan = times["torch", pscan_length], times["pscan", pscan_length]
     rows.append(f"| torch vs pscan | {pscan_length} | {t_torch:.3f} | {t_pscan:.3f} | "
                 f"{t_pscan / t_torch:.1f}x |")  # fmt: skip
@@ -198,7 +193,9 @@ def main() -> None:
         ("reference", selective_scan_reference),
         ("materialised loop", materialised_loop),
     ):
-        t_loop = median_time(lambda loop=loop: fwd_bwd(loop, inputs), 1, warmup=0)
+        t_loop = median_call_seconds(
+            lambda loop=loop: fwd_bwd(loop, inputs), "cpu", repeats=1, warmup=0
+        )
         for name in contenders:
             t = times[name, ref_length]
             rows.append(f"| {name} vs {loop_name} | {ref_length} | {t:.3f} | {t_loop:.3f} | "

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import statistics
-import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -33,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from zigzag_mamba.bench.report import LiveReport
-from zigzag_mamba.bench.timing import call_seconds
+from zigzag_mamba.bench.timing import median_call_seconds
 from zigzag_mamba.ops.selective_scan import selective_scan_reference
 from zigzag_mamba.ops.triton.selective_scan import (
     selective_scan_triton,
@@ -108,15 +106,12 @@ def correctness(args: argparse.Namespace) -> Iterator[str]:
         del exact, own, ours
 
 
-def median_ms(fn: Callable[[], object], device: str, repeats: int, budget_s: float) -> float:
-    """Median time of ``fn`` after two warm-up calls; stops early once ``budget_s`` is spent."""
-    for _ in range(2):
-        fn()
-    times: list[float] = []
-    spent = time.perf_counter()
-    while len(times) < repeats and (len(times) < 3 or time.perf_counter() - spent < budget_s):
-        times.append(1e3 * call_seconds(fn, device))
-    return statistics.median(times)
+def median_ms(fn: Callable[[], object], args: argparse.Namespace) -> float:
+    """Median time of ``fn`` after two warm-up calls, within ``args.budget`` seconds or so."""
+    seconds = median_call_seconds(
+        fn, args.device, repeats=args.repeats, warmup=2, budget_s=args.budget
+    )
+    return 1e3 * seconds
 
 
 def scan_step(fn: Callable, inputs: dict, backward: bool) -> Callable[[], object]:
@@ -179,7 +174,7 @@ def speed(args: argparse.Namespace) -> Iterator[str]:
             args.batch, args.width, args.state, length, torch.bfloat16, args.device
         )
         for backward in (False, True):
-            time_it = lambda step: median_ms(step, args.device, args.repeats, args.budget)
+            time_it = lambda step: median_ms(step, args)
             ours = time_it(scan_step(selective_scan_triton, inputs, backward))
             attn = time_it(attention_step(args.batch, args.width, length, args.device, backward))
             ref = math.nan if baseline is None else time_it(scan_step(baseline, inputs, backward))
@@ -206,7 +201,7 @@ def launch_shapes(args: argparse.Namespace) -> Iterator[str]:
     scan_args = [inputs[k] for k in NAMES]
     grad = torch.randn_like(inputs["u"])
     ckpt = selective_scan_triton_fwd(*scan_args, True)[2]
-    time_it = lambda fn: median_ms(fn, args.device, args.repeats, args.budget)
+    time_it = lambda fn: median_ms(fn, args)
     yield "| kernel | channels per program | steps stored together | ms |"
     yield "|---|---:|---:|---:|"
     for kernel, shapes in (("fwd", FWD_SHAPES), ("bwd", BWD_SHAPES)):

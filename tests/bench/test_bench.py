@@ -73,6 +73,21 @@ def test_call_seconds_times_one_call():
     assert 0.01 <= timing.call_seconds(lambda: time.sleep(0.01), CPU) < 1.0
 
 
+def test_median_call_seconds_counts_warmup_samples_and_calls_per_sample():
+    calls = []
+    seconds = timing.median_call_seconds(
+        lambda: calls.append(time.sleep(0.002)), CPU, repeats=4, warmup=2, calls_per_sample=3
+    )
+    assert len(calls) == 2 + 4 * 3
+    assert 0.002 <= seconds < 0.5  # per call, not per sample of 3
+
+
+def test_median_call_seconds_stops_at_its_budget_after_three_samples():
+    calls = []
+    timing.median_call_seconds(lambda: calls.append(0), CPU, repeats=100, warmup=0, budget_s=0.0)
+    assert len(calls) == 3
+
+
 def test_time_interleaved_takes_turns_in_a_rotated_order():
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}

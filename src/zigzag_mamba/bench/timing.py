@@ -92,6 +92,36 @@ def call_seconds(fn: Callable[[], object], device: torch.device | str) -> float:
     return time.perf_counter() - start_s
 
 
+def median_call_seconds(
+    fn: Callable[[], object],
+    device: torch.device | str,
+    *,
+    repeats: int,
+    warmup: int = 1,
+    calls_per_sample: int = 1,
+    budget_s: float = math.inf,
+) -> float:
+    """Median seconds per call of ``fn``: ``warmup`` calls, then up to ``repeats`` samples of
+    ``calls_per_sample`` back-to-back calls, each timed by :func:`call_seconds`; sampling stops
+    early once ``budget_s`` seconds are spent and 3 samples are in.
+
+    Back-to-back calls let the host prepare the next launch while the device runs the previous
+    one, as in a model, so that a short kernel's launch latency is not counted.
+    """
+    for _ in range(warmup):
+        fn()
+
+    def sample() -> None:
+        for _ in range(calls_per_sample):
+            fn()
+
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < repeats and (len(samples) < 3 or time.perf_counter() - start < budget_s):
+        samples.append(call_seconds(sample, device) / calls_per_sample)
+    return statistics.median(samples)
+
+
 def time_call(
     fn: Callable[[], object],
     device: torch.device,

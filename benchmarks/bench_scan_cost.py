@@ -1,11 +1,11 @@
-"""What the zigzag scan costs a ZigMa block: ``scan="zigzag8"`` against the same block with
-``scan=None`` (no permutation op at all, a plain Mamba block).
+"""What the zigzag scan costs a ZigMa block: ``pattern="zigzag8"`` against the same block with
+``pattern=None`` (no permutation op at all, a plain Mamba block).
 
 The two blocks share their weights, inputs and conditioning, and their calls alternate
 (:func:`zigzag_mamba.bench.timing.time_interleaved`), so that the few percent being measured are
 not drowned by the drift of a shared machine between two separate measurements. Reported per
 L and mode: each block's median time and the median (and quartiles) of the per-repeat ratios
-zigzag8 / scan=None. The zigzag block runs order 1 of zigzag8 (a column snake, the strided
+zigzag8 / pattern=None. The zigzag block runs order 1 of zigzag8 (a column snake, the strided
 gather) on an H x W grid with H a power of two.
 
 Targets (not asserted): <= 1.05x forward+backward at L = 4096, D = 384 on a CPU (float32);
@@ -49,9 +49,9 @@ def measure(args: argparse.Namespace, device: torch.device) -> Iterator[str]:
         f"{info['backends']['selective_scan'][device.type]}; "
         f"D = {args.dim}, batch "
         f"{args.batch}, {args.dtype}; {args.repeats} interleaved repeats per row. Ratio: median "
-        "(and quartiles) of the per-repeat ratios zigzag8 / scan=None.",
+        "(and quartiles) of the per-repeat ratios zigzag8 / pattern=None.",
         "",
-        "| L | mode | zigzag8 (ms) | scan=None (ms) | ratio | quartiles |",
+        "| L | mode | zigzag8 (ms) | pattern=None (ms) | ratio | quartiles |",
         "|---:|---|---:|---:|---:|---|",
     )
     for length in (int(v) for v in args.lengths.split(",")):
@@ -59,8 +59,8 @@ def measure(args: argparse.Namespace, device: torch.device) -> Iterator[str]:
         for mode in MODES:
             calls = {name: functools.partial(w.run, mode) for name, w in blocks.items()}
             timings = time_interleaved(calls, device, repeats=args.repeats, warmup=2)
-            ratio, low, high = paired_ratio(timings["zigzag8"], timings["scan=None"])
-            ours, plain = (1e3 * timings[name].median for name in ("zigzag8", "scan=None"))
+            ratio, low, high = paired_ratio(timings["zigzag8"], timings["pattern=None"])
+            ours, plain = (1e3 * timings[name].median for name in ("zigzag8", "pattern=None"))
             yield (
                 f"| {length} | {mode} | {ours:.2f} | {plain:.2f} | {ratio:.3f}x "
                 f"| {low:.3f}-{high:.3f} |"

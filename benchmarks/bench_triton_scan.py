@@ -30,14 +30,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from zigzag_mamba import use_backend
 from zigzag_mamba.bench.report import LiveReport
 from zigzag_mamba.bench.timing import median_call_seconds
-from zigzag_mamba.ops.selective_scan import selective_scan_reference
-from zigzag_mamba.ops.triton.selective_scan import (
-    selective_scan_triton,
-    selective_scan_triton_bwd,
-    selective_scan_triton_fwd,
+from zigzag_mamba.ops.selective_scan import (
+    CHUNK,
+    ScanInputs,
+    selective_scan,
+    selective_scan_reference,
 )
+from zigzag_mamba.ops.selective_scan import triton as kernels
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 PARAMS = ("A", "D", "delta_bias")
@@ -95,7 +97,7 @@ def correctness(args: argparse.Namespace) -> Iterator[str]:
             tuple(x.double() for x in grads),
         )
         own = run_with_grads(selective_scan_reference, inputs, grads)
-        ours = run_with_grads(selective_scan_triton, inputs, grads)
+        ours = run_with_grads(triton_scan, inputs, grads)
         for name, got, want, base in zip(
             ("out", "last_state", *NAMES), ours, exact, own, strict=True
         ):
@@ -150,23 +152,21 @@ def attention_step(
     return step
 
 
-def torch_scan() -> Callable | None:
-    """The dispatching op forced to its chunked PyTorch backend, or None if it is missing."""
-    try:
-        from zigzag_mamba import use_backend
-        from zigzag_mamba.ops.selective_scan import selective_scan
-    except ImportError:
-        return None
+def forced(backend: str) -> Callable[..., torch.Tensor]:
+    """The public op with ``backend`` forced (its backward runs the same backend)."""
 
     def run(**kwargs) -> torch.Tensor:
-        with use_backend(selective_scan="torch"):
+        with use_backend(selective_scan=backend):
             return selective_scan(**kwargs)
 
     return run
 
 
+triton_scan = forced("triton")
+
+
 def speed(args: argparse.Namespace) -> Iterator[str]:
-    baseline = torch_scan()
+    baseline = forced("torch")
     yield "| L | pass | Triton ms | PyTorch scan ms | SDPA flash ms | vs PyTorch scan | vs SDPA |"
     yield "|---" * 7 + "|"
     for length in args.lengths:
@@ -175,17 +175,15 @@ def speed(args: argparse.Namespace) -> Iterator[str]:
         )
         for backward in (False, True):
             time_it = lambda step: median_ms(step, args)
-            ours = time_it(scan_step(selective_scan_triton, inputs, backward))
+            ours = time_it(scan_step(triton_scan, inputs, backward))
             attn = time_it(attention_step(args.batch, args.width, length, args.device, backward))
-            ref = math.nan if baseline is None else time_it(scan_step(baseline, inputs, backward))
+            ref = time_it(scan_step(baseline, inputs, backward))
             yield (
                 f"| {length} | {'fwd+bwd' if backward else 'fwd'} | {ours:.3f} | {ref:.3f} | "
                 f"{attn:.3f} | {ref / ours:.1f}x | {attn / ours:.2f}x |"
             )
             if args.device == "cuda":
                 torch.cuda.empty_cache()
-    if baseline is None:
-        yield "\nThe chunked PyTorch scan (zigzag_mamba.ops.selective_scan) is missing."
 
 
 # (channels per program, steps stored together) of each kernel; None: the launcher's default.
@@ -198,9 +196,9 @@ def launch_shapes(args: argparse.Namespace) -> Iterator[str]:
     inputs = mamba_inputs(
         args.batch, args.width, args.state, args.sweep_length, torch.bfloat16, args.device
     )
-    scan_args = [inputs[k] for k in NAMES]
+    x = ScanInputs(*(inputs[k].detach() for k in NAMES), True)
     grad = torch.randn_like(inputs["u"])
-    ckpt = selective_scan_triton_fwd(*scan_args, True)[2]
+    ckpt = kernels.forward(x, CHUNK)[2]
     time_it = lambda fn: median_ms(fn, args)
     yield "| kernel | channels per program | steps stored together | ms |"
     yield "|---|---:|---:|---:|"
@@ -208,11 +206,9 @@ def launch_shapes(args: argparse.Namespace) -> Iterator[str]:
         for block_d, steps in shapes:
             overrides = {"block_d": block_d} | ({} if steps is None else {"steps": steps})
             if kernel == "fwd":
-                fn = functools.partial(selective_scan_triton_fwd, *scan_args, True, **overrides)
+                fn = functools.partial(kernels.forward, x, CHUNK, **overrides)
             else:
-                fn = functools.partial(
-                    selective_scan_triton_bwd, grad, None, *scan_args, ckpt, True, **overrides
-                )
+                fn = functools.partial(kernels.backward, x, ckpt, grad, None, CHUNK, **overrides)
             shown = ("default", "default") if block_d is None else (block_d, steps)
             yield f"| {kernel} | {shown[0]} | {shown[1]} | {time_it(fn):.3f} |"
 

@@ -82,17 +82,17 @@ section_bench_triton_scan() {
     "$PY" benchmarks/bench_triton_scan.py --out "$OUT/bench_triton_scan.md"
 }
 
-# --- the zigzag scan's cost: ZigMaBlock zigzag8 against scan=None, interleaved calls --------
+# --- the zigzag scan's cost: ZigMaBlock zigzag8 against pattern=None, interleaved calls --------
 # L = 4096 and 16384, D = 768, bf16, forward and forward+backward. About a minute.
 section_bench_scan_cost() {
     "$PY" benchmarks/bench_scan_cost.py --device cuda --out "$OUT/bench_scan_cost.md"
 }
 
 # --- zigma bench: blocks, backbones and ops against attention ------------------------------
-# The quick CUDA sweep of `zigma bench`: ZigMa (zigzag8), ZigMa (scan=None), Vim and DiT blocks
+# The quick CUDA sweep of `zigma bench`: ZigMa (zigzag8), ZigMa (pattern=None), Vim and DiT blocks
 # at L = 1024 to 65536, D = 768, bf16, forward and forward+backward, with peak memory; ZigMa-B/2
 # against DiT-B/2 on 256^2 and 1024^2 images; permute_tokens, selective_scan and SDPA per
-# backend. It includes the block-level scan cost: ZigMaBlock zigzag8 against scan=None at
+# backend. It includes the block-level scan cost: ZigMaBlock zigzag8 against pattern=None at
 # L = 4096 and 16384. A few minutes. CSV, JSON and plots under $OUT/bench_blocks/<gpu>-quick/.
 section_bench_blocks() {
     "$PY" benchmarks/bench_blocks.py --quick --device cuda --out "$OUT/bench_blocks" >/dev/null &&

@@ -60,9 +60,9 @@ def test_every_family_is_a_set_of_exactly_invertible_permutations(grid):
         family = pattern_family(pattern, grid)
         for order in family:
             assert sorted(order.tolist()) == list(range(H * W))
-        scan = ZigzagScan(grid, pattern, layer_idx=len(family) - 1)
-        assert torch.equal(scan.scan(x), x[:, family[-1]])
-        assert torch.equal(scan.unscan(scan.scan(x)), x)
+        zigzag = ZigzagScan(grid, pattern, layer_idx=len(family) - 1)
+        assert torch.equal(zigzag.permute(x), x[:, family[-1]])
+        assert torch.equal(zigzag.unpermute(zigzag.permute(x)), x)
 
 
 @settings(max_examples=300, deadline=None)
@@ -146,8 +146,8 @@ def test_video_scans_round_trip_exactly(grid, pattern):
     x = torch.randn(2, T * H * W, 5)
     family = pattern_family(pattern, grid)
     for layer in range(len(family) + 2):
-        scan = ZigzagScan(grid, pattern, layer_idx=layer)
-        assert torch.equal(scan.unscan(scan.scan(x)), x)
+        zigzag = ZigzagScan(grid, pattern, layer_idx=layer)
+        assert torch.equal(zigzag.unpermute(zigzag.permute(x)), x)
 
 
 def test_video_spatial_layers_scan_each_frame_in_the_next_zigzag_order():
@@ -157,7 +157,7 @@ def test_video_spatial_layers_scan_each_frame_in_the_next_zigzag_order():
     S = zigzag_orders(H, W)
     # video_sst: layers 0, 1 are spatial (S0, S1), layer 2 temporal, layer 3 spatial (S2)...
     for layer, s_index in [(0, 0), (1, 1), (3, 2), (4, 3)]:
-        y = ZigzagScan((T, H, W), "video_sst", layer_idx=layer).scan(x)
+        y = ZigzagScan((T, H, W), "video_sst", layer_idx=layer).permute(x)
         assert y.shape == (2 * T, H * W, 5)
         assert torch.equal(y, frames[:, :, S[s_index]].reshape(2 * T, H * W, 5))
 
@@ -166,18 +166,18 @@ def test_video_temporal_layers_alternate_direction():
     T, H, W = 3, 2, 2
     x = torch.randn(2, T * H * W, 5)
     per_site = x.view(2, T, H * W, 5).transpose(1, 2).reshape(2 * H * W, T, 5)
-    forward = ZigzagScan((T, H, W), "video_t", layer_idx=0).scan(x)
-    backward = ZigzagScan((T, H, W), "video_t", layer_idx=1).scan(x)
+    forward = ZigzagScan((T, H, W), "video_t", layer_idx=0).permute(x)
+    backward = ZigzagScan((T, H, W), "video_t", layer_idx=1).permute(x)
     assert torch.equal(forward, per_site)
     assert torch.equal(backward, per_site.flip(1))
 
 
 def test_custom_orders_and_registered_patterns():
     order = torch.arange(12).flip(0)
-    scan = ZigzagScan((3, 4), order)
+    zigzag = ZigzagScan((3, 4), order)
     x = torch.randn(1, 12, 2)
-    assert torch.equal(scan.scan(x), x.flip(1))
-    assert "custom" in repr(scan)
+    assert torch.equal(zigzag.permute(x), x.flip(1))
+    assert "custom" in repr(zigzag)
     family = torch.stack([torch.arange(12), torch.arange(12).flip(0)])
     assert torch.equal(ZigzagScan((3, 4), family, layer_idx=3).order, family[1])
     register_pattern("test_reverse", lambda g: [torch.arange(g[0] * g[1]).flip(0)])
@@ -188,21 +188,21 @@ def test_custom_orders_and_registered_patterns():
 
 
 def test_buffers_are_non_persistent_and_follow_the_module():
-    scan = ZigzagScan((4, 4), "zigzag8", layer_idx=5)
-    assert scan.state_dict() == {}
-    assert dict(scan.named_buffers()).keys() == {"order", "inverse"}
-    assert torch.equal(scan.inverse[scan.order], torch.arange(16))
+    zigzag = ZigzagScan((4, 4), "zigzag8", layer_idx=5)
+    assert zigzag.state_dict() == {}
+    assert dict(zigzag.named_buffers()).keys() == {"order", "inverse"}
+    assert torch.equal(zigzag.inverse[zigzag.order], torch.arange(16))
 
 
 def test_meta_device_build_then_materialise():
     with torch.device("meta"):
-        scan = ZigzagScan((5, 3), "hilbert8", layer_idx=2)
-    assert scan.order.is_meta
-    scan = scan.to_empty(device="cpu")
-    scan.init_non_persistent_buffers()
+        zigzag = ZigzagScan((5, 3), "hilbert8", layer_idx=2)
+    assert zigzag.order.is_meta
+    zigzag = zigzag.to_empty(device="cpu")
+    zigzag.init_non_persistent_buffers()
     reference = ZigzagScan((5, 3), "hilbert8", layer_idx=2)
-    assert torch.equal(scan.order, reference.order)
-    assert torch.equal(scan.inverse, reference.inverse)
+    assert torch.equal(zigzag.order, reference.order)
+    assert torch.equal(zigzag.inverse, reference.inverse)
 
 
 def test_extra_repr_names_grid_pattern_and_order():
@@ -226,8 +226,12 @@ def test_extra_repr_names_grid_pattern_and_order():
         (lambda: ZigzagScan((4, 4), torch.arange(15)), ValueError, "L = 16"),
         (lambda: ZigzagScan((4, 4), torch.zeros(16, dtype=torch.long)), ValueError, "repeats"),
         (lambda: ZigzagScan((4, 4), torch.arange(1, 17)), ValueError, "out-of-range"),
-        (lambda: ZigzagScan((4, 4), "zigzag8").scan(torch.randn(1, 15, 2)), ValueError, "16"),
-        (lambda: ZigzagScan((2, 2, 2), "video_s").unscan(torch.randn(3, 4, 1)), ValueError, "B*2"),
+        (lambda: ZigzagScan((4, 4), "zigzag8").permute(torch.randn(1, 15, 2)), ValueError, "16"),
+        (
+            lambda: ZigzagScan((2, 2, 2), "video_s").unpermute(torch.randn(3, 4, 1)),
+            ValueError,
+            "B*2",
+        ),
         (lambda: scan_orders("zigzag8", (4, 4), -1), ValueError, "depth"),
         (lambda: ZigzagScan((4, 4), 3.5), TypeError, "pattern"),
     ],

@@ -5,7 +5,7 @@ touches no CUDA API; fast paths are probed at first use.
 """
 
 from zigzag_mamba import scans
-from zigzag_mamba.models.backbone import CONFIGS, ZigMaBackbone
+from zigzag_mamba.models.backbone import CONFIGS, ZigMaBackbone, ZigMaConfig
 from zigzag_mamba.modules.block import ZigMaBlock
 from zigzag_mamba.modules.mamba import Mamba
 from zigzag_mamba.ops.backends import backends, use_backend
@@ -18,6 +18,7 @@ __all__ = [
     "Mamba",
     "ZigMaBackbone",
     "ZigMaBlock",
+    "ZigMaConfig",
     "ZigzagScan",
     "__version__",
     "backends",

@@ -1,7 +1,8 @@
-"""Scan orders: which token an SSM reads at each step, for every layer.
+"""Token orders: which token the selective scan reads at each step, for every layer.
 
 Convention: ``order[i]`` is the raster index ``r * W + c`` of the token visited at step ``i``;
-scanning is the gather ``x[:, order]`` and unscanning the gather with ``argsort(order)``.
+permuting is the gather ``x[:, order]`` and unpermuting the gather with ``inverse``, the
+``argsort(order)`` (docs/design.md, "Glossary").
 
 A *pattern* names a family of orders; layer ``i`` uses ``family[i % len(family)]``:
 
@@ -28,6 +29,7 @@ import functools
 import math
 import random
 import re
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -361,8 +363,8 @@ def scan_orders(
 
 
 class ZigzagScan(nn.Module):
-    """The scan of one layer: ``scan`` puts raster tokens in the order the SSM reads them,
-    ``unscan`` puts the SSM's outputs back, exactly.
+    """One layer's token order (the paper's "zigzag scan"): :meth:`permute` puts raster tokens
+    in the order the selective scan reads them, :meth:`unpermute` puts its outputs back, exactly.
 
     Args:
         grid: ``N``, ``(H, W)`` or, for ``video_*`` patterns, ``(T, H, W)``.
@@ -375,14 +377,14 @@ class ZigzagScan(nn.Module):
 
     Example::
 
-        >>> scan = ZigzagScan((16, 24), pattern="zigzag8", layer_idx=3)
+        >>> zigzag = ZigzagScan((16, 24), pattern="zigzag8", layer_idx=3)
         >>> x = torch.randn(2, 16 * 24, 64)          # (B, L, C), raster order
-        >>> y = scan.scan(x)                          # (B, L, C) in S3 order
-        >>> torch.equal(scan.unscan(y), x)
+        >>> y = zigzag.permute(x)                     # (B, L, C) in S3 order
+        >>> torch.equal(zigzag.unpermute(y), x)
         True
 
-    For video patterns ``scan`` returns ``(B*T, H*W, C)`` ('s' layers) or ``(B*H*W, T, C)``
-    ('t' layers), and ``unscan`` takes that shape back to ``(B, T*H*W, C)``.
+    For video patterns ``permute`` returns ``(B*T, H*W, C)`` ('s' layers) or ``(B*H*W, T, C)``
+    ('t' layers), and ``unpermute`` takes that shape back to ``(B, T*H*W, C)``.
     """
 
     order: torch.Tensor
@@ -424,22 +426,32 @@ class ZigzagScan(nn.Module):
                 f"got {tuple(x.shape)}"
             )
 
-    def scan(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L, C) raster tokens -> (B * L // seq_len, seq_len, C) in scan order."""
+    def permute(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, C) raster tokens -> (B * L // seq_len, seq_len, C) in this layer's order."""
         self.check_tokens(x)
         y = permute_tokens(x, self.order, self.inverse)
         return y.reshape(-1, self.seq_len, *x.shape[2:])
 
-    def unscan(self, y: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`scan`: (B * L // seq_len, seq_len, C) -> (B, L, C) raster tokens."""
+    def unpermute(self, y: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`permute`: (B * L // seq_len, seq_len, C) -> (B, L, C) raster."""
         per_sample = self.num_tokens // self.seq_len
         if y.dim() < 2 or y.shape[1] != self.seq_len or y.shape[0] % per_sample:
             raise ValueError(
-                f"expected scanned tokens of shape (B*{per_sample}, {self.seq_len}, C) for grid "
+                f"expected permuted tokens of shape (B*{per_sample}, {self.seq_len}, C) for grid "
                 f"{self.grid}, got {tuple(y.shape)}"
             )
         y = y.reshape(y.shape[0] // per_sample, self.num_tokens, *y.shape[2:])
         return permute_tokens(y, self.inverse, self.order)
+
+    def scan(self, x: torch.Tensor) -> torch.Tensor:
+        """Deprecated name of :meth:`permute`."""
+        warnings.warn("ZigzagScan.scan is now permute", DeprecationWarning, stacklevel=2)
+        return self.permute(x)
+
+    def unscan(self, y: torch.Tensor) -> torch.Tensor:
+        """Deprecated name of :meth:`unpermute`."""
+        warnings.warn("ZigzagScan.unscan is now unpermute", DeprecationWarning, stacklevel=2)
+        return self.unpermute(y)
 
     def extra_repr(self) -> str:
         text = (

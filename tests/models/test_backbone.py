@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from zigzag_mamba.models import CONFIGS, ZigMaBackbone
+from zigzag_mamba.modules.embed import unpatchify
 
 TINY = {"dim": 32, "depth": 2, "patch_size": 2}
 
@@ -51,10 +52,10 @@ def expected_parameters(dim, depth, patch_size, in_channels, tokens, num_classes
         ({}, (2, 4, 8, 8), {}),
         ({"input_size": (8, 12), "pos_embed": "sincos"}, (2, 4, 8, 12), {}),
         ({"num_classes": 5}, (2, 4, 8, 8), {"y": torch.tensor([0, 5])}),
-        ({"d_context": 12}, (2, 4, 8, 8), {"context": torch.randn(2, 3, 12)}),
-        ({"num_frames": 3, "scan": "video_sst", "pos_embed": "sincos"}, (2, 3, 4, 8, 8), {}),
-        ({"num_frames": 2, "scan": "video_st", "input_size": (4, 8)}, (2, 2, 4, 4, 8), {}),
-        ({"scan": None, "mixer": "bidirectional", "pos_embed": "none"}, (2, 4, 8, 8), {}),
+        ({"context_dim": 12}, (2, 4, 8, 8), {"context": torch.randn(2, 3, 12)}),
+        ({"num_frames": 3, "pattern": "video_sst", "pos_embed": "sincos"}, (2, 3, 4, 8, 8), {}),
+        ({"num_frames": 2, "pattern": "video_st", "input_size": (4, 8)}, (2, 2, 4, 4, 8), {}),
+        ({"pattern": None, "mixer": "bidirectional", "pos_embed": "none"}, (2, 4, 8, 8), {}),
     ],
 )
 def test_output_shapes(kwargs, x_shape, extra):
@@ -73,7 +74,8 @@ def test_unpatchify_inverts_patchify_layout():
     weight = model.x_embedder.proj.weight.flatten(1)  # (D, C*p*p), laid out (C, p, q)
     patches = torch.linalg.lstsq(weight, (tokens[0] - model.x_embedder.proj.bias).T).solution
     patches = patches.T.reshape(-1, 4, 2, 2).permute(0, 2, 3, 1).reshape(1, -1, 16)  # (p, q, C)
-    torch.testing.assert_close(model._unpatchify(patches), x, rtol=1e-4, atol=1e-4)
+    pixels = unpatchify(patches, model.grid, model.patch_size)
+    torch.testing.assert_close(pixels, x, rtol=1e-4, atol=1e-4)
 
 
 def test_sincos_table_is_mae_layout_and_frozen():
@@ -92,7 +94,7 @@ def test_sincos_table_is_mae_layout_and_frozen():
 
 def test_learned_tables_start_at_zero():
     assert torch.count_nonzero(tiny().pos_embed) == 0
-    video = tiny(num_frames=2, scan="video_st", pos_embed="sincos")
+    video = tiny(num_frames=2, pattern="video_st", pos_embed="sincos")
     assert (
         video.temporal_pos_embedding.shape == (1, 2, 32)
         and video.temporal_pos_embedding.requires_grad
@@ -111,7 +113,7 @@ def test_timestep_embedding_is_cos_then_sin_of_1000_t():
 
 
 def test_text_condition_is_t_plus_mean_of_projected_tokens():
-    model = tiny(d_context=12)
+    model = tiny(context_dim=12)
     t, context = torch.rand(2), torch.randn(2, 5, 12)
     c, tokens = model._condition(t, None, context, 2)
     t_emb = model.t_embedder(1000 * t)
@@ -183,7 +185,7 @@ def test_cfg_guides_the_chosen_channels(channels):
 
 
 def test_cfg_for_text_and_video():
-    model = tiny(d_context=6, num_frames=2, scan="video_st").eval()
+    model = tiny(context_dim=6, num_frames=2, pattern="video_st").eval()
     x, context = torch.randn(2, 2, 4, 8, 8), torch.randn(2, 3, 6)
     out = model.forward_with_cfg(x, torch.rand(2), None, 2.0, context=context)
     assert out.shape == x.shape and torch.equal(out[0], out[1])
@@ -249,7 +251,7 @@ def test_input_errors():
     with pytest.raises(ValueError, match="unconditional"):
         tiny()(torch.randn(2, 4, 8, 8), t, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="text-conditional"):
-        tiny(d_context=4)(torch.randn(2, 4, 8, 8), t)
+        tiny(context_dim=4)(torch.randn(2, 4, 8, 8), t)
     with pytest.raises(ValueError, match="channels"):
         tiny().forward_with_cfg(torch.randn(2, 4, 8, 8), t, None, 2.0, channels=5)
 
@@ -260,9 +262,9 @@ def test_config_errors():
     with pytest.raises(ValueError, match="pos_embed"):
         tiny(pos_embed="rope")
     with pytest.raises(ValueError, match="not both"):
-        tiny(num_classes=3, d_context=4)
+        tiny(num_classes=3, context_dim=4)
     with pytest.raises(ValueError, match="for video use"):
-        tiny(num_frames=2, scan="zigzag8")
+        tiny(num_frames=2, pattern="zigzag8")
 
 
 # ---------------------------------------------------------------- meta device and sizes
@@ -333,8 +335,8 @@ def test_every_preset_builds_on_meta(name):
     "kwargs",
     [
         {"num_classes": 10, "input_size": (8, 12), "pos_embed": "sincos"},
-        {"d_context": 16, "scan": "hilbert4", "ssm_cfg": {"d_state": 8}},
-        {"num_frames": 2, "scan": "video_st", "input_size": 4},
+        {"context_dim": 16, "pattern": "hilbert4", "ssm_cfg": {"d_state": 8}},
+        {"num_frames": 2, "pattern": "video_st", "input_size": 4},
     ],
 )
 def test_save_pretrained_round_trip_gives_the_same_model(tmp_path, kwargs):
@@ -354,15 +356,16 @@ def test_save_pretrained_round_trip_gives_the_same_model(tmp_path, kwargs):
     x = torch.randn(2, *frames, 4, *model.image_size)
     t = torch.rand(2)
     extra = {"y": torch.tensor([1, 7])} if "num_classes" in kwargs else {}
-    if "d_context" in kwargs:
+    if "context_dim" in kwargs:
         extra = {"context": torch.randn(2, 3, 16)}
     assert torch.equal(loaded(x, t, **extra), model(x, t, **extra))
 
 
 def test_from_pretrained_overrides_and_casts(tmp_path):
     tiny(num_classes=10).save_pretrained(tmp_path)
-    loaded = ZigMaBackbone.from_pretrained(tmp_path, dtype=torch.bfloat16, scan="sweep2")
-    assert loaded.config["scan"] == "sweep2" and loaded.blocks[1].scan.pattern_name == "sweep2"
+    loaded = ZigMaBackbone.from_pretrained(tmp_path, dtype=torch.bfloat16, pattern="sweep2")
+    assert loaded.config.pattern == "sweep2"
+    assert loaded.blocks[1].permutation.pattern_name == "sweep2"
     assert loaded.x_embedder.proj.weight.dtype == torch.bfloat16
     assert loaded.blocks[0].mixer.A_log.dtype == torch.float32  # kept in fp32, as when built
 
@@ -378,7 +381,7 @@ def test_from_pretrained_is_strict(tmp_path):
 
 
 def test_save_pretrained_needs_a_named_scan(tmp_path):
-    model = tiny(scan=torch.arange(16).flip(0))
+    model = tiny(pattern=torch.arange(16).flip(0))
     with pytest.raises(ValueError, match="register_pattern"):
         model.save_pretrained(tmp_path)
     assert not any(tmp_path.iterdir())

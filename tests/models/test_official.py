@@ -204,7 +204,7 @@ def test_bidirectional_v2_checkpoint_loads_strictly():
     del sd["pos_embed"]
     config = official_config(**{**OFFICIAL_PARAMS, "scan_type": "v2", "use_pe": 0})
     model = ZigMaBackbone.from_official(sd, **config)
-    assert model.blocks[0].scan is None and model.pos_embed is None
+    assert model.blocks[0].permutation is None and model.pos_embed is None
 
 
 def test_official_b1_config_has_134_6_m_parameters():
@@ -224,11 +224,11 @@ def test_official_b1_config_has_134_6_m_parameters():
 @pytest.mark.parametrize(
     "official, ours",
     [
-        ({"scan_type": "zigzagN4", "use_pe": 1}, {"scan": "zigzag4", "pos_embed": "sincos"}),
-        ({"scan_type": "v1", "use_pe": 3}, {"scan": None, "pos_embed": "none"}),
-        ({"scan_type": "v2"}, {"scan": None, "mixer": "bidirectional"}),
-        ({"scan_type": "video_sst", "video_frames": 4}, {"scan": "video_sst", "num_frames": 4}),
-        ({"scan_type": "zzvideo_st", "video_frames": 2}, {"scan": "video_st", "num_frames": 2}),
+        ({"scan_type": "zigzagN4", "use_pe": 1}, {"pattern": "zigzag4", "pos_embed": "sincos"}),
+        ({"scan_type": "v1", "use_pe": 3}, {"pattern": None, "pos_embed": "none"}),
+        ({"scan_type": "v2"}, {"pattern": None, "mixer": "bidirectional"}),
+        ({"scan_type": "video_sst", "video_frames": 4}, {"pattern": "video_sst", "num_frames": 4}),
+        ({"scan_type": "zzvideo_st", "video_frames": 2}, {"pattern": "video_st", "num_frames": 2}),
         ({"num_classes": 101}, {"num_classes": 101, "class_dropout_prob": 0.0}),
     ],
 )

@@ -119,8 +119,8 @@ def test_cross_attention_equals_softmax_attention():
 
 def test_swapping_the_scan_changes_outputs_not_parameters(x):
     blocks = {
-        name: ZigMaBlock(DIM, (4, 6), scan, 1)
-        for name, scan in [("zigzag", "zigzag8"), ("sweep", "sweep2"), ("none", None)]
+        name: ZigMaBlock(DIM, (4, 6), pattern, 1)
+        for name, pattern in [("zigzag", "zigzag8"), ("sweep", "sweep2"), ("none", None)]
     }
     reference = blocks["zigzag"]
     randomise(reference, 7)
@@ -136,8 +136,8 @@ def test_swapping_the_scan_changes_outputs_not_parameters(x):
 
 
 def test_no_scan_is_a_plain_mamba_block(x):
-    block = ZigMaBlock(DIM, scan=None)
-    assert block.scan is None
+    block = ZigMaBlock(DIM, pattern=None)
+    assert block.permutation is None
     randomise(block, 4)
     n = rms_norm(x, block.norm.weight)
     torch.testing.assert_close(block(x), x + n + block.mixer(n))
@@ -170,7 +170,7 @@ def test_video_layers_run_the_mixer_per_frame_and_per_site():
 
 
 def test_bidirectional_block_has_the_official_parameter_names():
-    block = ZigMaBlock(DIM, scan=None, mixer="bidirectional")
+    block = ZigMaBlock(DIM, pattern=None, mixer="bidirectional")
     names = set(block.state_dict())
     for name in ["A_b_log", "D_b", "conv1d_b.weight", "x_proj_b.weight", "dt_proj_b.bias"]:
         assert f"mixer.{name}" in names

@@ -62,11 +62,11 @@ def test_bad_order_shape():
 class ScanRoundTrip(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.scan = ZigzagScan((4, 6), "zigzag8", layer_idx=3)
+        self.zigzag = ZigzagScan((4, 6), "zigzag8", layer_idx=3)
         self.proj = nn.Linear(8, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scan.unscan(self.proj(self.scan.scan(x)))
+        return self.zigzag.unpermute(self.proj(self.zigzag.permute(x)))
 
 
 def test_compile_fullgraph_has_no_graph_breaks():

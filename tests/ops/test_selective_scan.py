@@ -12,12 +12,13 @@ import torch
 
 import zigzag_mamba
 from zigzag_mamba.ops import selective_scan, selective_scan_reference
+from zigzag_mamba.ops.selective_scan import ScanInputs
 
 # The package re-exports functions under their modules' names, so fetch the modules themselves.
 scan_module = importlib.import_module("zigzag_mamba.ops.selective_scan")
 backend_registry = importlib.import_module("zigzag_mamba.ops.backends")
 
-BACKENDS = ["fused", "torch", "reference"]
+BACKENDS = ["numba", "torch", "reference"]
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
@@ -100,7 +101,7 @@ def test_matches_float64_reference(backend, case):
         assert rel_err(got_grads[name], ref_grads[name]) < 1e-5, name
 
 
-@pytest.mark.parametrize("backend", ["fused", "torch"])
+@pytest.mark.parametrize("backend", ["numba", "torch"])
 def test_bfloat16_runs_in_float32_and_returns_bfloat16(backend):
     case = Case(length=80, groups=2)
     inputs = make_inputs(case)
@@ -118,7 +119,7 @@ def test_bfloat16_runs_in_float32_and_returns_bfloat16(backend):
         assert rel_err(grads[name], ref_grads[name].double()) < 1e-2, name
 
 
-@pytest.mark.parametrize("backend", ["fused", "torch"])
+@pytest.mark.parametrize("backend", ["numba", "torch"])
 def test_gradcheck_float64(backend):
     case = Case(batch=1, channels=2, state=2, length=5, groups=1)
     inputs = make_inputs(case, dtype=torch.float64)
@@ -128,7 +129,7 @@ def test_gradcheck_float64(backend):
         assert torch.autograd.gradcheck(fn, leaves)
 
 
-@pytest.mark.parametrize("backend", ["fused", "torch"])
+@pytest.mark.parametrize("backend", ["numba", "torch"])
 def test_opcheck(backend):
     case = Case(batch=1, channels=4, state=2, length=9, groups=2)
     inputs = make_inputs(case)
@@ -137,11 +138,11 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.zigzag_mamba.selective_scan_fwd, (*args, True))
         out, _, ckpt = torch.ops.zigzag_mamba.selective_scan_fwd(*args, True)
         grads = (torch.randn_like(out), torch.randn(1, 4, 2))
-        bwd_args = (*grads, *[a.detach() for a in args], ckpt, True, backend)
+        bwd_args = (*grads, *[a.detach() for a in args], True, ckpt, backend)
         torch.library.opcheck(torch.ops.zigzag_mamba.selective_scan_bwd, bwd_args)
 
 
-@pytest.mark.parametrize("backend", ["fused", "torch"])
+@pytest.mark.parametrize("backend", ["numba", "torch"])
 def test_token_major_views_give_the_same_results(backend):
     # A Mamba mixer passes (B, D, L) views of (B, L, D) memory; they are read in place.
     case = Case(batch=2, channels=40, state=4, length=70, groups=1)
@@ -162,7 +163,7 @@ def test_token_major_views_give_the_same_results(backend):
 
     assert not token_major(inputs["u"]).is_contiguous()
     for a, b in zip(run(token_major), run(lambda t: t), strict=True):
-        if backend == "fused":  # the same arithmetic in the same order
+        if backend == "numba":  # the same arithmetic in the same order
             assert torch.equal(a, b)
         else:  # PyTorch's reductions (dD, ddelta_bias) follow the memory order
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
@@ -181,20 +182,19 @@ def test_backward_runs_the_forwards_implementation():
         with zigzag_mamba.use_backend(selective_scan=backward_backend):
             return torch.autograd.grad(out, leaves, torch.ones_like(out))
 
-    torch_only, fused_only = grads("torch", "torch"), grads("fused", "fused")
-    assert any(not torch.equal(a, b) for a, b in zip(torch_only, fused_only, strict=True))
-    for forward, backward in (("torch", "fused"), ("fused", "torch")):
-        expected = torch_only if forward == "torch" else fused_only
+    torch_only, numba_only = grads("torch", "torch"), grads("numba", "numba")
+    assert any(not torch.equal(a, b) for a, b in zip(torch_only, numba_only, strict=True))
+    for forward, backward in (("torch", "numba"), ("numba", "torch")):
+        expected = torch_only if forward == "torch" else numba_only
         mixed = grads(forward, backward)
         assert all(torch.equal(a, b) for a, b in zip(mixed, expected, strict=True))
 
 
-def test_fused_kernels_write_every_output():
-    from zigzag_mamba.ops.cpu import selective_scan as kernels
-
+def test_numba_kernels_write_every_output():
+    kernels = importlib.import_module("zigzag_mamba.ops.selective_scan.numba")
     case = Case(batch=2, channels=4, state=3, length=70, groups=2)
     inputs = make_inputs(case)
-    arrays = kernels._arrays(*(inputs[k] for k in NAMES), torch.float32)
+    arrays = kernels._arrays(ScanInputs(*(inputs[k] for k in NAMES), True), torch.float32)
     b, d, length, n, chunk = 2, 4, 70, 3, 16
     nan = lambda *shape: torch.full(shape, float("nan"))
     out, last, ckpt = nan(b, d, length), nan(b, d, n), nan(b, d, -(-length // chunk), n)
@@ -209,12 +209,12 @@ def test_fused_kernels_write_every_output():
         assert torch.isfinite(tensor).all()
 
 
-def test_fused_kernels_leave_torch_thread_count_alone():
+def test_numba_kernels_leave_torch_thread_count_alone():
     inputs = make_inputs(Case(length=8))
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with zigzag_mamba.use_backend(selective_scan="fused"):
+        with zigzag_mamba.use_backend(selective_scan="numba"):
             run(inputs, Case(length=8))
         assert torch.get_num_threads() == 1
     finally:
@@ -223,9 +223,9 @@ def test_fused_kernels_leave_torch_thread_count_alone():
 
 def test_use_backend_and_environment_variable_pick_the_implementation(monkeypatch):
     calls = []
-    torch_impl = scan_module.IMPLEMENTATIONS["torch"]
-    spy = lambda *args: calls.append("torch") or torch_impl.forward(*args)
-    monkeypatch.setitem(scan_module.IMPLEMENTATIONS, "torch", torch_impl._replace(forward=spy))
+    chunked = importlib.import_module("zigzag_mamba.ops.selective_scan.chunked")
+    forward = chunked.forward
+    monkeypatch.setattr(chunked, "forward", lambda *a: calls.append("torch") or forward(*a))
     reference = scan_module.selective_scan_reference
     spy_ref = lambda *args, **kw: calls.append("reference") or reference(*args, **kw)
     monkeypatch.setattr(scan_module, "selective_scan_reference", spy_ref)
@@ -240,7 +240,7 @@ def test_use_backend_and_environment_variable_pick_the_implementation(monkeypatc
     selective_scan(**inputs)
     assert calls[-1] == "torch"
     monkeypatch.delenv("ZIGZAG_MAMBA_SELECTIVE_SCAN")
-    assert zigzag_mamba.backends()["selective_scan"]["cpu"] == "fused"
+    assert zigzag_mamba.backends()["selective_scan"]["cpu"] == "numba"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is not None, reason="mamba-ssm present")
@@ -264,10 +264,10 @@ def test_triton_is_the_cuda_fallback_and_refuses_cpu_tensors():
 
 
 def test_without_numba_the_torch_scan_runs_with_one_warning(monkeypatch):
-    monkeypatch.setitem(sys.modules, "zigzag_mamba.ops.cpu.selective_scan", None)
+    monkeypatch.setitem(sys.modules, "zigzag_mamba.ops.selective_scan.numba", None)
     backend_registry.unavailable_reason.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="fused CPU selective scan is unavailable") as rec:
+        with pytest.warns(RuntimeWarning, match="numba CPU selective scan is unavailable") as rec:
             assert backend_registry.resolve("selective_scan", "cpu") == "torch"
             assert backend_registry.resolve("selective_scan", "cpu") == "torch"
         assert len(rec) == 1

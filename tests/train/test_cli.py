@@ -27,11 +27,11 @@ def test_options_merge_defaults_file_and_flags(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("lr: 0.003\nsteps: 50\nmodel: {name: ZigMa-T/2, depth: 6}\ndata: photos/\n")
     args = build_parser().parse_args(
-        ["train", "--config", str(config), "--steps", "7", "--model-arg", "scan=sweep2"]
+        ["train", "--config", str(config), "--steps", "7", "--model-arg", "pattern=sweep2"]
     )
     train, run = resolve_train_options(args)
     assert (train.lr, train.steps, train.batch_size) == (0.003, 7, 64)
-    assert run["model"] == {"name": "ZigMa-T/2", "depth": 6, "scan": "sweep2"}
+    assert run["model"] == {"name": "ZigMa-T/2", "depth": 6, "pattern": "sweep2"}
     assert run["data"] == "photos/" and run["resume"] is None
     (tmp_path / "bad.json").write_text(json.dumps({"learning_rate": 1}))
     with pytest.raises(ValueError, match="unknown training options: learning_rate"):

@@ -49,4 +49,4 @@ def test_a_tiny_demo_writes_every_output(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["steps"] == metrics["steps"] == 2
     assert 0 <= saved["class_accuracy"] <= 1 and saved["frechet_distance"] > 0
-    assert saved["model"]["scan"] == "zigzag8" and saved["model"]["patch_size"] == 2
+    assert saved["model"]["pattern"] == "zigzag8" and saved["model"]["patch_size"] == 2

@@ -56,10 +56,10 @@ def test_selective_scan_runs_triton_by_default_and_matches_the_torch_backend():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("scan", ["zigzag8", None])
-def test_block_on_cuda_matches_the_block_on_cpu(scan: str | None):
+@pytest.mark.parametrize("pattern", ["zigzag8", None])
+def test_block_on_cuda_matches_the_block_on_cpu(pattern: str | None):
     torch.manual_seed(0)
-    cpu = ZigMaBlock(64, (6, 10), scan, layer_idx=3)
+    cpu = ZigMaBlock(64, (6, 10), pattern, layer_idx=3)
     with torch.no_grad():  # move the adaLN layer off zero so every gate and branch is exercised
         for p in cpu.parameters():
             p.add_(0.1 * torch.randn_like(p))

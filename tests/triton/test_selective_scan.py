@@ -1,27 +1,33 @@
 """Triton selective scan against ``selective_scan_reference``, forward and every gradient.
 
-Each result is held to at most twice the error PyTorch's own reference makes in the same input
-dtypes against a float64 reference on the same inputs (with a small floor per dtype). Every
-buffer a launcher allocates starts out as NaN, so an element a kernel never writes fails the test.
+The scan runs through the public op with the ``triton`` backend forced (under
+``TRITON_INTERPRET=1`` it serves CPU tensors), so dispatch, autograd and the kernels are tested
+together; a few tests call the launchers directly. Each result is held to at most twice the error
+PyTorch's own reference makes in the same input dtypes against a float64 reference on the same
+inputs (with a small floor per dtype). Every buffer a launcher allocates starts out as NaN, so an
+element a kernel never writes fails the test.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
+from collections.abc import Iterator
+from unittest import mock
 
 import pytest
 import torch
 
-from zigzag_mamba.ops.selective_scan import selective_scan_reference
-from zigzag_mamba.ops.triton import poisoned_outputs
-from zigzag_mamba.ops.triton.selective_scan import (
-    selective_scan_triton,
-    selective_scan_triton_bwd,
-    selective_scan_triton_fwd,
-)
+import zigzag_mamba
+from zigzag_mamba.ops.backends import implementation
+from zigzag_mamba.ops.selective_scan import ScanInputs, selective_scan, selective_scan_reference
+from zigzag_mamba.ops.selective_scan import triton as kernels
+from zigzag_mamba.ops.utils import poisoned_outputs
 
 pytestmark = pytest.mark.triton
 
+scan_module = importlib.import_module("zigzag_mamba.ops.selective_scan")
 DEVICE = (
     "cuda" if os.environ.get("ZIGZAG_MAMBA_CUDA_TESTS") and torch.cuda.is_available() else "cpu"
 )
@@ -36,6 +42,19 @@ FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 def _poison():
     with poisoned_outputs():
         yield
+
+
+@contextlib.contextmanager
+def checkpoint_every(chunk: int) -> Iterator[None]:
+    """Run the op with a short chunk, so that short sequences span several chunks."""
+    with mock.patch.object(scan_module, "CHUNK", chunk):
+        yield
+
+
+def triton_scan(**kwargs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The public op with the Triton backend forced (its backward runs it too)."""
+    with zigzag_mamba.use_backend(selective_scan="triton"):
+        return selective_scan(**kwargs)
 
 
 def make_inputs(
@@ -114,7 +133,8 @@ def check_against_reference(
     ]
     exact = _run(selective_scan_reference, _leaves(inputs, torch.float64), grads, **flags)
     torch_own = _run(selective_scan_reference, _leaves(inputs, None), grads, **flags)
-    ours = _run(selective_scan_triton, _leaves(inputs, None), grads, chunk_size=chunk_size, **flags)
+    with checkpoint_every(chunk_size):
+        ours = _run(triton_scan, _leaves(inputs, None), grads, **flags)
     for name, got, want, base in zip(
         ("out", "last_state", *NAMES), ours, exact, torch_own, strict=True
     ):
@@ -182,14 +202,18 @@ def test_gradient_from_one_output_only(which: str) -> None:
     )
 
 
+def _scan_inputs(inputs: dict, softplus: bool = True) -> ScanInputs:
+    return ScanInputs(*(None if inputs[k] is None else inputs[k].detach() for k in NAMES), softplus)
+
+
 def test_checkpoints_are_the_states_entering_each_chunk() -> None:
     inputs, _ = _select(make_inputs(length=21, seed=6), FEATURES["all"])
-    args = [inputs[k].detach() for k in NAMES]
-    _, last, ckpt = selective_scan_triton_fwd(*args, delta_softplus=True, chunk_size=8)
+    x = _scan_inputs(inputs)
+    _, last, ckpt = kernels.forward(x, 8)
     assert ckpt.shape == (2, 6, 3, 4) and ckpt.dtype == last.dtype == torch.float32
     assert torch.equal(ckpt[:, :, 0], torch.zeros_like(ckpt[:, :, 0]))
     for c, stop in ((1, 8), (2, 16)):
-        prefix = [a[..., :stop] if a.dim() >= 3 else a for a in args]
+        prefix = [a[..., :stop] if a.dim() >= 3 else a for a in x.tensors]
         _, state = selective_scan_reference(*prefix, delta_softplus=True, return_last_state=True)
         torch.testing.assert_close(ckpt[:, :, c], state, rtol=1e-5, atol=1e-6)
 
@@ -205,15 +229,13 @@ def test_non_contiguous_inputs() -> None:
     check_against_reference(strided, **flags)
 
 
-def test_backward_entry_point_without_optional_inputs() -> None:
+def test_backward_without_optional_inputs_or_last_state_gradient() -> None:
     inputs = make_inputs(seed=8)
-    u, delta, A, B, C = (inputs[k].detach() for k in ("u", "delta", "A", "B", "C"))
-    out, _, ckpt = selective_scan_triton_fwd(u, delta, A, B, C, None, None, None, False)
-    grads = selective_scan_triton_bwd(
-        torch.ones_like(out), None, u, delta, A, B, C, None, None, None, ckpt, False
-    )
-    assert len(grads) == 8 and grads[5] is None and grads[6] is None and grads[7] is None
-    assert [g.shape for g in grads[:5]] == [u.shape, delta.shape, A.shape, B.shape, C.shape]
+    x = _scan_inputs({**inputs, "D": None, "z": None, "delta_bias": None}, softplus=False)
+    out, _, ckpt = kernels.forward(x, 8)
+    grads = kernels.backward(x, ckpt, torch.ones_like(out), None, 8)
+    assert grads.dD is None and grads.dz is None and grads.ddelta_bias is None
+    assert [g.shape for g in grads[:5]] == [t.shape for t in x.tensors[:5]]
 
 
 @pytest.mark.parametrize(("block_d", "steps"), [(2, 4), (None, 1), (4, 2)])
@@ -221,12 +243,12 @@ def test_launch_overrides_give_the_same_results(block_d: int | None, steps: int)
     # make_inputs' N = 4 caps the default steps per store at 4; chunk 8 over L = 21 leaves a
     # partial chunk and partial groups of steps.
     inputs, _ = _select(make_inputs(length=21, seed=9), FEATURES["all"])
-    args = [inputs[k].detach() for k in NAMES]
-    grad = torch.randn_like(args[0])
+    x = _scan_inputs(inputs)
+    grad = torch.randn_like(x.u)
     runs = []
     for overrides in ({}, {"block_d": block_d, "steps": steps}):
-        fwd = selective_scan_triton_fwd(*args, True, chunk_size=8, **overrides)
-        bwd = selective_scan_triton_bwd(grad, None, *args, fwd[2], True, **overrides)
+        fwd = kernels.forward(x, 8, **overrides)
+        bwd = kernels.backward(x, fwd[2], grad, None, 8, **overrides)
         runs.append((*fwd, *bwd))
     for default, other in zip(*runs, strict=True):
         # Channels never interact in the forward; dB, dC and dA sum over channels or batch in
@@ -234,16 +256,36 @@ def test_launch_overrides_give_the_same_results(block_d: int | None, steps: int)
         torch.testing.assert_close(other, default, rtol=1e-6, atol=1e-6)
 
 
+def test_two_runs_are_bit_identical() -> None:
+    inputs, flags = _select(make_inputs(length=21, groups=2, seed=10), FEATURES["all"])
+    grad = torch.randn(inputs["u"].shape, generator=torch.Generator().manual_seed(3))
+
+    def run() -> list[torch.Tensor]:
+        leaves = _leaves(inputs, None)
+        with checkpoint_every(8):
+            out = triton_scan(**leaves, **flags)
+            out.backward(grad.to(DEVICE))
+        return [out.detach()] + [leaves[k].grad for k in NAMES]
+
+    for first, second in zip(run(), run(), strict=True):
+        assert torch.equal(first, second)
+
+
+def test_float64_inputs_run_the_portable_scan() -> None:
+    inputs, flags = _select(make_inputs(seed=11), FEATURES["all"])
+    leaves = _leaves(inputs, torch.float64)
+    with zigzag_mamba.use_backend(selective_scan="triton"):
+        assert implementation("selective_scan", DEVICE, leaves["u"]) == "torch"
+    out = triton_scan(**leaves, **flags)
+    torch.testing.assert_close(out, selective_scan_reference(**leaves, **flags))
+
+
 def test_rejects_bad_arguments() -> None:
     inputs = make_inputs(channels=6, groups=4)
-    args = [inputs[k].detach() for k in ("u", "delta", "A", "B", "C")]
-    with pytest.raises(ValueError, match="divisible"):
-        selective_scan_triton_fwd(*args, None, None, None, False)
-    ungrouped = make_inputs()
-    args = [ungrouped[k].detach() for k in ("u", "delta", "A", "B", "C")]
-    with pytest.raises(ValueError, match="chunk_size must be a power of two"):
-        selective_scan_triton_fwd(*args, None, None, None, False, chunk_size=12)
+    with pytest.raises(ValueError, match="D % G == 0"):
+        triton_scan(**{k: inputs[k].detach() for k in ("u", "delta", "A", "B", "C")})
+    x = _scan_inputs({**make_inputs(), "D": None, "z": None, "delta_bias": None}, False)
+    with pytest.raises(ValueError, match="chunk must be a power of two"):
+        kernels.forward(x, 12)
     with pytest.raises(ValueError, match="block_d must be a power of two"):
-        selective_scan_triton_fwd(*args, None, None, None, False, block_d=3)
-    with pytest.raises(TypeError, match="float64"):
-        selective_scan_triton_fwd(*(a.double() for a in args), None, None, None, False)
+        kernels.forward(x, 8, block_d=3)

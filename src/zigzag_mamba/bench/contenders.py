@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from zigzag_mamba.models.backbone import CONFIGS, ZigMaBackbone
-from zigzag_mamba.modules.block import ZigMaBlock
-from zigzag_mamba.modules.embed import PatchEmbed, TimestepEmbedder, sincos_2d
+from zigzag_mamba.modules.block import ZigMaBlock, modulate
+from zigzag_mamba.modules.embed import PatchEmbed, TimestepEmbedder, sincos_2d, unpatchify
 from zigzag_mamba.ops.backends import use_backend
 
 BASELINE = "dit"  # the attention contender every ratio is taken against
@@ -27,10 +27,6 @@ LATENT_DOWNSAMPLE = 8  # a 256^2 image is a 32^2 latent, as with DiT's VAE
 # The ZigMa block runs order 1 of zigzag8 (a column snake, the strided gather): the costlier of
 # the two kinds of order a ZigMa backbone alternates between.
 LAYER_IDX = 1
-
-
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
 
 
 class DiTBlock(nn.Module):
@@ -76,8 +72,8 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         modulation = self.adaLN_modulation(c).chunk(6, dim=-1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
-        x = x + gate_msa[:, None] * self._attention(_modulate(self.norm1(x), shift_msa, scale_msa))
-        return x + gate_mlp[:, None] * self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + gate_msa[:, None] * self._attention(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
 class DiTBackbone(nn.Module):
@@ -122,10 +118,8 @@ class DiTBackbone(nn.Module):
         for block in self.blocks:
             h = block(h, c)
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        h = self.linear(_modulate(self.norm_final(h), shift, scale))
-        p, C, g = self.patch_size, self.in_channels, self.grid
-        h = h.reshape(x.shape[0], g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)
-        return h.reshape(x.shape[0], C, g * p, g * p)
+        h = self.linear(modulate(self.norm_final(h), shift, scale))
+        return unpatchify(h, (self.grid, self.grid), self.patch_size)
 
 
 def grid_for(length: int) -> tuple[int, int]:
@@ -188,7 +182,7 @@ BLOCKS: dict[str, Contender] = {
     c.name: c
     for c in (
         Contender("zigma", "ZigMa block (zigzag8)", _zigma_block("zigzag8"), "zigma"),
-        Contender("zigma-noscan", "ZigMa block (scan=None)", _zigma_block(None), "zigma-noscan"),
+        Contender("zigma-noscan", "ZigMa block (pattern=None)", _zigma_block(None), "zigma-noscan"),
         Contender("vim", "Vim block (bidirectional)", _zigma_block(None, "bidirectional"), "vim"),
         Contender("dit", "DiT block (attention)", _dit_block, "dit"),
     )
@@ -257,12 +251,12 @@ def block_workload(
 def paired_scan_blocks(
     dim: int, length: int, batch: int, device: torch.device, dtype: torch.dtype
 ) -> dict[str, Workload]:
-    """The zigzag8 block and the ``scan=None`` block with the same weights and the same inputs:
+    """The zigzag8 block and the ``pattern=None`` block with the same weights and the same inputs:
     the two sides of the scan's own cost."""
     zigzag = block_workload("zigma", dim, length, batch, device, dtype)
     plain = block_workload("zigma-noscan", dim, length, batch, device, dtype)
     plain.module.load_state_dict(zigzag.module.state_dict())
-    return {"zigzag8": zigzag, "scan=None": Workload(plain.module, zigzag.inputs, plain.module)}
+    return {"zigzag8": zigzag, "pattern=None": Workload(plain.module, zigzag.inputs, plain.module)}
 
 
 def backbone_workload(

@@ -143,7 +143,7 @@ def _headline_lines(summary: dict) -> list[str]:
         if numbers["scan_cost"]:
             c = numbers["scan_cost"]
             lines.append(
-                f"  - zigzag8 vs scan=None at L = {c['tokens']}: {c['extra_ms']:+.1f} ms "
+                f"  - zigzag8 vs pattern=None at L = {c['tokens']}: {c['extra_ms']:+.1f} ms "
                 f"({c['extra_pct']:+.1f}%)"
             )
         for tokens, ratio in numbers["backbone_speedup"].items():

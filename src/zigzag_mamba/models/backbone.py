@@ -3,25 +3,29 @@
     x (B, C, H, W) or (B, T, C, H, W), t (B,) in [0, 1], y (B,) labels or context (B, S, d_ctx)
       -> patch embed + positional embedding            tokens (B, L, D), raster (t, h, w) order
       -> c = TimestepEmbed(1000 t) [+ LabelEmbed(y) | + mean(ContextEmbed(context))]
-      -> depth x ZigMaBlock (layer i scans with order i % k of the pattern)
+      -> depth x ZigMaBlock (layer i reads the tokens in order i % k of the pattern)
       -> RMSNorm_f(residual + h) -> LayerNorm (no affine) -> Linear(D, p*p*C) -> unpatchify
 
 The parameter names are those of the official ZigMa checkpoints (see
-:mod:`zigzag_mamba.models.official`). ``CONFIGS`` holds the official size presets.
+:mod:`zigzag_mamba.models.official`). :class:`ZigMaConfig` holds the arguments and ``CONFIGS``
+the official size presets (:mod:`zigzag_mamba.models.config`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from zigzag_mamba._deprecation import renamed_kwargs
+from zigzag_mamba.models.config import CONFIGS, RENAMED_KEYS, ZigMaConfig
 from zigzag_mamba.models.official import convert_official_state_dict
 from zigzag_mamba.modules.block import ZigMaBlock
 from zigzag_mamba.modules.embed import (
@@ -30,9 +34,10 @@ from zigzag_mamba.modules.embed import (
     PatchEmbed,
     TimestepEmbedder,
     sincos_2d,
+    unpatchify,
 )
 
-PosEmbed = Literal["none", "sincos", "learned"]
+__all__ = ["CONFIGS", "ZigMaBackbone", "ZigMaConfig"]
 # The file names of huggingface_hub's PyTorchModelHubMixin, so that a saved folder can be pushed
 # to (or was downloaded from) the Hub as it is.
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -53,27 +58,13 @@ class FinalLayer(nn.Module):
 class ZigMaBackbone(nn.Module):
     """The ZigMa denoiser for images (B, C, H, W) or videos (B, T, C, H, W).
 
-    Args:
-        input_size: the latent's (H, W), or one int for square inputs.
-        patch_size, in_channels, dim, depth: as in DiT (the output has ``in_channels`` channels;
-            no learned sigma).
-        scan: the scan pattern (see :class:`~zigzag_mamba.ZigMaBlock`); for videos a
-            ``video_<s|t...>`` pattern such as ``"video_sst"``. Layer i uses order i % k.
-        pos_embed: ``"learned"`` (zero-init table), ``"sincos"`` (MAE's fixed 2-D table, stored
-            as the frozen parameter ``pos_embed``) or ``"none"``. For videos, ``"learned"`` is one
-            table over all T*h*w tokens (the official choice) and ``"sincos"`` the 2-D table in
-            every frame plus a learned, zero-init ``temporal_pos_embedding`` (1, T, D).
-        num_frames: T for video inputs; 0 for images.
-        num_classes: > 0 for class conditioning (labels in ``y``).
-        class_dropout_prob: label dropout in training; > 0 adds the null class ``num_classes``
-            used for classifier-free guidance.
-        d_context: width of text-encoder tokens for text conditioning (``context``): the tokens
-            are projected to D, their mean is added to c and every block cross-attends to them.
-        mixer: ``"mamba"`` or ``"bidirectional"``.
-        ssm_cfg: extra :class:`~zigzag_mamba.Mamba` arguments.
-
-    ``model.config`` holds these arguments (less device and dtype), as :meth:`save_pretrained`
-    writes them.
+    Takes a :class:`ZigMaConfig`, or its fields as keyword arguments (which override the
+    config's when both are given): ``input_size``, ``patch_size``, ``in_channels``, ``dim``,
+    ``depth``, ``pattern``, ``pos_embed``, ``num_frames``, ``num_classes``,
+    ``class_dropout_prob``, ``context_dim``, ``mixer``, ``ssm_cfg``, ``norm_eps``; see
+    :class:`ZigMaConfig` for each. ``model.config`` is that config, as :meth:`save_pretrained`
+    writes it. (Also accepted, as before: ``input_size`` as the first positional argument, and
+    the old names ``scan=`` and ``d_context=``.)
 
     Example::
 
@@ -82,97 +73,58 @@ class ZigMaBackbone(nn.Module):
         torch.Size([2, 4, 8, 8])
     """
 
+    @renamed_kwargs(**RENAMED_KEYS)
     def __init__(
         self,
-        input_size: int | Sequence[int] = 32,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        dim: int = 768,
-        depth: int = 24,
-        scan: str | torch.Tensor | Sequence | None = "zigzag8",
-        pos_embed: PosEmbed = "learned",
-        num_frames: int = 0,
-        num_classes: int = 0,
-        class_dropout_prob: float = 0.1,
-        d_context: int | None = None,
-        mixer: str = "mamba",
-        ssm_cfg: dict | None = None,
-        norm_eps: float = 1e-5,
+        config: ZigMaConfig | None = None,
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        **options: Any,
     ) -> None:
         super().__init__()
+        if config is not None and not isinstance(config, ZigMaConfig):
+            # The first positional argument used to be input_size.
+            config, options = None, {"input_size": config, **options}
+        config = ZigMaConfig(**options) if config is None else replace(config, **options)
+        self.config = config
         factory = {"device": device, "dtype": dtype}
-        self.image_size = self._check_config(input_size, patch_size, pos_embed, dim)
-        # The arguments, as save_pretrained writes them to config.json.
-        self.config = {
-            "input_size": list(self.image_size),
-            "patch_size": patch_size,
-            "in_channels": in_channels,
-            "dim": dim,
-            "depth": depth,
-            "scan": scan,
-            "pos_embed": pos_embed,
-            "num_frames": num_frames,
-            "num_classes": num_classes,
-            "class_dropout_prob": class_dropout_prob,
-            "d_context": d_context,
-            "mixer": mixer,
-            "ssm_cfg": ssm_cfg,
-            "norm_eps": norm_eps,
-        }
-        if num_classes > 0 and d_context is not None:
-            raise ValueError("condition on classes (num_classes) or on text (d_context), not both")
-        self.patch_size, self.in_channels, self.num_frames = patch_size, in_channels, num_frames
-        self.dim, self.depth = dim, depth
-        frame_grid = (self.image_size[0] // patch_size, self.image_size[1] // patch_size)
-        self.grid = (num_frames, *frame_grid) if num_frames else frame_grid
-        self.pos_embed_type = pos_embed
+        self.image_size = config.input_size
+        self.patch_size, self.in_channels = config.patch_size, config.in_channels
+        self.num_frames, self.dim, self.depth = config.num_frames, config.dim, config.depth
+        self.grid = config.grid
+        self.pos_embed_type = config.pos_embed
         self.grad_checkpointing = False
 
-        self.x_embedder = PatchEmbed(patch_size, in_channels, dim, **factory)
-        self.t_embedder = TimestepEmbedder(dim, **factory)
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, config.dim, **factory)
+        self.t_embedder = TimestepEmbedder(config.dim, **factory)
         self.y_embedder: nn.Module | None = None
-        if num_classes > 0:
-            self.y_embedder = LabelEmbedder(num_classes, dim, class_dropout_prob, **factory)
-        elif d_context is not None:
-            self.y_embedder = ContextEmbedder(d_context, dim, **factory)
+        if config.num_classes > 0:
+            self.y_embedder = LabelEmbedder(
+                config.num_classes, config.dim, config.class_dropout_prob, **factory
+            )
+        elif config.context_dim is not None:
+            self.y_embedder = ContextEmbedder(config.context_dim, config.dim, **factory)
         self._build_pos_embed(factory)
 
         self.blocks = nn.ModuleList(
             ZigMaBlock(
-                dim,
+                config.dim,
                 self.grid,
-                scan,
+                config.pattern,
                 layer_idx=i,
-                mixer=mixer,
-                context_dim=dim if d_context is not None else None,
-                norm_eps=norm_eps,
-                ssm_cfg=ssm_cfg,
+                mixer=config.mixer,
+                context_dim=config.dim if config.context_dim is not None else None,
+                norm_eps=config.norm_eps,
+                ssm_cfg=config.ssm_cfg,
                 **factory,
             )
-            for i in range(depth)
+            for i in range(config.depth)
         )
-        self.norm_f = nn.RMSNorm(dim, eps=norm_eps, **factory)
-        self.final_layer = FinalLayer(dim, patch_size * patch_size * in_channels, **factory)
+        self.norm_f = nn.RMSNorm(config.dim, eps=config.norm_eps, **factory)
+        out_features = config.patch_size * config.patch_size * config.in_channels
+        self.final_layer = FinalLayer(config.dim, out_features, **factory)
         self.initialize_weights()
-
-    @staticmethod
-    def _check_config(
-        input_size: int | Sequence[int], patch_size: int, pos_embed: str, dim: int
-    ) -> tuple[int, int]:
-        size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-        if len(size) != 2 or any(s % patch_size or s < patch_size for s in size):
-            raise ValueError(
-                f"input_size must be H or (H, W), each a positive multiple of patch_size "
-                f"{patch_size}; got {input_size!r}"
-            )
-        if pos_embed not in ("none", "sincos", "learned"):
-            raise ValueError(f"pos_embed must be 'none', 'sincos' or 'learned', got {pos_embed!r}")
-        if pos_embed == "sincos" and dim % 4:
-            raise ValueError(f"pos_embed='sincos' needs dim divisible by 4, got {dim}")
-        return size
 
     def _build_pos_embed(self, factory: dict) -> None:
         tokens = math.prod(self.grid)
@@ -195,8 +147,8 @@ class ZigMaBackbone(nn.Module):
         Call it after ``to_empty()`` when the model was built on the meta device.
         """
         for block in self.blocks:
-            if block.scan is not None:
-                block.scan.init_non_persistent_buffers()
+            if block.permutation is not None:
+                block.permutation.init_non_persistent_buffers()
         if self.pos_embed_type == "sincos":
             table = sincos_2d(self.dim, *self.grid[-2:])
             self.pos_embed.copy_(table.repeat(max(self.num_frames, 1), 1).unsqueeze(0))
@@ -272,16 +224,12 @@ class ZigMaBackbone(nn.Module):
             >>> same = ZigMaBackbone.from_pretrained("zigma-b2-run7")
         """
         save_file = _safetensors().save_file
-        if not isinstance(self.config["scan"], str | None):
-            raise ValueError(
-                "save_pretrained records the scan by name; this model was built with explicit "
-                "orders: register them with zigzag_mamba.register_pattern and build with its name"
-            )
+        config = self.config.to_dict()  # raises for explicit orders, before anything is written
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
+        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(
@@ -295,7 +243,7 @@ class ZigMaBackbone(nn.Module):
         """Load a folder written by :meth:`save_pretrained` (strict: every weight must match).
 
         ``overrides`` replace entries of the saved config that do not change any weight's
-        shape, e.g. another ``scan`` pattern. For a model on the Hub, download
+        shape, e.g. another ``pattern``. For a model on the Hub, download
         the folder first (``huggingface_hub.snapshot_download(repo_id)``) and pass its path.
         The model is built on the meta device, so that no weight is initialised only to be
         overwritten.
@@ -307,8 +255,9 @@ class ZigMaBackbone(nn.Module):
             raise FileNotFoundError(
                 f"{directory} is not a saved ZigMaBackbone: {' and '.join(missing)} missing"
             )
-        config = {**json.loads((directory / CONFIG_NAME).read_text()), **overrides}
-        model = cls(**config, device="meta", dtype=dtype).to_empty(device=device or "cpu")
+        config = ZigMaConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+        model = cls(config, device="meta", dtype=dtype, **overrides)
+        model = model.to_empty(device=device or "cpu")
         model.init_non_persistent_buffers()
         model.load_state_dict(load_file(directory / WEIGHTS_NAME), strict=True)
         return model
@@ -326,16 +275,16 @@ class ZigMaBackbone(nn.Module):
             )
         if not self.num_frames:
             return self.x_embedder(x)
-        tokens = self.x_embedder(x.flatten(0, 1))  # (B*T, h*w, D)
-        return tokens.reshape(x.shape[0], -1, self.dim)
+        tokens = self.x_embedder(rearrange(x, "b t c h w -> (b t) c h w"))
+        return rearrange(tokens, "(b t) l d -> b (t l) d", t=self.num_frames)
 
     def _add_positions(self, h: torch.Tensor) -> torch.Tensor:
         if self.pos_embed is not None:
             h = h + self.pos_embed
         if self.temporal_pos_embedding is not None:
-            B, L, D = h.shape
-            h = h.view(B, self.num_frames, -1, D) + self.temporal_pos_embedding.unsqueeze(2)
-            h = h.view(B, L, D)
+            frames = rearrange(h, "b (t l) d -> b t l d", t=self.num_frames)
+            frames = frames + rearrange(self.temporal_pos_embedding, "1 t d -> 1 t 1 d")
+            h = rearrange(frames, "b t l d -> b (t l) d")
         return h
 
     def _condition(
@@ -366,15 +315,6 @@ class ZigMaBackbone(nn.Module):
             raise ValueError("this model is unconditional; got y or context")
         return c, None
 
-    def _unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L, p*p*C) -> (B, C, H, W) or (B, T, C, H, W); each patch laid out (p, q, C)."""
-        p, C = self.patch_size, self.in_channels
-        h, w = self.grid[-2:]
-        frames = (self.num_frames,) if self.num_frames else ()
-        x = x.reshape(x.shape[0], *frames, h, w, p, p, C)
-        x = x.movedim(-1, -5).transpose(-3, -2)  # (..., C, h, p, w, q)
-        return x.reshape(x.shape[0], *frames, C, h * p, w * p)
-
     def forward(
         self,
         x: torch.Tensor,
@@ -385,7 +325,7 @@ class ZigMaBackbone(nn.Module):
         """Predict the model output (e.g. velocity) for ``x`` at time ``t``; same shape as x.
 
         x: (B, C, H, W) or (B, T, C, H, W); t: (B,) in [0, 1] (or a scalar); y: (B,) class
-        labels; context: (B, S, d_context) text tokens.
+        labels; context: (B, S, context_dim) text tokens.
         """
         h = self._add_positions(self._patchify(x))
         c, tokens = self._condition(t, y, context, x.shape[0])
@@ -398,7 +338,7 @@ class ZigMaBackbone(nn.Module):
             else:
                 h, residual = block.forward_residual(h, residual, c, tokens)
         h = self.norm_f((residual + h).to(self.norm_f.weight.dtype)).to(h.dtype)
-        return self._unpatchify(self.final_layer(h))
+        return unpatchify(self.final_layer(h), self.grid, self.patch_size)
 
     def forward_with_cfg(
         self,
@@ -445,20 +385,3 @@ def _safetensors():
             "pip install 'zigzag-mamba[hub]'"
         ) from exc
     return safetensors.torch
-
-
-def _preset(dim: int, depth: int, patch_size: int) -> dict:
-    return {"dim": dim, "depth": depth, "patch_size": patch_size}
-
-
-_SIZES = {"S": (368, 24), "B": (768, 24), "M": (768, 48), "L": (1024, 48), "H": (1536, 48)}
-
-#: Official ZigMa size presets (width x depth, patch 1, 2 or 4) and tiny ones for tests.
-#: Use as ``ZigMaBackbone(input_size=32, in_channels=4, **CONFIGS["ZigMa-B/2"])``.
-CONFIGS: dict[str, dict] = {
-    f"ZigMa-{size}/{p}": _preset(dim, depth, p)
-    for size, (dim, depth) in _SIZES.items()
-    for p in (1, 2, 4)
-}
-CONFIGS["ZigMa-T/1"] = _preset(64, 4, 1)
-CONFIGS["ZigMa-T/2"] = _preset(64, 4, 2)

@@ -70,21 +70,21 @@ def _scan(scan_type: str) -> dict:
         if k not in (1, 2, 4, 8):
             raise ValueError(
                 f"scan_type {scan_type!r}: only zigzagN1/2/4/8 have a named pattern;"
-                " pass scan=zigzag_orders(n, n)[:k] yourself"
+                " pass pattern=zigzag_orders(n, n)[:k] yourself"
             )
-        return {"scan": f"zigzag{k}"}
+        return {"pattern": f"zigzag{k}"}
     video = _VIDEO.fullmatch(scan_type)
     if video:
-        return {"scan": f"video_{video.group(1)}"}
+        return {"pattern": f"video_{video.group(1)}"}
     if scan_type == "v1":
-        return {"scan": None}
+        return {"pattern": None}
     if scan_type == "v2":
-        return {"scan": None, "mixer": "bidirectional"}
+        return {"pattern": None, "mixer": "bidirectional"}
     if scan_type.startswith(("hilbertN", "randomN")):
         raise ValueError(
             f"scan_type {scan_type!r} cannot be reproduced: the official hilbert arrays are "
             "used inverted (not a continuous path) and the random ones differ per process; if "
-            "you have the exact orders, pass them as scan=(k, L) tensor"
+            "you have the exact orders, pass them as pattern=(k, L) tensor"
         )
     raise ValueError(f"unknown official scan_type {scan_type!r}")
 
@@ -114,7 +114,8 @@ def official_config(
     ``zigzag{k}``, ``video_<st>`` / ``zzvideo_<st>`` -> ``video_<st>``, ``v1`` -> no scan,
     ``v2`` -> no scan with the bidirectional mixer), ``use_pe`` (0 none, 1 sincos, 2 learned;
     3 -> none, since the official per-layer tables are never registered, hence stay zero),
-    ``num_classes`` (class tables without null row), ``has_text``/``d_context``,
+    ``num_classes`` (class tables without null row), ``has_text``/``d_context`` ->
+    ``context_dim``,
     ``video_frames -> num_frames``. Training-only options (drop_path_rate, fused_add_norm,
     residual_in_fp32, use_jit, use_checkpoint, m_init, device, dtype, ...) are ignored: they do
     not change the weights' meaning. Official video models agree with ours on 's' layers; their
@@ -124,7 +125,7 @@ def official_config(
     Example::
 
         >>> official_config(img_dim=32, in_channels=4, patch_size=1, embed_dim=768, depth=24,
-        ...                 scan_type="zigzagN8", use_pe=2)["scan"]
+        ...                 scan_type="zigzagN8", use_pe=2)["pattern"]
         'zigzag8'
     """
     if not rms_norm:
@@ -146,7 +147,7 @@ def official_config(
         **_scan(scan_type),
     }
     if has_text:
-        config["d_context"] = d_context
+        config["context_dim"] = d_context
     elif num_classes > 0:
         config.update(num_classes=num_classes, class_dropout_prob=0.0)
     return config

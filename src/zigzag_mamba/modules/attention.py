@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of queries (B, L, D) over a context (B, S, d_context) -> (B, L, D).
+    """Multi-head attention of queries (B, L, D) over a context (B, S, context_dim) -> (B, L, D).
 
     ``heads`` x ``dim_head`` is the inner width (8 x 64 in ZigMa, whatever D is); q, k, v have no
     bias, the output projection has one. Parameter names are the official ones (``to_q``,
@@ -43,7 +44,7 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim, **factory))
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, L, dim_head)
+        return rearrange(x, "b l (heads d) -> b heads l d", heads=self.heads)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if context.dim() != 3 or context.shape[0] != x.shape[0]:
@@ -55,4 +56,4 @@ class CrossAttention(nn.Module):
         k = self._split_heads(self.to_k(context))
         v = self._split_heads(self.to_v(context))
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(out.transpose(1, 2).flatten(2))
+        return self.to_out(rearrange(out, "b heads l d -> b l (heads d)"))

@@ -1,40 +1,42 @@
-"""ZigMaBlock: RMSNorm -> adaLN modulate -> scan -> Mamba -> unscan -> gate, the ZigMa layer.
+"""ZigMaBlock: RMSNorm -> adaLN modulate -> permute -> Mamba -> unpermute -> gate, the ZigMa layer.
 
 The structure is the official one (kept exactly, for checkpoint parity)::
 
     residual = residual + h                      (block 0: residual = h; kept in fp32)
     n        = RMSNorm(residual)
-    h        = n + gate * unscan(Mamba(scan(n * (1 + scale) + shift)))
+    h        = n + gate * unpermute(Mamba(permute(n * (1 + scale) + shift)))
     h        = h + gate2 * CrossAttn(LN(h) * (1 + scale2) + shift2, context)     (text only)
 
 with ``shift, scale, gate(, shift2, scale2, gate2) = adaLN(c)``. Note that ``h`` carries the
 normalised stream ``n`` forward, so the next block adds it to the residual again.
 
-The forward is two stages around the mixer, :meth:`ZigMaBlock.scan_in` (residual add, norm,
-modulate, scan) and :meth:`ZigMaBlock.scan_out` (unscan, gate, add), each a plain PyTorch
-function of its inputs, so that fused kernels can take their place without changing outputs.
+The forward is two stages around the mixer, :meth:`ZigMaBlock.mixer_in` (residual add, norm,
+modulate, permute) and :meth:`ZigMaBlock.mixer_out` (unpermute, gate, add), each one op of
+:mod:`zigzag_mamba.ops.mixer_io`.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
+from einops import rearrange
 from torch import nn
 
+from zigzag_mamba._deprecation import renamed_kwargs
 from zigzag_mamba.modules.attention import CrossAttention
 from zigzag_mamba.modules.mamba import BiMamba, Mamba
-from zigzag_mamba.ops.fused import scan_in as fused_scan_in
-from zigzag_mamba.ops.fused import scan_out as fused_scan_out
+from zigzag_mamba.ops.mixer_io import mixer_in, mixer_out
 from zigzag_mamba.scans import ZigzagScan
 
 _MIXERS: dict[str, type[Mamba]] = {"mamba": Mamba, "bidirectional": BiMamba}
 
 
-def _modulate(
+def modulate(
     x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor | None
 ) -> torch.Tensor:
-    """x (B, L, D) * (1 + scale) + shift, with shift and scale (B, D) per sample."""
+    """adaLN: x (B, L, D) * (1 + scale) + shift, with shift and scale (B, D) per sample."""
     return x if shift is None else x * (1 + scale[:, None]) + shift[:, None]
 
 
@@ -47,10 +49,11 @@ class ZigMaBlock(nn.Module):
 
     Args:
         dim: token width D.
-        grid: the token grid; L must equal its product. Not needed when ``scan`` is None.
-        scan: a pattern name (``"zigzag8"``, ``"sweep2"``, ``"video_sst"``, ... see
+        grid: the token grid; L must equal its product. Not needed when ``pattern`` is None.
+        pattern: a pattern name (``"zigzag8"``, ``"sweep2"``, ``"video_sst"``, ... see
             :mod:`zigzag_mamba.scans`), explicit orders (an (L,) order, a (k, L) tensor or a
             sequence of orders), or None for no permutation at all (a plain Mamba block).
+            (Formerly ``scan=``, still accepted.)
         layer_idx: which order of the pattern's family this layer uses (``layer_idx % k``).
         mixer: ``"mamba"`` or ``"bidirectional"`` (Vim-style forward + reversed scan).
         context_dim: width of the text tokens to cross-attend to; None for no cross-attention.
@@ -72,18 +75,19 @@ class ZigMaBlock(nn.Module):
 
     Example::
 
-        >>> block = ZigMaBlock(dim=64, grid=(4, 4), scan="zigzag8", layer_idx=3)
+        >>> block = ZigMaBlock(dim=64, grid=(4, 4), pattern="zigzag8", layer_idx=3)
         >>> block(torch.randn(2, 16, 64)).shape
         torch.Size([2, 16, 64])
         >>> block(torch.randn(2, 16, 64), c=torch.randn(2, 64)).shape
         torch.Size([2, 16, 64])
     """
 
+    @renamed_kwargs(scan="pattern")
     def __init__(
         self,
         dim: int,
         grid: int | Sequence[int] | None = None,
-        scan: str | torch.Tensor | Sequence | None = "zigzag8",
+        pattern: str | torch.Tensor | Sequence | None = "zigzag8",
         layer_idx: int = 0,
         *,
         mixer: str = "mamba",
@@ -97,14 +101,16 @@ class ZigMaBlock(nn.Module):
         super().__init__()
         if mixer not in _MIXERS:
             raise ValueError(f"mixer must be one of {sorted(_MIXERS)}, got {mixer!r}")
-        if scan is not None and grid is None:
-            raise ValueError("a block with a scan needs its token grid: pass grid=(H, W)")
+        if pattern is not None and grid is None:
+            raise ValueError("a block with a pattern needs its token grid: pass grid=(H, W)")
         factory = {"device": device, "dtype": dtype}
         self.dim = dim
         self.layer_idx = layer_idx
         self.norm = nn.RMSNorm(dim, eps=norm_eps, **factory)
         self.mixer = _MIXERS[mixer](dim, layer_idx=layer_idx, **(ssm_cfg or {}), **factory)
-        self.scan = None if scan is None else ZigzagScan(grid, scan, layer_idx, device=device)
+        self.permutation = (
+            None if pattern is None else ZigzagScan(grid, pattern, layer_idx, device=device)
+        )
         self.msa = self.norm_msa = None
         if context_dim is not None:
             self.msa = CrossAttention(dim, context_dim, **factory)
@@ -116,6 +122,12 @@ class ZigMaBlock(nn.Module):
                 nn.SiLU(), nn.Linear(dim, chunks * dim, **factory)
             )
             self.zero_init_modulation()
+
+    @property
+    def scan(self) -> ZigzagScan | None:
+        """Deprecated name of :attr:`permutation`."""
+        warnings.warn("ZigMaBlock.scan is now ZigMaBlock.permutation", DeprecationWarning, 2)
+        return self.permutation
 
     @torch.no_grad()
     def zero_init_modulation(self) -> None:
@@ -134,43 +146,60 @@ class ZigMaBlock(nn.Module):
             raise ValueError(f"c must have shape (B, {self.dim}), got {tuple(c.shape)}")
         return list(self.adaLN_modulation(c).chunk(chunks, dim=-1))
 
-    def scan_in(
+    def mixer_in(
         self,
         h: torch.Tensor,
         residual: torch.Tensor | None,
         shift: torch.Tensor | None,
         scale: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stage 1, one fused op: residual add -> RMSNorm -> modulate -> scan.
+        """Stage 1, one op: residual add -> RMSNorm -> modulate -> permute.
 
         ``shift``, ``scale`` (B, D) or None. Returns the new residual (B, L, D, in at least
-        fp32), the normalised tokens (B, L, D, in h's dtype) and the mixer's input in scan order
-        (B', seq_len, D).
+        fp32), the normalised tokens ``h_norm`` (B, L, D, in h's dtype) and the mixer's input,
+        permuted (B', seq_len, D); B' = B * L / seq_len differs from B for video patterns.
         """
-        if self.scan is not None:
-            self.scan.check_tokens(h)
-        residual, normed, tokens = fused_scan_in(
+        if self.permutation is not None:
+            self.permutation.check_tokens(h)
+        residual, h_norm, x = mixer_in(
             h, residual, self.norm.weight, shift, scale, *self._orders(), self.norm.eps
         )
-        seq_len = h.shape[1] if self.scan is None else self.scan.seq_len
-        return residual, normed, tokens.reshape(-1, seq_len, *h.shape[2:])
+        seq_len = h.shape[1] if self.permutation is None else self.permutation.seq_len
+        return residual, h_norm, rearrange(x, "b (n l) d -> (b n) l d", l=seq_len)
 
-    def scan_out(
-        self, y: torch.Tensor, normed: torch.Tensor, gate: torch.Tensor | None
+    def mixer_out(
+        self, h_norm: torch.Tensor, gate: torch.Tensor | None, y: torch.Tensor
     ) -> torch.Tensor:
-        """Stage 2, one fused op: unscan the mixer's output, gate it ((B, D) or None), add it
-        to ``normed``."""
-        return fused_scan_out(normed, gate, y.reshape(normed.shape), *self._orders())
+        """Stage 2, one op: unpermute the mixer's output ``y``, gate it ((B, D) or
+        None) and add it to ``h_norm`` (B, L, D)."""
+        y = rearrange(y, "(b n) l d -> b (n l) d", b=h_norm.shape[0])
+        return mixer_out(h_norm, gate, y, *self._orders())
+
+    def scan_in(self, h, residual, shift, scale):
+        """Deprecated name of :meth:`mixer_in`."""
+        warnings.warn("ZigMaBlock.scan_in is now mixer_in", DeprecationWarning, stacklevel=2)
+        return self.mixer_in(h, residual, shift, scale)
+
+    def scan_out(self, y, normed, gate):
+        """Deprecated name of :meth:`mixer_out`, which takes ``(h_norm, gate, y)``."""
+        warnings.warn(
+            "ZigMaBlock.scan_out(y, normed, gate) is now mixer_out(h_norm, gate, y)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.mixer_out(normed, gate, y)
 
     def _orders(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        return (None, None) if self.scan is None else (self.scan.order, self.scan.inverse)
+        if self.permutation is None:
+            return None, None
+        return self.permutation.order, self.permutation.inverse
 
     def _cross_attend(
         self, h: torch.Tensor, context: torch.Tensor | None, shift, scale, gate
     ) -> torch.Tensor:
         if context is None:
             raise ValueError("this block cross-attends to text: pass context (B, S, context_dim)")
-        attended = self.msa(_modulate(self.norm_msa(h), shift, scale), context)
+        attended = self.msa(modulate(self.norm_msa(h), shift, scale), context)
         return _gated_add(h, attended, gate)
 
     def forward_residual(
@@ -188,8 +217,8 @@ class ZigMaBlock(nn.Module):
             raise ValueError("this block has no cross-attention (context_dim=None); got context")
         modulation = self._modulation(c)
         shift, scale, gate = modulation[:3]
-        residual, normed, tokens = self.scan_in(h, residual, shift, scale)
-        h = self.scan_out(self.mixer(tokens), normed, gate)
+        residual, h_norm, x = self.mixer_in(h, residual, shift, scale)
+        h = self.mixer_out(h_norm, gate, self.mixer(x))
         if self.msa is not None:
             h = self._cross_attend(h, context, *modulation[3:])
         return h, residual

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange
 from torch import nn
 
 
@@ -82,7 +83,23 @@ class PatchEmbed(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return rearrange(self.proj(x), "b d h w -> b (h w) d")
+
+
+def unpatchify(x: torch.Tensor, grid: tuple[int, ...], patch_size: int) -> torch.Tensor:
+    """Patch pixels back to images: (B, L, p*p*C) -> (B, C, H, W), or (B, T, C, H, W) for a
+    (T, h, w) grid; each token's pixels laid out (p, q, C), as DiT's final layer writes them.
+
+    Example::
+
+        >>> unpatchify(torch.randn(2, 6, 2 * 2 * 3), (2, 3), 2).shape
+        torch.Size([2, 3, 4, 6])
+    """
+    h, w = grid[-2:]
+    p = patch_size
+    if len(grid) == 3:
+        return rearrange(x, "b (t h w) (p q c) -> b t c (h p) (w q)", h=h, w=w, p=p, q=p)
+    return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=p, q=p)
 
 
 class TimestepEmbedder(nn.Module):
@@ -182,7 +199,7 @@ class LabelEmbedder(nn.Module):
 
 
 class ContextEmbedder(nn.Linear):
-    """Projects text-encoder tokens to the model width: (B, S, d_context) -> (B, S, D).
+    """Projects text-encoder tokens to the model width: (B, S, context_dim) -> (B, S, D).
 
     A plain linear layer (its state-dict keys are the official ``y_embedder.{weight,bias}``);
     the backbone conditions on the mean of the projected tokens and cross-attends to all of them.

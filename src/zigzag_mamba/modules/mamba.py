@@ -19,6 +19,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from zigzag_mamba.ops.backends import resolve
@@ -42,15 +43,16 @@ def _ssm_branch(
     weight = conv1d.weight.squeeze(1).to(x.dtype)
     bias = None if conv1d.bias is None else conv1d.bias.to(x.dtype)
     x = causal_conv1d(x, weight, bias, activation="silu")
-    dt, B, C = x_proj(x.transpose(1, 2)).split([dt_rank, d_state, d_state], dim=-1)
+    # Token-major projections, read by the scan as channel-major views (no copies).
+    dt, B, C = x_proj(rearrange(x, "b d l -> b l d")).split([dt_rank, d_state, d_state], dim=-1)
     # dt_proj's bias is not added here: the scan adds it (in fp32) before the softplus.
-    dt = F.linear(dt, dt_proj.weight).transpose(1, 2)
+    dt = F.linear(dt, dt_proj.weight)
     return selective_scan(
         x,
-        dt,
+        rearrange(dt, "b l d -> b d l"),
         -torch.exp(A_log.float()),
-        B.transpose(1, 2),
-        C.transpose(1, 2),
+        rearrange(B, "b l n -> b n l"),
+        rearrange(C, "b l n -> b n l"),
         D.float(),
         z=z,
         delta_bias=dt_proj.bias.float(),
@@ -167,18 +169,18 @@ class Mamba(nn.Module):
         self._reset_branch(self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
 
     def _in_proj(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2*d_inner, L)
+        xz = rearrange(self.in_proj(hidden_states), "b l d -> b d l")  # (B, 2*d_inner, L)
         return xz.chunk(2, dim=1)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x, z = self._in_proj(hidden_states)
         y = _ssm_branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
-        return self.out_proj(y.transpose(1, 2))
+        return self.out_proj(rearrange(y, "b d l -> b l d"))
 
     def extra_repr(self) -> str:
         try:
             backend = resolve("selective_scan", self.A_log.device.type)
-        except RuntimeError as exc:  # e.g. a module on the meta device has no kernel
+        except (RuntimeError, ValueError) as exc:  # a meta module; a misspelt env var
             backend = f"none ({exc})"
         return (
             f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, "
@@ -222,4 +224,4 @@ class BiMamba(Mamba):
         x, z = self._in_proj(hidden_states)
         y = _ssm_branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
         y_rev = _ssm_branch(x.flip(-1), z.flip(-1), *self._reverse_branch())
-        return self.out_proj((y + y_rev.flip(-1)).transpose(1, 2))
+        return self.out_proj(rearrange(y + y_rev.flip(-1), "b d l -> b l d"))

@@ -1,19 +1,38 @@
-"""Functional ops, each with a reference twin; devices pick their kernels via torch.library."""
+"""Functional ops, each in its own package with a reference twin and its backends.
+
+``selective_scan`` (the SSM), ``permute_tokens`` (token orders), ``mixer_in`` / ``mixer_out``
+(the block's stages around the mixer) and ``causal_conv1d``; :func:`backends` reports what runs
+where and :class:`use_backend` forces a backend (docs/design.md has the rules).
+"""
 
 from zigzag_mamba.ops.backends import backends, use_backend
-from zigzag_mamba.ops.conv import causal_conv1d
-from zigzag_mamba.ops.fused import scan_in, scan_out
+from zigzag_mamba.ops.conv import causal_conv1d, causal_conv1d_reference
+from zigzag_mamba.ops.mixer_io import (
+    mixer_in,
+    mixer_in_reference,
+    mixer_out,
+    mixer_out_reference,
+)
+from zigzag_mamba.ops.mixer_io import (
+    scan_in as scan_in,  # deprecated name of mixer_in
+)
+from zigzag_mamba.ops.mixer_io import (
+    scan_out as scan_out,  # deprecated name of mixer_out
+)
 from zigzag_mamba.ops.permute import inverse_order, permute_tokens, permute_tokens_reference
 from zigzag_mamba.ops.selective_scan import selective_scan, selective_scan_reference
 
 __all__ = [
     "backends",
     "causal_conv1d",
+    "causal_conv1d_reference",
     "inverse_order",
+    "mixer_in",
+    "mixer_in_reference",
+    "mixer_out",
+    "mixer_out_reference",
     "permute_tokens",
     "permute_tokens_reference",
-    "scan_in",
-    "scan_out",
     "selective_scan",
     "selective_scan_reference",
     "use_backend",

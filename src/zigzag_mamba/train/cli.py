@@ -50,7 +50,7 @@ def _register_train(subparsers) -> None:
         "--model-arg",
         action="append",
         metavar="KEY=VALUE",
-        help="a ZigMaBackbone argument, e.g. depth=8 or scan=zigzag8 (repeatable)",
+        help="a ZigMaBackbone argument, e.g. depth=8 or pattern=zigzag8 (repeatable)",
     )
     parser.add_argument(
         "--resume",

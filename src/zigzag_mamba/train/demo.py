@@ -159,7 +159,7 @@ def _run(config: DemoConfig) -> dict[str, Any]:
         dim=config.dim,
         depth=config.depth,
         patch_size=config.patch_size,
-        scan="zigzag8",
+        pattern="zigzag8",
     )
     torch.manual_seed(config.seed)
     model = build_model(spec)

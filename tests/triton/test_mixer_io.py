@@ -15,10 +15,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from zigzag_mamba.ops import triton as triton_kernels
-from zigzag_mamba.ops.fused import scan_in, scan_in_reference, scan_out, scan_out_reference
+import zigzag_mamba
+from zigzag_mamba.ops.backends import resolve
+from zigzag_mamba.ops.mixer_io import mixer_in, mixer_in_reference, mixer_out, mixer_out_reference
+from zigzag_mamba.ops.mixer_io import triton as kernels
 from zigzag_mamba.ops.permute import inverse_order
-from zigzag_mamba.ops.triton import fused as kernels
+from zigzag_mamba.ops.utils import poisoned_outputs
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -42,7 +44,7 @@ def _matrix(variants: list[str]) -> list:
 
 @dataclass
 class Case:
-    """Inputs of one scan_in/scan_out call; absent optional inputs are None."""
+    """Inputs of one mixer_in/mixer_out call; absent optional inputs are None."""
 
     h: torch.Tensor
     residual: torch.Tensor | None
@@ -104,7 +106,7 @@ def _assert_within_2x(name: str, out: torch.Tensor, torch_out: torch.Tensor, ref
     )
 
 
-def _scan_in_grads(case: Case, upstream, fn=scan_in_reference, to=lambda t: t):
+def _mixer_in_grads(case: Case, upstream, fn=mixer_in_reference, to=lambda t: t):
     """Outputs of ``fn`` on the case's inputs mapped by ``to``, and their input gradients."""
     inputs = [to(t) for t in (case.h, case.residual, case.weight, case.shift, case.scale)]
     leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
@@ -113,10 +115,10 @@ def _scan_in_grads(case: Case, upstream, fn=scan_in_reference, to=lambda t: t):
     return outs, [None if t is None else t.grad for t in leaves]
 
 
-def _upstream_scan_in(case: Case, seed: int = 1) -> list[torch.Tensor]:
+def _upstream_mixer_in(case: Case, seed: int = 1) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     shape, dtype = case.h.shape, case.h.dtype
-    # In the dtypes of the outputs (residual, h_norm, x_scan), so every run sees equal values.
+    # In the dtypes of the outputs (residual, h_norm, x), so every run sees equal values.
     return [_randn(gen, *shape), _randn(gen, *shape, dtype=dtype), _randn(gen, *shape, dtype=dtype)]
 
 
@@ -130,23 +132,23 @@ VARIANTS = {
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("shape", "variant"), _matrix(list(VARIANTS)))
-def test_scan_in_forward_and_backward(shape, dtype, variant):
+def test_mixer_in_forward_and_backward(shape, dtype, variant):
     case = _case(shape, dtype, **VARIANTS[variant])
-    upstream = _upstream_scan_in(case)
-    ref_outs, ref_grads = _scan_in_grads(case, upstream, to=_f64)
-    torch_outs, torch_grads = _scan_in_grads(case, upstream)
+    upstream = _upstream_mixer_in(case)
+    ref_outs, ref_grads = _mixer_in_grads(case, upstream, to=_f64)
+    torch_outs, torch_grads = _mixer_in_grads(case, upstream)
     inverse = case.inverse
-    with triton_kernels.poisoned_outputs():
-        outs = kernels.scan_in_forward(
-            case.h, case.residual, case.weight, case.shift, case.scale, inverse, 1e-5
+    with poisoned_outputs():
+        outs = kernels.mixer_in_forward(
+            case.h, case.residual, case.weight, case.shift, case.scale, case.order, inverse, 1e-5
         )
         g = [u.to(o.dtype) for u, o in zip(upstream, outs, strict=True)]
-        grads = kernels.scan_in_backward(
+        grads = kernels.mixer_in_backward(
             *g, outs[0], case.weight, case.shift, case.scale, case.residual is not None,
-            inverse, 1e-5,
+            case.order, inverse, 1e-5,
         )  # fmt: skip
     for name, out, torch_out, ref in zip(
-        ("residual", "h_norm", "x_scan"), outs, torch_outs, ref_outs, strict=True
+        ("residual", "h_norm", "x"), outs, torch_outs, ref_outs, strict=True
     ):
         _assert_within_2x(name, out, torch_out.detach(), ref.detach())
     for name, grad, torch_grad, ref in zip(("h", "residual", "weight", "shift", "scale"), grads,
@@ -158,29 +160,29 @@ def test_scan_in_forward_and_backward(shape, dtype, variant):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("shape", "variant"), _matrix(["gate", "no_gate", "gate_no_scan"]))
-def test_scan_out_forward_and_backward(shape, dtype, variant):
+def test_mixer_out_forward_and_backward(shape, dtype, variant):
     gated, scanned = variant != "no_gate", variant != "gate_no_scan"
     gen = torch.Generator().manual_seed(3)
     b, length, d = shape
-    h_norm, y_seq, g_out = (_randn(gen, b, length, d, dtype=dtype) for _ in range(3))
+    h_norm, y, g_out = (_randn(gen, b, length, d, dtype=dtype) for _ in range(3))
     gate = _randn(gen, b, d, dtype=dtype) if gated else None
     order = torch.randperm(length, generator=gen).to(DEVICE) if scanned else None
     inverse = None if order is None else inverse_order(order)
 
     def reference(to):
-        leaves = [None if t is None else to(t).detach().requires_grad_() for t in (y_seq, gate)]
-        out = scan_out_reference(to(h_norm), leaves[1], leaves[0], inverse)
+        leaves = [None if t is None else to(t).detach().requires_grad_() for t in (y, gate)]
+        out = mixer_out_reference(to(h_norm), leaves[1], leaves[0], inverse)
         out.backward(to(g_out))
         return out.detach(), [None if t is None else t.grad for t in leaves]
 
     ref_out, ref_grads = reference(_f64)
     torch_out, torch_grads = reference(lambda t: t)
-    with triton_kernels.poisoned_outputs():
-        out = kernels.scan_out_forward(h_norm, gate, y_seq, inverse)
-        grads = kernels.scan_out_backward(g_out, gate, y_seq, inverse)
+    with poisoned_outputs():
+        out = kernels.mixer_out_forward(h_norm, gate, y, order, inverse)
+        grads = kernels.mixer_out_backward(g_out, gate, y, order, inverse)
     _assert_within_2x("out", out, torch_out, ref_out)
     for name, grad, torch_grad, ref in zip(
-        ("y_seq", "gate"), grads, torch_grads, ref_grads, strict=True
+        ("y", "gate"), grads, torch_grads, ref_grads, strict=True
     ):
         assert (grad is None) == (ref is None), name
         if grad is not None:
@@ -193,34 +195,34 @@ def test_strided_conditioning_is_accepted():
     c = _randn(torch.Generator().manual_seed(5), 2, 120)
     shift, scale, gate = c.chunk(3, dim=-1)
     inverse = case.inverse
-    with triton_kernels.poisoned_outputs():
-        outs = kernels.scan_in_forward(
-            case.h, case.residual, case.weight, shift, scale, inverse, 1e-5
+    with poisoned_outputs():
+        outs = kernels.mixer_in_forward(
+            case.h, case.residual, case.weight, shift, scale, case.order, inverse, 1e-5
         )
-        out = kernels.scan_out_forward(outs[1], gate, outs[2], inverse)
-    ref = scan_in_reference(case.h, case.residual, case.weight, shift, scale, case.order)
+        out = kernels.mixer_out_forward(outs[1], gate, outs[2], case.order, inverse)
+    ref = mixer_in_reference(case.h, case.residual, case.weight, shift, scale, case.order)
     for got, expected in zip(outs, ref, strict=True):
         torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(out, scan_out_reference(ref[1], gate, ref[2], inverse))
+    torch.testing.assert_close(out, mixer_out_reference(ref[1], gate, ref[2], inverse))
 
 
-@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_block_ops_dispatch_to_the_kernels_on_cuda(dtype):
-    """Through the custom ops and autograd, the CUDA path agrees with the CPU reference path."""
-    import zigzag_mamba
+def test_the_ops_dispatch_to_the_kernels(dtype):
+    """Through the custom ops and autograd, the Triton backend agrees with the torch one."""
 
     def run(case: Case, backend: str) -> list[torch.Tensor]:
-        with zigzag_mamba.use_backend(fused_scan=backend):
-            outs, grads = _scan_in_grads(case, _upstream_scan_in(case), fn=scan_in)
+        with zigzag_mamba.use_backend(mixer_io=backend), poisoned_outputs():
+            assert resolve("mixer_io", DEVICE) == backend
+            outs, grads = _mixer_in_grads(case, _upstream_mixer_in(case), fn=mixer_in)
         return [o.detach() for o in outs] + grads
 
-    case = _case((2, 300, 768), dtype)
-    assert zigzag_mamba.backends()["fused_scan"]["cuda"] == "triton"
+    case = _case((2, 300, 768) if ON_GPU else (2, 45, 24), dtype)
+    if ON_GPU:
+        assert zigzag_mamba.backends()["mixer_io"]["cuda"] == "triton"
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     for fast, slow in zip(run(case, "triton"), run(case, "torch"), strict=True):
         torch.testing.assert_close(fast, slow, atol=tol, rtol=tol)
     gate, y = case.shift.clone(), case.h.flip(1)
-    with zigzag_mamba.use_backend(fused_scan="triton"):
-        fast = scan_out(case.h, gate, y, case.order)
-    torch.testing.assert_close(fast, scan_out_reference(case.h, gate, y, case.inverse))
+    with zigzag_mamba.use_backend(mixer_io="triton"):
+        fast = mixer_out(case.h, gate, y, case.order)
+    torch.testing.assert_close(fast, mixer_out_reference(case.h, gate, y, case.inverse))

@@ -1,23 +1,36 @@
 """Token permutation along the sequence axis: ``permute_tokens(x, order) == x[:, order]``.
 
 One ``torch.library`` custom op with a fake (shape) rule and an autograd rule, so that
-``torch.compile`` traces through it without a graph break and each device picks its kernel
-without callers changing: CUDA tensors go through a Triton row-gather kernel when Triton can run
-(backend ``"triton"``), everything else through ``index_select`` (backend ``"torch"``). The
-backward of a permutation is the permutation by the inverse order, i.e. the same op with
-``order`` and ``inverse`` swapped, so it uses the same kernel and higher derivatives come free.
+``torch.compile`` traces through it without a graph break and each device picks its backend
+without callers changing: a Triton row gather (:mod:`.triton`) for CUDA tensors when Triton can
+run, ``index_select`` everywhere else (backend ``"torch"``). The backward of a permutation is
+the permutation by the inverse order, i.e. the same op with ``order`` and ``inverse`` swapped,
+so it uses the same kernel and higher derivatives come free.
 """
 
 from __future__ import annotations
 
 import torch
 
-from zigzag_mamba.ops import triton as triton_kernels
-from zigzag_mamba.ops.backends import register_backend, resolve
+from zigzag_mamba.ops.backends import (
+    backend_module,
+    implementation,
+    register_backend,
+    triton_probe,
+)
+
+OP = "permute_tokens"
 
 # Registration order is preference order for "auto": Triton first wherever it can run.
-register_backend("permute_tokens", "triton", ("cuda",), triton_kernels.unavailable_reason)
-register_backend("permute_tokens", "torch", ("cpu", "cuda", "mps", "xpu", "meta"))
+register_backend(
+    OP,
+    "triton",
+    f"{__name__}.triton",
+    ("cuda",),
+    probe=triton_probe(f"{__name__}.triton"),
+    forced_device_types=("cpu",),
+)
+register_backend(OP, "torch", __name__, ("cpu", "cuda", "mps", "xpu"))
 
 
 def permute_tokens_reference(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -25,20 +38,16 @@ def permute_tokens_reference(x: torch.Tensor, order: torch.Tensor) -> torch.Tens
     return x[:, order]
 
 
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The ``torch`` backend: ``x[:, index]`` by ``index_select``, up to twice as fast as
+    advanced indexing on the CPU."""
+    return x.index_select(1, index)
+
+
 @torch.library.custom_op("zigzag_mamba::permute_tokens", mutates_args=())
 def _permute_tokens(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    return x.index_select(1, order)
-
-
-@_permute_tokens.register_kernel("cuda")
-def _(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    if resolve("permute_tokens", "cuda") == "triton":
-        # Imported here, not at module import: importing zigzag_mamba must not import Triton.
-        from zigzag_mamba.ops.triton.permute import gather_tokens
-
-        with torch.cuda.device(x.device):  # Triton launches on the current device
-            return gather_tokens(x, order)
-    return x.index_select(1, order)
+    backend = implementation(OP, x.device.type)
+    return backend_module(OP, backend).gather_tokens(x, order)
 
 
 @_permute_tokens.register_fake

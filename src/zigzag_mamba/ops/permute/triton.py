@@ -1,4 +1,5 @@
-"""Row gather along the token axis: ``out[b, i] = x[b, index[i]]`` for x of shape (B, L, C).
+"""The ``triton`` backend of ``permute_tokens``: a row gather along the token axis,
+``out[b, i] = x[b, index[i]]`` for x of shape (B, L, C).
 
 A permutation moves whole token rows, so the kernel is a copy whose source row is looked up:
 each program copies a tile of ``BLOCK_L`` rows x ``BLOCK_C`` channels, reading the ``BLOCK_L``
@@ -12,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zigzag_mamba.ops.triton import new_empty, next_power_of_2
+from zigzag_mamba.ops.utils import launch_device, new_empty, next_power_of_2
 
 # Elements per program: large enough that a program moves a few KiB (so launch and index reads
 # are amortised), small enough that a (8, 16384, 768) tensor still spreads over every SM.
@@ -82,7 +83,8 @@ def gather_tokens(
     channels = x3.shape[2]
     out = new_empty((batch, index.shape[0], channels), x.dtype, x.device)
     if out.numel() > 0:
-        _launch(x3, index.contiguous(), out, block_l, num_warps)
+        with launch_device(x):
+            _launch(x3, index.contiguous(), out, block_l, num_warps)
     return out.view(batch, index.shape[0], *x.shape[2:])
 
 

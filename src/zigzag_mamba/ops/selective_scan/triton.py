@@ -1,4 +1,4 @@
-"""Triton forward and backward kernels for the Mamba-1 selective scan.
+"""The ``triton`` backend: Triton forward and backward kernels for the selective scan.
 
 Semantics and layouts are those of
 :func:`zigzag_mamba.ops.selective_scan.selective_scan_reference`: u, delta, z (B, D, L);
@@ -14,7 +14,8 @@ registers while it walks the sequence one step at a time, storing the results of
 (B, D, n_chunks, N) fp32), so the backward never needs all L states: it walks the chunks last to
 first, replays the chunk forward from its checkpoint into a per-program scratch buffer
 (``CHUNK`` states, small enough to stay in L2), then runs the adjoint recurrence backward over
-the chunk, carrying dL/dx across chunk boundaries in registers.
+the chunk, carrying dL/dx across chunk boundaries in registers. The backward's symbols (adj,
+carry, q, adj_b) are those derived in :mod:`zigzag_mamba.ops.selective_scan`.
 
 Reductions across programs are deterministic (no atomics): each program writes its share of
 dB and dC (summed over its own channels) to a (B, G, n_blocks, L, N) fp32 buffer, and of dA,
@@ -29,20 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
-from zigzag_mamba.ops.triton import new_empty, next_power_of_2
+from zigzag_mamba.ops.selective_scan.inputs import ScanGrads, ScanInputs
+from zigzag_mamba.ops.utils import launch_device, new_empty, next_power_of_2
 
-# Steps per checkpoint: the backward replays at most this many steps per chunk and keeps their
-# states in scratch; the checkpoints cost N * 4 bytes per channel per CHUNK steps.
-DEFAULT_CHUNK = 64
-# State elements per program, and steps whose results are stored together. Measured on an H100
-# at B=2, D=1536, N=16, L=4096 (bf16), in two sweeps: 4 channels x 4 steps ran fastest for both
-# kernels, 15% (forward) and 17% (backward) ahead of 4 x 16 and 2 x 8 (one shape timed twice
-# varied by 8%); 8 channels x 16 steps spill registers in the backward.
+# State elements per program, and steps whose results are stored together: the fastest of the
+# launch sweep in benchmarks/bench_triton_scan.py on an H100 (docs/triton_scan.md has the
+# numbers); 8 channels x 16 steps spill registers in the backward.
 _TILE_FWD, _STEPS_FWD = 64, 4
 _TILE_BWD, _STEPS_BWD = 64, 4
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); the last three are None without D, z, delta_bias.
-Grads = tuple[torch.Tensor | None, ...]
 
 
 @triton.jit
@@ -106,7 +101,7 @@ def _scan_fwd_kernel(
         for t0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, L), STEPS):
             # The outputs of STEPS steps are stored together after them, one (BLOCK_D, STEPS)
             # tile, so that no store (which the next step's loads might alias) sits between two
-            # steps. On an H100 this alone gained little; the tile sizes mattered more.
+            # steps.
             ys = tl.zeros((BLOCK_D, STEPS), dtype=tl.float32)
             for j in tl.static_range(STEPS):
                 t = t0 + j
@@ -158,11 +153,12 @@ def _scan_bwd_kernel(
     # Each program replays its chunk into its own CHUNK x (BLOCK_D, BLOCK_N) slice of scratch.
     slots = scratch_ptr + tl.program_id(0).to(tl.int64) * (CHUNK * BLOCK_D * BLOCK_N)
     slots += tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + n[None, :]
-    # adj = dL/dx_t flowing in from steps after t; at t = L - 1 that is the last state's grad.
+    # carry = a_{t+1} adj_{t+1}, what the steps after t pass back to x_t; the last state's
+    # gradient at t = L - 1.
     if HAS_GLAST:
-        adj = tl.load(glast_ptr + state, mask=tile_mask, other=0.0).to(tl.float32)
+        carry = tl.load(glast_ptr + state, mask=tile_mask, other=0.0).to(tl.float32)
     else:
-        adj = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -189,7 +185,7 @@ def _scan_bwd_kernel(
         tl.debug_barrier()
         # The reverse walk, STEPS steps at a time (the latest first); as in the forward, their
         # results are stored together after them. Steps before `start` (the chunk's first group
-        # may be partial) load zeros, which leave adj and every sum unchanged.
+        # may be partial) load zeros, which leave the carry and every sum unchanged.
         for r0 in range(0, stop - start, STEPS):
             top = stop - 1 - r0
             du_s = tl.zeros((BLOCK_D, STEPS), dtype=tl.float32)
@@ -210,29 +206,29 @@ def _scan_bwd_kernel(
                 g = tl.load(gout_ptr + rows + t, mask=live_d, other=0.0).to(tl.float32)
                 decay = tl.exp(dt[:, None] * A)
                 x = decay * x_prev + (dt * u)[:, None] * b_t[None, :]
+                dy = g
                 if HAS_Z:
                     zt = tl.load(z_ptr + rows + t, mask=live_d, other=0.0).to(tl.float32)
                     gate = tl.sigmoid(zt)
                     y = tl.sum(x * c_t[None, :], axis=1) + skip * u
                     dz = g * y * gate * (1.0 + zt * (1.0 - gate))
                     dz_s = tl.where(steps[None, :] == j, dz[:, None], dz_s)
-                    g *= zt * gate
-                # h = dL/dx_t: through y_t now, and through x_{t+1} (adj) later.
-                h = adj + g[:, None] * c_t[None, :]
-                h_b = tl.sum(h * b_t[None, :], axis=1)
-                adj = h * decay
-                # d/d(dt) of exp(dt A) x_prev + dt u B  is  A exp(dt A) x_prev + u B.
-                ddt = tl.sum(adj * x_prev * A, axis=1) + u * h_b
-                dA += dt[:, None] * adj * x_prev
+                    dy = g * (zt * gate)
+                adj = carry + dy[:, None] * c_t[None, :]
+                adj_b = tl.sum(adj * b_t[None, :], axis=1)
+                carry = adj * decay
+                # ddt = sum_n q A + u adj_b, with q = carry * x_prev (= adj * decay * x_prev).
+                ddt = tl.sum(carry * x_prev * A, axis=1) + u * adj_b
+                dA += dt[:, None] * carry * x_prev
                 if SOFTPLUS:
                     ddt *= tl.sigmoid(raw)
-                dD += g * u
+                dD += dy * u
                 dbias += ddt
-                du = dt * h_b + skip * g
+                du = dt * adj_b + skip * dy
                 du_s = tl.where(steps[None, :] == j, du[:, None], du_s)
                 ddt_s = tl.where(steps[None, :] == j, ddt[:, None], ddt_s)
-                db = tl.sum(h * (dt * u)[:, None], axis=0)
-                dc = tl.sum(x * g[:, None], axis=0)
+                db = tl.sum(adj * (dt * u)[:, None], axis=0)
+                dc = tl.sum(x * dy[:, None], axis=0)
                 db_s = tl.where(steps[:, None] == j, db[None, :], db_s)
                 dc_s = tl.where(steps[:, None] == j, dc[None, :], dc_s)
             ts = top - steps
@@ -286,23 +282,18 @@ def _launch_shape(
     return block_d, block_n, triton.cdiv(channels_per_group, block_d)
 
 
-def _flags(
-    D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None
-) -> dict[str, bool]:
-    return {"HAS_D": D is not None, "HAS_Z": z is not None, "HAS_BIAS": delta_bias is not None}
+def _flags(x: ScanInputs) -> dict[str, bool]:
+    return {
+        "HAS_D": x.D is not None,
+        "HAS_Z": x.z is not None,
+        "HAS_BIAS": x.delta_bias is not None,
+        "SOFTPLUS": x.delta_softplus,
+    }
 
 
-def _check(*tensors: torch.Tensor | None) -> None:
-    """Shapes the kernels index by, and dtypes they compute in fp32 without losing precision."""
-    u, delta, A, B = tensors[:4]
-    if u.dim() != 3 or delta.shape != u.shape or A.dim() != 2 or A.shape[0] != u.shape[1]:
-        raise ValueError(f"expected u, delta (B, D, L) and A (D, N), got {u.shape}, {A.shape}")
-    groups = B.shape[1] if B.dim() == 4 else 1
-    if u.shape[1] % groups:
-        raise ValueError(f"channels ({u.shape[1]}) must be divisible by B/C groups ({groups})")
-    for t in tensors:
-        if t is not None and t.dtype not in _DTYPES:
-            raise TypeError(f"the Triton scan takes fp32, fp16 or bf16 tensors, not {t.dtype}")
+def _optional(x: ScanInputs, placeholder: torch.Tensor) -> list[torch.Tensor]:
+    """D, z and delta_bias made contiguous; an absent one passes a placeholder pointer."""
+    return [placeholder if t is None else t.contiguous() for t in (x.D, x.z, x.delta_bias)]
 
 
 def _check_powers_of_two(**sizes: int) -> None:
@@ -311,101 +302,80 @@ def _check_powers_of_two(**sizes: int) -> None:
             raise ValueError(f"{name} must be a power of two, got {value}")
 
 
-def selective_scan_triton_fwd(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None,
-    z: torch.Tensor | None,
-    delta_bias: torch.Tensor | None,
-    delta_softplus: bool,
+def forward(
+    x: ScanInputs,
+    chunk: int,
     *,
-    chunk_size: int = DEFAULT_CHUNK,
     block_d: int | None = None,
     steps: int = _STEPS_FWD,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the scan; return ``(out, last_state, checkpoints)``.
 
     ``out`` (B, D, L) has u's dtype; ``last_state`` (B, D, N) and ``checkpoints``
-    (B, D, ceil(L / chunk_size), N), the state entering each chunk, are fp32. ``chunk_size``
-    (a power of two) trades checkpoint memory against the backward's scratch. ``block_d``
-    (channels per program) and ``steps`` (steps whose outputs are stored together, capped at N
-    and the chunk), both powers of two, override the launch defaults, for benchmarking.
+    (B, D, ceil(L / chunk), N), the state entering each chunk, are fp32. ``chunk`` (a power of
+    two) trades checkpoint memory against the backward's scratch. ``block_d`` (channels per
+    program) and ``steps`` (steps whose outputs are stored together, capped at N and the
+    chunk), both powers of two, override the launch defaults, for benchmarking.
     """
-    _check(u, delta, A, B, C, D, z, delta_bias)
-    _check_powers_of_two(chunk_size=chunk_size, block_d=block_d or 1, steps=steps)
+    _check_powers_of_two(chunk=chunk, block_d=block_d or 1, steps=steps)
+    u = x.u
     batch, channels, length = u.shape
-    n_state = A.shape[1]
-    Bg, Cg = _grouped(B), _grouped(C)
-    per_group = channels // Bg.shape[1]
-    n_chunks = max(1, triton.cdiv(length, chunk_size))
+    n_state = x.A.shape[1]
+    Bg, Cg = _grouped(x.B), _grouped(x.C)
+    per_group = channels // x.groups
+    n_chunks = triton.cdiv(length, chunk)
     out = new_empty((batch, channels, length), u.dtype, u.device)
     last = new_empty((batch, channels, n_state), torch.float32, u.device)
     ckpt = new_empty((batch, channels, n_chunks, n_state), torch.float32, u.device)
     block_d, block_n, blocks = _launch_shape(
-        batch * Bg.shape[1], per_group, n_state, u.device, block_d, _TILE_FWD
+        batch * x.groups, per_group, n_state, u.device, block_d, _TILE_FWD
     )
     u_ = u.contiguous()
-    _scan_fwd_kernel[(batch * Bg.shape[1] * blocks,)](
-        u_, delta.contiguous(), A.contiguous(), Bg, Cg,
-        u_ if D is None else D.contiguous(),
-        u_ if z is None else z.contiguous(),
-        u_ if delta_bias is None else delta_bias.contiguous(),
-        out, last, ckpt,
-        length, channels, per_group, blocks, n_state, n_chunks,
-        SOFTPLUS=delta_softplus, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk_size,
-        STEPS=min(steps, block_n, chunk_size), num_warps=1, **_flags(D, z, delta_bias),
-    )  # fmt: skip
+    with launch_device(u):
+        _scan_fwd_kernel[(batch * x.groups * blocks,)](
+            u_, x.delta.contiguous(), x.A.contiguous(), Bg, Cg, *_optional(x, u_),
+            out, last, ckpt,
+            length, channels, per_group, blocks, n_state, n_chunks,
+            BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk,
+            STEPS=min(steps, block_n, chunk), num_warps=1, **_flags(x),
+        )  # fmt: skip
     return out, last, ckpt
 
 
-def selective_scan_triton_bwd(
-    grad_out: torch.Tensor | None,
-    grad_last_state: torch.Tensor | None,
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None,
-    z: torch.Tensor | None,
-    delta_bias: torch.Tensor | None,
+def backward(
+    x: ScanInputs,
     checkpoints: torch.Tensor,
-    delta_softplus: bool,
+    dout: torch.Tensor,
+    dlast: torch.Tensor | None,
+    chunk: int,
     *,
     block_d: int | None = None,
     steps: int = _STEPS_BWD,
-) -> Grads:
-    """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)``, each in its input's dtype.
+) -> ScanGrads:
+    """The gradients, each in its input's dtype, from the forward's ``checkpoints``.
 
-    Takes the forward's inputs and its ``checkpoints`` (the chunk size is recovered from their
-    count); ``grad_out`` or ``grad_last_state`` may be None (no gradient flows from it). The
-    gradients of absent optional inputs (D, z, delta_bias) are None. ``block_d`` and ``steps``
+    ``dlast`` may be None (no gradient flows from the last state). ``block_d`` and ``steps``
     override the launch defaults as in the forward (they need not match the forward's).
     """
-    _check(u, delta, A, B, C, D, z, delta_bias)
     _check_powers_of_two(block_d=block_d or 1, steps=steps)
+    u = x.u
     batch, channels, length = u.shape
-    n_state = A.shape[1]
-    Bg, Cg = _grouped(B), _grouped(C)
-    groups = Bg.shape[1]
+    n_state = x.A.shape[1]
+    Bg, Cg = _grouped(x.B), _grouped(x.C)
+    groups = x.groups
     per_group = channels // groups
     n_chunks = checkpoints.shape[2]
-    # Chunks are powers of two and ceil(L / chunk) == n_chunks, which pins chunk down (for one
-    # chunk, to anything >= L: the smallest such power of two also keeps the scratch smallest).
-    chunk = next_power_of_2(triton.cdiv(length, n_chunks))
+    # One chunk of replayed states per program; a single chunk needs only the next power of
+    # two above L, which keeps the scratch small for short sequences.
+    chunk = min(chunk, next_power_of_2(length))
     block_d, block_n, blocks = _launch_shape(
-        batch * Bg.shape[1], per_group, n_state, u.device, block_d, _TILE_BWD
+        batch * groups, per_group, n_state, u.device, block_d, _TILE_BWD
     )
     programs = batch * groups * blocks
     device = u.device
-    if grad_out is None:
-        grad_out = torch.zeros_like(u)
     du = new_empty(u.shape, u.dtype, device)
-    ddelta = new_empty(u.shape, delta.dtype, device)
-    dz = new_empty(u.shape, z.dtype, device) if z is not None else None
+    ddelta = new_empty(u.shape, x.delta.dtype, device)
+    dz = new_empty(u.shape, x.z.dtype, device) if x.z is not None else None
     dA = new_empty((batch, channels, n_state), torch.float32, device)
     dD = new_empty((batch, channels), torch.float32, device)
     dbias = new_empty((batch, channels), torch.float32, device)
@@ -413,29 +383,26 @@ def selective_scan_triton_bwd(
     dC = new_empty((batch, groups, blocks, length, n_state), torch.float32, device)
     scratch = torch.empty(programs * chunk * block_d * block_n, dtype=torch.float32, device=device)
     u_ = u.contiguous()
-    _scan_bwd_kernel[(programs,)](
-        grad_out.contiguous(),
-        u_ if grad_last_state is None else grad_last_state.contiguous(),
-        u_, delta.contiguous(), A.contiguous(), Bg, Cg,
-        u_ if D is None else D.contiguous(),
-        u_ if z is None else z.contiguous(),
-        u_ if delta_bias is None else delta_bias.contiguous(),
-        checkpoints.contiguous(), scratch,
-        du, ddelta, du if dz is None else dz, dA, dD, dbias, dB, dC,
-        length, channels, per_group, blocks, n_state, n_chunks,
-        SOFTPLUS=delta_softplus, HAS_GLAST=grad_last_state is not None,
-        BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, STEPS=min(steps, block_n, chunk),
-        num_warps=1, **_flags(D, z, delta_bias),
-    )  # fmt: skip
-    return (
+    with launch_device(u):
+        _scan_bwd_kernel[(programs,)](
+            dout.contiguous(), u_ if dlast is None else dlast.contiguous(),
+            u_, x.delta.contiguous(), x.A.contiguous(), Bg, Cg, *_optional(x, u_),
+            checkpoints.contiguous(), scratch,
+            du, ddelta, du if dz is None else dz, dA, dD, dbias, dB, dC,
+            length, channels, per_group, blocks, n_state, n_chunks,
+            HAS_GLAST=dlast is not None,
+            BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, STEPS=min(steps, block_n, chunk),
+            num_warps=1, **_flags(x),
+        )  # fmt: skip
+    return ScanGrads(
         du,
         ddelta,
-        dA.sum(0).to(A.dtype),
-        _reduce_bc(dB, B),
-        _reduce_bc(dC, C),
-        None if D is None else dD.sum(0).to(D.dtype),
+        dA.sum(0).to(x.A.dtype),
+        _reduce_bc(dB, x.B),
+        _reduce_bc(dC, x.C),
+        None if x.D is None else dD.sum(0).to(x.D.dtype),
         dz,
-        None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype),
+        None if x.delta_bias is None else dbias.sum(0).to(x.delta_bias.dtype),
     )
 
 
@@ -443,43 +410,3 @@ def _reduce_bc(partial: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B, G, blocks, L, N) per-program sums -> the layout and dtype of B or C."""
     total = partial.sum(2).transpose(-1, -2).to(like.dtype)
     return (total.squeeze(1) if like.dim() == 3 else total).contiguous()
-
-
-class _SelectiveScanTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size):  # type: ignore[override]
-        out, last, ckpt = selective_scan_triton_fwd(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size=chunk_size
-        )
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
-        ctx.delta_softplus = delta_softplus
-        ctx.set_materialize_grads(False)
-        return out, last
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_last):  # type: ignore[override]
-        grads = selective_scan_triton_bwd(
-            grad_out, grad_last, *ctx.saved_tensors, ctx.delta_softplus
-        )
-        return (*grads, None, None)
-
-
-def selective_scan_triton(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-    *,
-    chunk_size: int = DEFAULT_CHUNK,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable Triton scan with the signature of ``selective_scan_reference``."""
-    out, last = _SelectiveScanTriton.apply(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size
-    )
-    return (out, last) if return_last_state else out

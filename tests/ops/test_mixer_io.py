@@ -1,8 +1,8 @@
-"""The fused block ops on CPU: their definitions, hand-written backwards and op registrations.
+"""mixer_in / mixer_out on CPU: their definitions, hand-written backwards and op registrations.
 
 On CPU the ops run the PyTorch references, so forwards are compared exactly; the hand-written
 backwards are compared with autograd through the references (float64 closely; float32 and
-bfloat16 by DESIGN.md's rule: at most twice PyTorch's own error against float64).
+bfloat16 by the rule of docs/design.md: at most twice PyTorch's own error against float64).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import zigzag_mamba
-from zigzag_mamba.ops.fused import scan_in, scan_in_reference, scan_out, scan_out_reference
+from zigzag_mamba.ops.mixer_io import mixer_in, mixer_in_reference, mixer_out, mixer_out_reference
 from zigzag_mamba.ops.permute import inverse_order
 
 B, L, D = 2, 12, 10
@@ -51,7 +51,7 @@ def _official_block_front(h, residual, weight, shift, scale, order, eps=1e-5):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_scan_in_matches_the_block_definition(dtype: torch.dtype):
     h, residual, weight, shift, scale, _, _, order = _inputs(dtype)
-    got = scan_in(h, residual, weight, shift, scale, order)
+    got = mixer_in(h, residual, weight, shift, scale, order)
     expected = _official_block_front(
         h, residual, weight.float(), shift.float(), scale.float(), order
     )
@@ -61,29 +61,29 @@ def test_scan_in_matches_the_block_definition(dtype: torch.dtype):
 
 def test_scan_out_is_unscan_gate_add():
     h_norm, _, _, _, _, gate, y, order = _inputs(torch.float32)
-    out = scan_out(h_norm, gate, y, order)
+    out = mixer_out(h_norm, gate, y, order)
     torch.testing.assert_close(out, h_norm + gate[:, None] * y[:, inverse_order(order)])
     torch.testing.assert_close(
-        scan_out(h_norm, None, y, order), h_norm + y[:, inverse_order(order)]
+        mixer_out(h_norm, None, y, order), h_norm + y[:, inverse_order(order)]
     )
 
 
 def test_identity_mixer_round_trip():
-    """With no conditioning, scan_out(h_norm, 1, scan_in's tokens) is 2 * h_norm."""
+    """With no conditioning, mixer_out(h_norm, 1, mixer_in's tokens) is 2 * h_norm."""
     h, residual, weight, *_, order = _inputs(torch.float32, conditioned=False)
-    _, h_norm, x = scan_in(h, residual, weight, order=order)
-    torch.testing.assert_close(scan_out(h_norm, None, x, order), 2 * h_norm)
+    _, h_norm, x = mixer_in(h, residual, weight, order=order)
+    torch.testing.assert_close(mixer_out(h_norm, None, x, order), 2 * h_norm)
 
 
 def test_cached_inverse_and_no_scan():
     h, residual, weight, shift, scale, _, _, order = _inputs(torch.float32)
     args = (h, residual, weight, shift, scale)
     for a, b in zip(
-        scan_in(*args, order), scan_in(*args, order, inverse_order(order)), strict=True
+        mixer_in(*args, order), mixer_in(*args, order, inverse_order(order)), strict=True
     ):
         assert torch.equal(a, b)
-    unscanned = scan_in(*args, None)
-    assert torch.equal(unscanned[2][:, order], scan_in(*args, order)[2])
+    unscanned = mixer_in(*args, None)
+    assert torch.equal(unscanned[2][:, order], mixer_in(*args, order)[2])
 
 
 VARIANTS = {
@@ -103,10 +103,10 @@ def test_gradcheck_float64(variant: str, scanned: bool):
             t.requires_grad_()
 
     def front(h, residual, weight, shift, scale):
-        return scan_in(h, residual, weight, shift, scale, order)
+        return mixer_in(h, residual, weight, shift, scale, order)
 
     def back(h_norm, gate, y):
-        return scan_out(h_norm, gate, y, order)
+        return mixer_out(h_norm, gate, y, order)
 
     assert torch.autograd.gradcheck(front, (h, residual, weight, shift, scale))
     assert torch.autograd.gradcheck(back, (h, gate, y))
@@ -140,7 +140,7 @@ def test_hand_written_backward_matches_autograd_of_the_reference(dtype: torch.dt
         return front + back
 
     def reference_out(h_norm, gate, y, order):
-        return scan_out_reference(h_norm, gate, y, inverse_order(order))
+        return mixer_out_reference(h_norm, gate, y, inverse_order(order))
 
     def keep(t):
         return t
@@ -148,9 +148,9 @@ def test_hand_written_backward_matches_autograd_of_the_reference(dtype: torch.dt
     def as_f64(t):
         return None if t is None else t.double()
 
-    fused = run(scan_in, scan_out, keep)
-    autograd = run(scan_in_reference, reference_out, keep)
-    exact = run(scan_in_reference, reference_out, as_f64)
+    fused = run(mixer_in, mixer_out, keep)
+    autograd = run(mixer_in_reference, reference_out, keep)
+    exact = run(mixer_in_reference, reference_out, as_f64)
     for got, torch_grad, ref in zip(fused, autograd, exact, strict=True):
         assert (got is None) == (ref is None)
         if got is None:
@@ -172,14 +172,14 @@ def test_opcheck():
         return [t.clone().requires_grad_() for t in tensors]
 
     front = (*grad(h, residual, weight, shift, scale), order, inverse, 1e-5)
-    torch.library.opcheck(ops.scan_in.default, front)
+    torch.library.opcheck(ops.mixer_in.default, front)
     block0 = (*grad(h.bfloat16()), None, *grad(weight), None, None, None, None, 1e-6)
-    torch.library.opcheck(ops.scan_in.default, block0)
-    torch.library.opcheck(ops.scan_out.default, (*grad(h, gate, y), order, inverse))
-    torch.library.opcheck(ops.scan_out.default, (*grad(h), None, *grad(y), None, None))
-    front_grads = (residual, h, y, residual, weight, shift, None, True, inverse, 1e-5)
-    torch.library.opcheck(ops.scan_in_backward.default, front_grads)
-    torch.library.opcheck(ops.scan_out_backward.default, (h, gate, y, order, inverse))
+    torch.library.opcheck(ops.mixer_in.default, block0)
+    torch.library.opcheck(ops.mixer_out.default, (*grad(h, gate, y), order, inverse))
+    torch.library.opcheck(ops.mixer_out.default, (*grad(h), None, *grad(y), None, None))
+    front_grads = (residual, h, y, residual, weight, shift, None, True, order, inverse, 1e-5)
+    torch.library.opcheck(ops.mixer_in_backward.default, (*front_grads, "torch"))
+    torch.library.opcheck(ops.mixer_out_backward.default, (h, gate, y, order, inverse, "torch"))
 
 
 def test_block_front_and_back_compile_without_graph_breaks():
@@ -188,8 +188,8 @@ def test_block_front_and_back_compile_without_graph_breaks():
 
     def block(h, residual, weight, c):
         shift, scale, gate = c.chunk(3, dim=-1)
-        residual, h_norm, x = scan_in(h, residual, weight, shift, scale, order, inverse)
-        return scan_out(h_norm, gate, torch.tanh(x), order, inverse), residual
+        residual, h_norm, x = mixer_in(h, residual, weight, shift, scale, order, inverse)
+        return mixer_out(h_norm, gate, torch.tanh(x), order, inverse), residual
 
     c = torch.cat([shift, scale, gate], dim=-1)
     assert torch._dynamo.explain(block)(h, residual, weight, c).graph_break_count == 0
@@ -208,28 +208,27 @@ def test_block_front_and_back_compile_without_graph_breaks():
 def test_bad_arguments_are_rejected():
     h, residual, weight, shift, _, gate, y, order = _inputs(torch.float32)
     with pytest.raises(ValueError, match="h must have shape"):
-        scan_in(h[0], None, weight)
+        mixer_in(h[0], None, weight)
     with pytest.raises(TypeError, match="residual must be"):
-        scan_in(h, residual.bfloat16(), weight)
+        mixer_in(h, residual.bfloat16(), weight)
     with pytest.raises(ValueError, match="shift must have shape"):
-        scan_in(h, residual, weight, shift[:1])
+        mixer_in(h, residual, weight, shift[:1])
     with pytest.raises(ValueError, match="order must have shape"):
-        scan_in(h, residual, weight, order=order[:-1])
+        mixer_in(h, residual, weight, order=order[:-1])
     with pytest.raises(ValueError, match="inverse given without order"):
-        scan_out(h, gate, y, None, order)
-    with pytest.raises(ValueError, match="y_seq must have shape"):
-        scan_out(h, gate, y[:, :-1], order)
+        mixer_out(h, gate, y, None, order)
+    with pytest.raises(ValueError, match="y must have shape"):
+        mixer_out(h, gate, y[:, :-1], order)
 
 
 def test_backend_is_reported_and_can_be_forced():
-    assert zigzag_mamba.backends()["fused_scan"]["cpu"] == "torch"
-    with zigzag_mamba.use_backend(fused_scan="torch"):
+    assert zigzag_mamba.backends()["mixer_io"]["cpu"] == "torch"
+    with zigzag_mamba.use_backend(mixer_io="torch"):
         h, residual, weight, *_ = _inputs(torch.float32)
-        scan_in(h, residual, weight)
+        mixer_in(h, residual, weight)
     if not torch.cuda.is_available():
-        forced = zigzag_mamba.use_backend(fused_scan="triton")
-        with pytest.raises(RuntimeError, match="not available"), forced:
-            pass
+        with pytest.raises(RuntimeError, match="not available"):
+            zigzag_mamba.use_backend(mixer_io="triton")
 
 
 def test_cpu_use_loads_no_triton_kernels():
@@ -240,13 +239,13 @@ def test_cpu_use_loads_no_triton_kernels():
     """
     code = (
         "import sys, torch\n"
-        "from zigzag_mamba.ops.fused import scan_in, scan_out\n"
+        "from zigzag_mamba.ops.mixer_io import mixer_in, mixer_out\n"
         "from zigzag_mamba.ops import permute_tokens\n"
         "assert 'triton' not in sys.modules, 'importing imported triton'\n"
         "h = torch.randn(1, 4, 3)\n"
-        "r, hn, x = scan_in(h, None, torch.ones(3), order=torch.arange(4))\n"
-        "scan_out(hn, None, permute_tokens(x, torch.arange(4)), torch.arange(4))\n"
-        "loaded = [m for m in sys.modules if m.startswith('zigzag_mamba.ops.triton.')]\n"
+        "r, hn, x = mixer_in(h, None, torch.ones(3), order=torch.arange(4))\n"
+        "mixer_out(hn, None, permute_tokens(x, torch.arange(4)), torch.arange(4))\n"
+        "loaded = [m for m in sys.modules if m.startswith('zigzag_mamba') and 'triton' in m]\n"
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,10 +1,10 @@
-"""Triton kernels for the fused ZigMa block ops (see :mod:`zigzag_mamba.ops.fused`).
+"""The ``triton`` backend of the two stages around the mixer (:mod:`zigzag_mamba.ops.mixer_io`).
 
 Every kernel walks tokens in their natural (raster) order, a tile of ``BLOCK_L`` whole rows per
-program (RMSNorm needs the full row of D channels), and reaches the scan-ordered tensor through
-``inverse``: token ``l`` sits at scan position ``inverse[l]``. So the tensors in natural order are
-read and written contiguously and only the scan-ordered one is gathered or scattered, a row at a
-time. Arithmetic is in fp32 whatever the storage dtype.
+program (RMSNorm needs the full row of D channels), and reaches the permuted tensor through
+``inverse``: token ``l`` sits at position ``inverse[l]`` of the mixer's sequence. So the tensors
+in natural order are read and written contiguously and only the permuted one is gathered or
+scattered, a row at a time. Arithmetic is in fp32 whatever the storage dtype.
 
 The backward kernels also reduce over tokens (the gradients of the norm weight, shift, scale and
 gate). Each program sums its ``CHUNK`` rows into one partial row; the launcher adds the partials,
@@ -17,12 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zigzag_mamba.ops.triton import new_empty, next_power_of_2
-
-# Gradients of scan_in's inputs (h, residual, weight, shift, scale); None for absent inputs.
-ScanInGrads = tuple[
-    torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor | None
-]
+from zigzag_mamba.ops.utils import launch_device, new_empty, next_power_of_2
 
 # fp32 elements per tile: with whole rows of up to 2048 channels, a few rows per program.
 _TILE = 4096
@@ -31,7 +26,7 @@ _CHUNK = 64
 
 
 @triton.jit
-def _scan_in_fwd_kernel(
+def _mixer_in_fwd_kernel(
     h_ptr, res_ptr, w_ptr, shift_ptr, scale_ptr, inv_ptr,
     res_out_ptr, hn_out_ptr, xs_out_ptr,
     L, D, eps,
@@ -68,7 +63,7 @@ def _scan_in_fwd_kernel(
 
 
 @triton.jit
-def _scan_in_bwd_kernel(
+def _mixer_in_bwd_kernel(
     g_res_ptr, g_hn_ptr, g_xs_ptr, r_ptr, w_ptr, scale_ptr, inv_ptr,
     g_h_ptr, g_res_in_ptr, part_w_ptr, part_shift_ptr, part_scale_ptr,
     L, D, eps,
@@ -127,7 +122,7 @@ def _scan_in_bwd_kernel(
 
 
 @triton.jit
-def _scan_out_fwd_kernel(
+def _mixer_out_fwd_kernel(
     hn_ptr, gate_ptr, y_ptr, inv_ptr, out_ptr,
     L, D,
     HAS_GATE: tl.constexpr, PERMUTE: tl.constexpr,
@@ -153,7 +148,7 @@ def _scan_out_fwd_kernel(
 
 
 @triton.jit
-def _scan_out_bwd_kernel(
+def _mixer_out_bwd_kernel(
     g_out_ptr, gate_ptr, y_ptr, inv_ptr, g_y_ptr, part_gate_ptr,
     L, D,
     HAS_GATE: tl.constexpr, PERMUTE: tl.constexpr,
@@ -205,49 +200,52 @@ def _partials(batch: int, chunks: int, channels: int, device: torch.device) -> t
     return new_empty((batch, chunks, channels), torch.float32, device)
 
 
-def scan_in_forward(
+def mixer_in_forward(
     h: torch.Tensor,
     residual: torch.Tensor | None,
     weight: torch.Tensor,
     shift: torch.Tensor | None,
     scale: torch.Tensor | None,
+    order: torch.Tensor | None,
     inverse: torch.Tensor | None,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(new residual fp32, h_norm in h's dtype, modulated tokens in scan order); see ``scan_in``."""
+    """(new residual fp32, h_norm in h's dtype, modulated tokens permuted); see ``mixer_in``."""
     h = h.contiguous()
     batch, length, channels = h.shape
     res_out = new_empty(h.shape, torch.float32, h.device)
     h_norm = new_empty(h.shape, h.dtype, h.device)
-    x_scan = new_empty(h.shape, h.dtype, h.device)
+    x = new_empty(h.shape, h.dtype, h.device)
     if h.numel() == 0:
-        return res_out, h_norm, x_scan
+        return res_out, h_norm, x
     block_l, block_d = _row_tiling(length, channels)
     grid = (triton.cdiv(length, block_l) * batch,)
-    _scan_in_fwd_kernel[grid](
-        h, _or(residual, h), weight.contiguous(), _or(shift, h), _or(scale, h), _or(inverse, h),
-        res_out, h_norm, x_scan,
-        length, channels, eps,
-        HAS_RESIDUAL=residual is not None, HAS_SHIFT=shift is not None,
-        HAS_SCALE=scale is not None, PERMUTE=inverse is not None,
-        BLOCK_L=block_l, BLOCK_D=block_d, num_warps=_num_warps(block_d),
-    )  # fmt: skip
-    return res_out, h_norm, x_scan
+    with launch_device(h):
+        _mixer_in_fwd_kernel[grid](
+            h, _or(residual, h), weight.contiguous(), _or(shift, h), _or(scale, h),
+            _or(inverse, h), res_out, h_norm, x,
+            length, channels, eps,
+            HAS_RESIDUAL=residual is not None, HAS_SHIFT=shift is not None,
+            HAS_SCALE=scale is not None, PERMUTE=inverse is not None,
+            BLOCK_L=block_l, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+        )  # fmt: skip
+    return res_out, h_norm, x
 
 
-def scan_in_backward(
+def mixer_in_backward(
     g_residual: torch.Tensor,
     g_h_norm: torch.Tensor,
-    g_x_scan: torch.Tensor,
+    g_x: torch.Tensor,
     residual_out: torch.Tensor,
     weight: torch.Tensor,
     shift: torch.Tensor | None,
     scale: torch.Tensor | None,
     has_residual: bool,
+    order: torch.Tensor | None,
     inverse: torch.Tensor | None,
     eps: float,
-) -> ScanInGrads:
-    """Gradients (h, residual, weight, shift, scale) of ``scan_in``; None for absent inputs."""
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients (h, residual, weight, shift, scale) of ``mixer_in``; None for absent inputs."""
     batch, length, channels = residual_out.shape
     device = residual_out.device
     g_h = new_empty(residual_out.shape, g_h_norm.dtype, device)
@@ -259,64 +257,70 @@ def scan_in_backward(
     part_shift = _partials(batch, chunks, channels, device) if shift is not None else None
     part_scale = _partials(batch, chunks, channels, device) if scale is not None else None
     if residual_out.numel() > 0:
-        _scan_in_bwd_kernel[(chunks * batch,)](
-            g_residual.contiguous(), g_h_norm.contiguous(), g_x_scan.contiguous(),
-            residual_out.contiguous(), weight.contiguous(), _or(scale, g_h), _or(inverse, g_h),
-            g_h, _or(g_res_in, g_h), part_w, _or(part_shift, part_w), _or(part_scale, part_w),
-            length, channels, eps,
-            HAS_RESIDUAL=has_residual, HAS_SHIFT=shift is not None,
-            HAS_SCALE=scale is not None, PERMUTE=inverse is not None,
-            CHUNK=chunk, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=_num_warps(block_d),
-        )  # fmt: skip
+        with launch_device(g_h):
+            _mixer_in_bwd_kernel[(chunks * batch,)](
+                g_residual.contiguous(), g_h_norm.contiguous(), g_x.contiguous(),
+                residual_out.contiguous(), weight.contiguous(), _or(scale, g_h),
+                _or(inverse, g_h), g_h, _or(g_res_in, g_h), part_w, _or(part_shift, part_w),
+                _or(part_scale, part_w),
+                length, channels, eps,
+                HAS_RESIDUAL=has_residual, HAS_SHIFT=shift is not None,
+                HAS_SCALE=scale is not None, PERMUTE=inverse is not None,
+                CHUNK=chunk, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+            )  # fmt: skip
     g_weight = part_w.sum((0, 1)).to(weight.dtype)
     g_shift = _reduce(part_shift, shift)
     g_scale = _reduce(part_scale, scale)
     return g_h, g_res_in, g_weight, g_shift, g_scale
 
 
-def scan_out_forward(
+def mixer_out_forward(
     h_norm: torch.Tensor,
     gate: torch.Tensor | None,
-    y_seq: torch.Tensor,
+    y: torch.Tensor,
+    order: torch.Tensor | None,
     inverse: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``h_norm + gate * unscan(y_seq)`` in h_norm's dtype; see ``scan_out``."""
+    """``h_norm + gate * unpermute(y)`` in h_norm's dtype; see ``mixer_out``."""
     h_norm = h_norm.contiguous()
     batch, length, channels = h_norm.shape
     out = new_empty(h_norm.shape, h_norm.dtype, h_norm.device)
     if h_norm.numel() == 0:
         return out
     block_l, block_d = _row_tiling(length, channels)
-    _scan_out_fwd_kernel[(triton.cdiv(length, block_l) * batch,)](
-        h_norm, _or(gate, h_norm), y_seq.contiguous(), _or(inverse, h_norm), out,
-        length, channels,
-        HAS_GATE=gate is not None, PERMUTE=inverse is not None,
-        BLOCK_L=block_l, BLOCK_D=block_d, num_warps=_num_warps(block_d),
-    )  # fmt: skip
+    with launch_device(out):
+        _mixer_out_fwd_kernel[(triton.cdiv(length, block_l) * batch,)](
+            h_norm, _or(gate, h_norm), y.contiguous(), _or(inverse, h_norm), out,
+            length, channels,
+            HAS_GATE=gate is not None, PERMUTE=inverse is not None,
+            BLOCK_L=block_l, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+        )  # fmt: skip
     return out
 
 
-def scan_out_backward(
+def mixer_out_backward(
     g_out: torch.Tensor,
     gate: torch.Tensor | None,
-    y_seq: torch.Tensor,
+    y: torch.Tensor,
+    order: torch.Tensor | None,
     inverse: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gradients (y_seq, gate) of ``scan_out`` (h_norm's gradient is ``g_out`` itself)."""
+    """Gradients (y, gate) of ``mixer_out`` (h_norm''s gradient is ``g_out`` itself)."""
     batch, length, channels = g_out.shape
-    g_y = new_empty(g_out.shape, y_seq.dtype, g_out.device)
+    g_y = new_empty(g_out.shape, y.dtype, g_out.device)
     block_l, block_d = _row_tiling(length, channels)
     chunk = _chunk(length, block_l)
     chunks = triton.cdiv(length, chunk)
     part_gate = _partials(batch, chunks, channels, g_out.device) if gate is not None else None
     if g_out.numel() > 0:
-        _scan_out_bwd_kernel[(chunks * batch,)](
-            g_out.contiguous(), _or(gate, g_y), y_seq.contiguous(), _or(inverse, g_y), g_y,
-            _or(part_gate, g_y),
-            length, channels,
-            HAS_GATE=gate is not None, PERMUTE=inverse is not None,
-            CHUNK=chunk, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=_num_warps(block_d),
-        )  # fmt: skip
+        with launch_device(g_y):
+            _mixer_out_bwd_kernel[(chunks * batch,)](
+                g_out.contiguous(), _or(gate, g_y), y.contiguous(), _or(inverse, g_y), g_y,
+                _or(part_gate, g_y),
+                length, channels,
+                HAS_GATE=gate is not None, PERMUTE=inverse is not None,
+                CHUNK=chunk, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+            )  # fmt: skip
     return g_y, _reduce(part_gate, gate)
 
 

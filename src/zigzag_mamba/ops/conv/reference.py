@@ -1,0 +1,21 @@
+"""The definition of the causal depthwise conv1d, and its ``torch`` backend: ``F.conv1d``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_conv1d_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """A grouped ``F.conv1d`` over the sequence padded with K - 1 zeros on the left."""
+    out = F.conv1d(F.pad(x, (weight.shape[1] - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])
+    return out if activation is None else F.silu(out)
+
+
+# The torch backend is the definition itself; autograd differentiates it.
+causal_conv1d = causal_conv1d_reference

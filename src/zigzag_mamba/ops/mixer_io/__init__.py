@@ -1,0 +1,305 @@
+"""The two memory-bound stages around a ZigMa block's mixer, each one pass over the tokens.
+
+A block (docs/design.md, "The official model") is, with ``permute``/``unpermute`` the gathers
+by ``order``/``inverse``::
+
+    residual = residual + h                      (block 0: residual = h), kept in fp32
+    h_norm   = RMSNorm(residual)                 (eps 1e-5, weight; output in h's dtype)
+    x        = permute(h_norm * (1 + scale) + shift)        <- mixer_in
+    y        = Mamba(x)
+    h        = h_norm + gate * unpermute(y)                 <- mixer_out
+
+:func:`mixer_in` reads ``h`` and ``residual`` once and writes the new residual, ``h_norm`` and
+the mixer's input, already permuted; :func:`mixer_out` reads ``h_norm`` and ``y`` once and
+writes the block's output. Each is a ``torch.library`` custom op with a fake rule and a
+hand-written backward (itself a custom op), so ``torch.compile`` traces them without graph
+breaks. Their backend (registry op ``"mixer_io"``): Triton kernels (:mod:`.triton`) for CUDA
+tensors when Triton can run, else the PyTorch code in :mod:`.reference`, which computes in fp32
+(float64 for float64 inputs) and rounds once at the end. Double backward is not supported.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zigzag_mamba._deprecation import deprecated_alias, renamed_kwargs
+from zigzag_mamba.ops.backends import (
+    backend_module,
+    implementation,
+    register_backend,
+    triton_probe,
+)
+from zigzag_mamba.ops.mixer_io.reference import mixer_in_reference, mixer_out_reference
+from zigzag_mamba.ops.permute import inverse_order
+from zigzag_mamba.ops.utils import compute_dtype, or_empty
+
+__all__ = ["mixer_in", "mixer_in_reference", "mixer_out", "mixer_out_reference"]
+
+OP = "mixer_io"
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+register_backend(
+    OP,
+    "triton",
+    f"{__name__}.triton",
+    ("cuda",),
+    probe=triton_probe(f"{__name__}.triton"),
+    dtypes=_KERNEL_DTYPES,
+    forced_device_types=("cpu",),
+)
+register_backend(OP, "torch", f"{__name__}.reference", ("cpu", "cuda", "mps", "xpu"))
+
+
+def _backend(*tensors: torch.Tensor | None) -> str:
+    return implementation(OP, tensors[0].device.type, *tensors)
+
+
+@torch.library.custom_op("zigzag_mamba::mixer_in", mutates_args=())
+def _mixer_in(
+    h: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    shift: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    order: torch.Tensor | None,
+    inverse: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = _backend(h, residual, norm_weight, shift, scale)
+    return backend_module(OP, backend).mixer_in_forward(
+        h, residual, norm_weight, shift, scale, order, inverse, eps
+    )
+
+
+@_mixer_in.register_fake
+def _(h, residual, norm_weight, shift, scale, order, inverse, eps):
+    return h.new_empty(h.shape, dtype=compute_dtype(h)), h.new_empty(h.shape), h.new_empty(h.shape)
+
+
+@torch.library.custom_op("zigzag_mamba::mixer_in_backward", mutates_args=())
+def _mixer_in_backward(
+    g_residual: torch.Tensor,
+    g_h_norm: torch.Tensor,
+    g_x: torch.Tensor,
+    residual_out: torch.Tensor,
+    norm_weight: torch.Tensor,
+    shift: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    has_residual: bool,
+    order: torch.Tensor | None,
+    inverse: torch.Tensor | None,
+    eps: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g_h, *grads = backend_module(OP, backend).mixer_in_backward(
+        g_residual, g_h_norm, g_x, residual_out, norm_weight, shift, scale, has_residual,
+        order, inverse, eps,
+    )  # fmt: skip
+    return g_h, *or_empty(residual_out, *grads)
+
+
+@_mixer_in_backward.register_fake
+def _(g_residual, g_h_norm, g_x, residual_out, norm_weight, shift, scale, has_residual, order,
+      inverse, eps, backend):  # fmt: skip
+    none = residual_out.new_empty(0)
+    return (
+        g_h_norm.new_empty(g_h_norm.shape),
+        residual_out.new_empty(residual_out.shape) if has_residual else none,
+        norm_weight.new_empty(norm_weight.shape),
+        none if shift is None else shift.new_empty(shift.shape),
+        none if scale is None else scale.new_empty(scale.shape),
+    )
+
+
+def _mixer_in_setup_context(ctx, inputs, output) -> None:
+    h, residual, norm_weight, shift, scale, order, inverse, eps = inputs
+    ctx.save_for_backward(output[0], norm_weight, shift, scale, order, inverse)
+    ctx.has_residual = residual is not None
+    ctx.eps = eps
+    # The backward runs where the forward ran, whatever is forced when it runs.
+    ctx.backend = _backend(h, residual, norm_weight, shift, scale)
+
+
+def _mixer_in_grad(ctx, g_residual, g_h_norm, g_x):
+    residual_out, norm_weight, shift, scale, order, inverse = ctx.saved_tensors
+    g_h, g_residual_in, g_weight, g_shift, g_scale = _mixer_in_backward(
+        g_residual, g_h_norm, g_x, residual_out, norm_weight, shift, scale,
+        ctx.has_residual, order, inverse, ctx.eps, ctx.backend,
+    )  # fmt: skip
+    return (
+        g_h,
+        g_residual_in if ctx.has_residual else None,
+        g_weight,
+        None if shift is None else g_shift,
+        None if scale is None else g_scale,
+        None,
+        None,
+        None,
+    )
+
+
+_mixer_in.register_autograd(_mixer_in_grad, setup_context=_mixer_in_setup_context)
+
+
+@torch.library.custom_op("zigzag_mamba::mixer_out", mutates_args=())
+def _mixer_out(
+    h_norm: torch.Tensor,
+    gate: torch.Tensor | None,
+    y: torch.Tensor,
+    order: torch.Tensor | None,
+    inverse: torch.Tensor | None,
+) -> torch.Tensor:
+    backend = _backend(h_norm, gate, y)
+    return backend_module(OP, backend).mixer_out_forward(h_norm, gate, y, order, inverse)
+
+
+@_mixer_out.register_fake
+def _(h_norm, gate, y, order, inverse):
+    return h_norm.new_empty(h_norm.shape)
+
+
+@torch.library.custom_op("zigzag_mamba::mixer_out_backward", mutates_args=())
+def _mixer_out_backward(
+    g_out: torch.Tensor,
+    gate: torch.Tensor | None,
+    y: torch.Tensor,
+    order: torch.Tensor | None,
+    inverse: torch.Tensor | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g_y, g_gate = backend_module(OP, backend).mixer_out_backward(g_out, gate, y, order, inverse)
+    return g_y, *or_empty(g_out, g_gate)
+
+
+@_mixer_out_backward.register_fake
+def _(g_out, gate, y, order, inverse, backend):
+    g_gate = g_out.new_empty(0) if gate is None else gate.new_empty(gate.shape)
+    return y.new_empty(y.shape), g_gate
+
+
+def _mixer_out_setup_context(ctx, inputs, output) -> None:
+    h_norm, gate, y, order, inverse = inputs
+    ctx.save_for_backward(gate, y, order, inverse)
+    ctx.h_norm_dtype = h_norm.dtype
+    ctx.backend = _backend(h_norm, gate, y)
+
+
+def _mixer_out_grad(ctx, g_out):
+    gate, y, order, inverse = ctx.saved_tensors
+    g_y, g_gate = _mixer_out_backward(g_out, gate, y, order, inverse, ctx.backend)
+    return g_out.to(ctx.h_norm_dtype), None if gate is None else g_gate, g_y, None, None
+
+
+_mixer_out.register_autograd(_mixer_out_grad, setup_context=_mixer_out_setup_context)
+
+
+def mixer_in(
+    h: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    shift: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
+    inverse: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Residual add, RMSNorm, adaLN modulation and permutation, in one pass over the tokens.
+
+    Args:
+        h: (B, L, D) the previous block's output (float32, float16 or bfloat16; float64 runs
+            the PyTorch path).
+        residual: (B, L, D) the running residual in float32 (float64 for float64 ``h``), or
+            None in block 0, where the residual starts as ``h``.
+        norm_weight: (D,) the RMSNorm weight.
+        shift, scale: (B, D) per-sample adaLN modulation, or None without conditioning.
+        order: (L,) int64 token order on ``h``'s device, or None for no permutation.
+        inverse: ``argsort(order)``; pass the cached one, otherwise it is computed.
+        eps: RMSNorm epsilon.
+
+    Returns:
+        ``(residual, h_norm, x)``: ``residual = residual + h`` in float32 (float64 for float64
+        ``h``); ``h_norm = RMSNorm(residual)`` in ``h``'s dtype, for :func:`mixer_out`; and
+        ``x = (h_norm * (1 + scale) + shift)[:, order]`` in ``h``'s dtype, the mixer's input.
+        ``x`` is modulated from the unrounded normalised value, so in low precision it can
+        differ by one rounding from modulating ``h_norm``.
+
+    Example::
+
+        >>> h, w = torch.randn(2, 16, 8), torch.ones(8)
+        >>> order = zigzag_mamba.scans.zigzag_orders(4, 4)[1]
+        >>> residual, h_norm, x = mixer_in(h, None, w, order=order)
+        >>> torch.equal(x, h_norm[:, order])
+        True
+    """
+    _check_tokens("h", h)
+    _check_like("residual", residual, h.shape, compute_dtype(h))
+    _check_like("norm_weight", norm_weight, h.shape[2:])
+    _check_like("shift", shift, (h.shape[0], h.shape[2]))
+    _check_like("scale", scale, (h.shape[0], h.shape[2]))
+    inverse = _inverse_for(order, inverse, h)
+    return _mixer_in(h, residual, norm_weight, shift, scale, order, inverse, eps)
+
+
+def mixer_out(
+    h_norm: torch.Tensor,
+    gate: torch.Tensor | None,
+    y: torch.Tensor,
+    order: torch.Tensor | None = None,
+    inverse: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Unpermute, gate and add, in one pass: ``h_norm + gate * y[:, inverse]``.
+
+    Args:
+        h_norm: (B, L, D) the normalised tokens returned by :func:`mixer_in`.
+        gate: (B, D) the per-sample adaLN gate, or None for a gate of 1.
+        y: (B, L, D) the mixer's output, in the mixer's (permuted) order.
+        order, inverse: the same token order (and cached inverse) given to :func:`mixer_in`.
+
+    Returns:
+        (B, L, D) the block's output in natural token order, in ``h_norm``'s dtype.
+
+    Example::
+
+        >>> h_norm, y = torch.randn(2, 16, 8), torch.randn(2, 16, 8)
+        >>> order = zigzag_mamba.scans.zigzag_orders(4, 4)[1]
+        >>> out = mixer_out(h_norm, None, y, order)
+        >>> torch.allclose(out[:, order], h_norm[:, order] + y)
+        True
+    """
+    _check_tokens("h_norm", h_norm)
+    _check_like("gate", gate, (h_norm.shape[0], h_norm.shape[2]))
+    _check_like("y", y, h_norm.shape)
+    inverse = _inverse_for(order, inverse, h_norm)
+    return _mixer_out(h_norm, gate, y, order, inverse)
+
+
+scan_in = deprecated_alias(mixer_in, "scan_in")
+scan_out = deprecated_alias(renamed_kwargs(y_seq="y")(mixer_out), "scan_out")
+
+
+def _check_tokens(name: str, x: torch.Tensor) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape (B, L, D), got {tuple(x.shape)}")
+
+
+def _check_like(
+    name: str, x: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype | None = None
+) -> None:
+    if x is None:
+        return
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {x.dtype}")
+
+
+def _inverse_for(
+    order: torch.Tensor | None, inverse: torch.Tensor | None, x: torch.Tensor
+) -> torch.Tensor | None:
+    if order is None:
+        if inverse is not None:
+            raise ValueError("inverse given without order")
+        return None
+    if order.shape != (x.shape[1],):
+        raise ValueError(f"order must have shape ({x.shape[1]},), got {tuple(order.shape)}")
+    return inverse_order(order) if inverse is None else inverse

@@ -1,0 +1,138 @@
+"""The two stages around the mixer in plain PyTorch: the definitions, and the ``torch`` backend.
+
+The definitions (:func:`mixer_in_reference`, :func:`mixer_out_reference`) are differentiated
+by autograd; the backend's backward formulas are written out by hand, as the kernels' are. All
+of it computes in fp32 (float64 for float64 inputs) and rounds once at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zigzag_mamba.ops.utils import compute_dtype
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[:, index]``: index_select is up to twice as fast as advanced indexing on the CPU."""
+    return x.index_select(1, index)
+
+
+def _per_sample(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, D) -> (B, 1, D), broadcasting one row per sample over the tokens."""
+    return v.to(dtype)[:, None]
+
+
+def _contiguous(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The fake rules promise contiguous outputs; elementwise math would follow input strides."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
+def mixer_in_reference(
+    h: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    shift: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    order: torch.Tensor | None,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The definition of :func:`~zigzag_mamba.ops.mixer_in` (differentiable by autograd)."""
+    compute = compute_dtype(h)
+    r = h.to(compute, copy=True) if residual is None else residual + h.to(compute)
+    y = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.to(compute)
+    # copy: with no shift/scale/order, x would otherwise be the same tensor as h_norm.
+    h_norm = y.to(h.dtype, copy=True)
+    if scale is not None:
+        y = y * (1 + _per_sample(scale, compute))
+    if shift is not None:
+        y = y + _per_sample(shift, compute)
+    x = y.to(h.dtype)
+    return r, h_norm, x if order is None else _gather(x, order)
+
+
+def mixer_out_reference(
+    h_norm: torch.Tensor,
+    gate: torch.Tensor | None,
+    y: torch.Tensor,
+    inverse: torch.Tensor | None,
+) -> torch.Tensor:
+    """The definition of :func:`~zigzag_mamba.ops.mixer_out` (differentiable by autograd)."""
+    compute = compute_dtype(h_norm)
+    y = y.to(compute) if inverse is None else _gather(y.to(compute), inverse)
+    if gate is not None:
+        y = y * _per_sample(gate, compute)
+    return (h_norm.to(compute) + y).to(h_norm.dtype)
+
+
+# -------------------------------------------------------------------------- the torch backend
+
+
+def mixer_in_forward(h, residual, norm_weight, shift, scale, order, inverse, eps):
+    h, residual = _contiguous(h, residual)
+    return mixer_in_reference(h, residual, norm_weight, shift, scale, order, eps)
+
+
+def mixer_in_backward(
+    g_residual: torch.Tensor,
+    g_h_norm: torch.Tensor,
+    g_x: torch.Tensor,
+    residual_out: torch.Tensor,
+    norm_weight: torch.Tensor,
+    shift: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    has_residual: bool,
+    order: torch.Tensor | None,
+    inverse: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients (h, residual, norm_weight, shift, scale) of ``mixer_in``, by hand (None for
+    absent inputs).
+
+    With r the summed residual, n = r * rstd, y = n * w and x = y * (1 + scale) + shift:
+    dy = dh_norm + unpermute(dx) * (1 + scale), dn = dy * w and, RMSNorm's own backward,
+    dr = rstd * (dn - n * mean(dn * n)) + dresidual_out.
+    """
+    g_residual, g_h_norm, g_x = _contiguous(g_residual, g_h_norm, g_x)
+    r, compute = residual_out, residual_out.dtype
+    rstd = torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps)
+    n = r * rstd
+    w = norm_weight.to(compute)
+    g_x = g_x.to(compute) if inverse is None else _gather(g_x.to(compute), inverse)
+    g_shift = None if shift is None else g_x.sum(1).to(shift.dtype)
+    g_scale = None if scale is None else (g_x * n * w).sum(1).to(scale.dtype)
+    if scale is not None:
+        g_x = g_x * (1 + _per_sample(scale, compute))
+    g_y = g_h_norm.to(compute) + g_x
+    g_weight = (g_y * n).sum((0, 1)).to(norm_weight.dtype)
+    g_n = g_y * w
+    g_r = rstd * (g_n - n * (g_n * n).mean(-1, keepdim=True)) + g_residual
+    # Outputs may not alias each other, hence the copy when h is float32 like the residual.
+    g_h = g_r.to(g_h_norm.dtype, copy=True)
+    g_residual_in = g_r if has_residual else None
+    return g_h, g_residual_in, g_weight, g_shift, g_scale
+
+
+def mixer_out_forward(h_norm, gate, y, order, inverse):
+    h_norm, y = _contiguous(h_norm, y)
+    return mixer_out_reference(h_norm, gate, y, inverse)
+
+
+def mixer_out_backward(
+    g_out: torch.Tensor,
+    gate: torch.Tensor | None,
+    y: torch.Tensor,
+    order: torch.Tensor | None,
+    inverse: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients (y, gate) of ``mixer_out``: dy = permute(gate * dout), dgate = sum(dout * y)."""
+    g_out, y = _contiguous(g_out, y)
+    compute = compute_dtype(g_out)
+    g = g_out.to(compute)
+    g_gate = None
+    if gate is not None:
+        y_natural = y.to(compute) if inverse is None else _gather(y.to(compute), inverse)
+        g_gate = (g * y_natural).sum(1).to(gate.dtype)
+        g = g * _per_sample(gate, compute)
+    # copy: without gate and order, g_y would otherwise be the input g_out itself.
+    g_y = g.to(y.dtype, copy=True) if order is None else _gather(g, order).to(y.dtype)
+    return g_y, g_gate

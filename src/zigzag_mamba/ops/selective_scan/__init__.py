@@ -1,0 +1,228 @@
+"""The Mamba-1 selective scan, with the semantics and layouts of mamba_ssm's ``selective_scan_fn``.
+
+Shapes: u, delta, z (B, D, L); A (D, N); B, C (B, N, L) or grouped (B, G, N, L) with D % G == 0;
+D, delta_bias (D,); the last state (B, D, N). Accumulation is in fp32 (float64 stays float64);
+the output has u's dtype, the last state the accumulation dtype.
+
+The recurrence, per batch element and channel d, for each state n (indices b, d, n dropped)::
+
+    dt_t  = softplus(delta_t + delta_bias)          (without delta_softplus: the plain sum)
+    a_t   = exp(dt_t * A)                           the decay
+    x_t   = a_t * x_{t-1} + dt_t * u_t * B_t        x_{-1} = 0; x_{L-1} is the last state
+    y_t   = sum_n C_t * x_t + D * u_t
+    out_t = y_t * silu(z_t)                         (without z: out_t = y_t)
+
+The backward, derived once here; every backend names its terms with these symbols. Given
+g_t = dL/d out_t and g_last = dL/d x_{L-1}::
+
+    dy_t     = g_t * silu(z_t)                       (without z: g_t)
+    dz_t     = g_t * y_t * silu'(z_t)
+    adj_t    = dL/dx_t = dy_t * C_t + a_{t+1} * adj_{t+1}, with adj_{L-1} = dy_{L-1} C + g_last
+               (the "carry" a_{t+1} * adj_{t+1} is what step t+1 passes back to step t)
+    q_t      = adj_t * a_t * x_{t-1}                 dL/d(dt_t A), through the decay
+    adj_b_t  = sum_n adj_t * B_t                     dL/d(dt_t u_t)
+    dA      += sum_t q_t * dt_t
+    ddt_t    = sum_n q_t * A + u_t * adj_b_t
+    du_t     = dt_t * adj_b_t + D * dy_t
+    dB_t     = sum_d adj_t * dt_t * u_t              (over the channels of B's group)
+    dC_t     = sum_d dy_t * x_t
+    dD       = sum_t dy_t * u_t
+    ddelta_t = ddt_t * sigmoid(delta_t + delta_bias) (without delta_softplus: ddt_t)
+    ddelta_bias = sum_t ddelta_t
+
+Stack: :func:`selective_scan` (the shape check, and the "reference" escape hatch) -> the custom
+op ``zigzag_mamba::selective_scan_fwd``, with a fake and a hand-written backward (itself the
+custom op ``zigzag_mamba::selective_scan_bwd``) -> the backend the registry picks:
+
+- ``mamba_ssm`` (CUDA): mamba-ssm's kernel (:mod:`.mamba_ssm`), when it imports;
+- ``triton`` (CUDA): Triton kernels (:mod:`.triton`), with no CUDA build to install;
+- ``numba`` (CPU): fused kernels compiled by numba (:mod:`.numba`);
+- ``torch`` (any device): a chunked scan in PyTorch (:mod:`.chunked`);
+- ``reference``: :func:`selective_scan_reference`, the loop every backend is tested against;
+  when it is forced, :func:`selective_scan` calls it directly, bypassing the op.
+
+Each backend module has ``forward(inputs, chunk) -> (out, last_state, checkpoints)`` and
+``backward(inputs, checkpoints, dout, dlast, chunk) -> ScanGrads``. Every backend except
+mamba-ssm keeps the state entering every :data:`CHUNK` steps (the checkpoints) and recomputes one
+chunk at a time in the backward, so memory stays O(B * D * L).
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import torch
+
+from zigzag_mamba.ops.backends import (
+    backend_module,
+    implementation,
+    register_backend,
+    requested,
+    triton_probe,
+)
+from zigzag_mamba.ops.selective_scan.inputs import ScanGrads, ScanInputs, check_inputs
+from zigzag_mamba.ops.selective_scan.reference import selective_scan_reference
+from zigzag_mamba.ops.utils import compute_dtype
+
+__all__ = ["CHUNK", "ScanGrads", "ScanInputs", "selective_scan", "selective_scan_reference"]
+
+OP = "selective_scan"
+#: Steps between state checkpoints (and the length of one chunk of work in the backward).
+CHUNK = 64
+_ALL_DEVICES = ("cpu", "cuda", "mps", "xpu")
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _numba_probe(device_type: str) -> str | None:
+    try:
+        importlib.import_module(f"{__name__}.numba")
+    except Exception as exc:  # numba missing or broken: the PyTorch path takes over
+        warnings.warn(
+            f"the numba CPU selective scan is unavailable ({type(exc).__name__}: {exc}); "
+            "using the slower PyTorch scan",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+# Registration order is the preference of "auto".
+register_backend(OP, "mamba_ssm", f"{__name__}.mamba_ssm", ("cuda",), dtypes=_KERNEL_DTYPES)
+register_backend(
+    OP,
+    "triton",
+    f"{__name__}.triton",
+    ("cuda",),
+    probe=triton_probe(f"{__name__}.triton"),
+    dtypes=_KERNEL_DTYPES,
+    forced_device_types=("cpu",),
+)
+register_backend(OP, "numba", f"{__name__}.numba", ("cpu",), probe=_numba_probe)
+register_backend(OP, "torch", f"{__name__}.chunked", _ALL_DEVICES)
+# Forced, "reference" makes selective_scan() run the loop itself, differentiated by autograd
+# (a custom op cannot be); a direct call of the op then runs the exact chunked scan.
+register_backend(OP, "reference", f"{__name__}.chunked", _ALL_DEVICES)
+
+
+def num_checkpoints(length: int) -> int:
+    return -(-length // CHUNK)
+
+
+def _backend(x: ScanInputs) -> str:
+    return implementation(OP, x.u.device.type, *x.tensors)
+
+
+@torch.library.custom_op("zigzag_mamba::selective_scan_fwd", mutates_args=())
+def _selective_scan_fwd(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = ScanInputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return backend_module(OP, _backend(x)).forward(x, CHUNK)
+
+
+@_selective_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    batch, channels, length = u.shape
+    state = (batch, channels, A.shape[1])
+    dtype = compute_dtype(u)
+    checkpoints = u.new_empty((batch, channels, num_checkpoints(length), A.shape[1]), dtype=dtype)
+    return u.new_empty(u.shape), u.new_empty(state, dtype=dtype), checkpoints
+
+
+@torch.library.custom_op("zigzag_mamba::selective_scan_bwd", mutates_args=())
+def _selective_scan_bwd(
+    dout: torch.Tensor,
+    dlast: torch.Tensor | None,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+    checkpoints: torch.Tensor,
+    backend: str,
+) -> list[torch.Tensor]:
+    x = ScanInputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    grads = backend_module(OP, backend).backward(x, checkpoints, dout, dlast, CHUNK)
+    # In the inputs' dtypes; an absent optional input's gradient travels as an empty tensor.
+    return [
+        u.new_empty(0) if t is None else g.to(t.dtype).contiguous()
+        for g, t in zip(grads, x.tensors, strict=True)
+    ]
+
+
+@_selective_scan_bwd.register_fake
+def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, checkpoints, backend):
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    return [u.new_empty(0) if t is None else t.new_empty(t.shape) for t in tensors]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x = ScanInputs(*inputs)
+    ctx.mark_non_differentiable(output[2])
+    ctx.save_for_backward(*x.tensors, output[2])
+    ctx.delta_softplus = x.delta_softplus
+    # The backward must run the forward's backend, whatever is in force when it runs: the
+    # checkpoints are that backend's (mamba-ssm's forward leaves none).
+    ctx.backend = _backend(x)
+
+
+def _backward(ctx, dout, dlast, _dcheckpoints):
+    *tensors, checkpoints = ctx.saved_tensors
+    x = ScanInputs(*tensors, ctx.delta_softplus)
+    if dout is None:
+        dout = torch.zeros_like(x.u)
+    grads = _selective_scan_bwd(dout, dlast, *x, checkpoints, ctx.backend)
+    return (*(None if t is None else g for g, t in zip(grads, x.tensors, strict=True)), None)
+
+
+_selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-1 selective scan: mamba_ssm's ``selective_scan_fn`` on any device.
+
+    See the module docstring for shapes and the recurrence. Returns ``out`` (B, D, L) in u's
+    dtype, and with ``return_last_state`` also the final state (B, D, N) in the accumulation
+    dtype. Differentiable in every tensor argument (the last state too, except on mamba-ssm).
+
+    Example::
+
+        >>> u = delta = torch.rand(2, 8, 64)
+        >>> A = -torch.rand(8, 16)
+        >>> B = C = torch.randn(2, 16, 64)
+        >>> selective_scan(u, delta, A, B, C, delta_softplus=True).shape
+        torch.Size([2, 8, 64])
+    """
+    x = ScanInputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    check_inputs(x)
+    # Under torch.compile the op runs (the forced choice lives in a context variable, which
+    # Dynamo cannot read); forced to "reference", it runs the exact chunked scan.
+    if not torch.compiler.is_compiling() and requested(OP) == "reference":
+        return selective_scan_reference(*x, return_last_state)
+    out, last, _ = _selective_scan_fwd(*x)
+    return (out, last) if return_last_state else out

@@ -1,0 +1,59 @@
+"""Helpers every op shares: the compute-dtype rule, output buffers, and launch helpers.
+
+Nothing here imports Triton or numba.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+_poison = False
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype every op accumulates in: float64 for float64 inputs, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def poisoned_outputs() -> Iterator[None]:
+    """Fill every buffer a kernel launcher allocates with NaN (integers: their maximum).
+
+    Tests run kernels inside it, so that an element no program writes fails the comparison
+    instead of passing by luck.
+    """
+    global _poison
+    previous, _poison = _poison, True
+    try:
+        yield
+    finally:
+        _poison = previous
+
+
+def new_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output buffer for a kernel to fill; poisoned inside :func:`poisoned_outputs`."""
+    if not _poison:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).max
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (and >= 1): Triton block sizes must be powers of two."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def launch_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``x``'s GPU the current one: Triton launches on the current device.
+
+    CPU tensors (the Triton interpreter) need no context.
+    """
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def or_empty(like: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Custom ops cannot return None: an absent gradient travels as an empty tensor."""
+    return tuple(like.new_empty(0) if t is None else t for t in tensors)

@@ -31,9 +31,8 @@ from pathlib import Path
 
 import torch
 import triton
+from benchlib import LiveReport, median_call_seconds
 
-from zigzag_mamba.bench.report import LiveReport
-from zigzag_mamba.bench.timing import median_call_seconds
 from zigzag_mamba.ops.backends import resolve
 from zigzag_mamba.ops.permute import inverse_order, permute_tokens
 from zigzag_mamba.ops.permute.triton import default_block_l, gather_tokens

@@ -25,10 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from benchlib import LiveReport, paired_ratio, paired_scan_blocks, time_interleaved
 
-from zigzag_mamba.bench.contenders import paired_scan_blocks
-from zigzag_mamba.bench.report import LiveReport
-from zigzag_mamba.bench.timing import machine_info, paired_ratio, time_interleaved
+from zigzag_mamba.bench.timing import machine_info
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULTS = {  # device -> (lengths, dim, batch, dtype, repeats)

@@ -5,7 +5,7 @@ Usage: ``python benchmarks/bench_selective_scan.py [--quick] [--threads N]``
 Compares, at batch 1, 768 channels, 16 states (Mamba's ZigMa-B shapes), with D, z, delta_bias and
 softplus as the Mamba mixer calls it:
 
-- ``fused``: the numba kernels (backend "fused");
+- ``numba``: the numba kernels (backend "numba");
 - ``torch``: the chunked PyTorch scan (backend "torch");
 - ``pscan``: a baseline written here, in the style of the mambapy package: the whole (B, D, L, N)
   decay and input tensors are materialised and scanned with a Blelloch parallel scan (work
@@ -18,7 +18,7 @@ softplus as the Mamba mixer calls it:
   writes a full (B, D, L, N) gradient, so its backward is O(L^2): this is the loop a user
   would otherwise differentiate.
 
-Each time is the median of several repeats after one warm-up call; ``fused`` and ``torch`` are
+Each time is the median of several repeats after one warm-up call; ``numba`` and ``torch`` are
 called in turns, and their speed-up is the median of the per-turn ratios, so that the drift of a
 shared machine falls on both alike. The loops are timed once.
 """
@@ -34,9 +34,9 @@ from collections.abc import Callable
 import numba
 import torch
 import torch.nn.functional as F
+from benchlib import median_call_seconds, paired_ratio, time_interleaved
 
 import zigzag_mamba
-from zigzag_mamba.bench.timing import median_call_seconds, paired_ratio, time_interleaved
 from zigzag_mamba.ops import selective_scan, selective_scan_reference
 
 
@@ -158,16 +158,16 @@ def main() -> None:
     channels, lengths, pscan_length, ref_length = (
         (64, (256, 1024), 1024, 256) if args.quick else (768, (1024, 4096, 16384), 4096, 1024)
     )
-    contenders = {"fused": with_backend("fused"), "torch": with_backend("torch")}
+    contenders = {"numba": with_backend("numba"), "torch": with_backend("torch")}
 
     start = time.perf_counter()
-    fwd_bwd(contenders["fused"], make_inputs(8, 32))
+    fwd_bwd(contenders["numba"], make_inputs(8, 32))
     first_call = time.perf_counter() - start
     print(f"machine: {machine()}")
-    print(f"fused kernels' first call (compile, or load numba's on-disk cache): {first_call:.1f} s")
+    print(f"numba kernels' first call (compile, or load numba's on-disk cache): {first_call:.1f} s")
     print(
         f"shapes: B=1, D={channels}, N=16; forward + backward; median of repeats (s); "
-        "fused vs torch: median (quartiles) of the per-turn ratios\n"
+        "numba vs torch: median (quartiles) of the per-turn ratios\n"
     )
 
     rows, times = [], {}
@@ -177,9 +177,9 @@ def main() -> None:
         repeats = 5 if length >= 16384 else 9
         timings = time_interleaved(calls, torch.device("cpu"), repeats=repeats)
         times |= {(name, length): t.median for name, t in timings.items()}
-        ratio, low, high = paired_ratio(timings["torch"], timings["fused"])
-        t_fused, t_torch = times["fused", length], times["torch", length]
-        rows.append(f"| fused vs torch | {length} | {t_fused:.3f} | {t_torch:.3f} | "
+        ratio, low, high = paired_ratio(timings["torch"], timings["numba"])
+        t_numba, t_torch = times["numba", length], times["torch", length]
+        rows.append(f"| numba vs torch | {length} | {t_numba:.3f} | {t_torch:.3f} | "
                     f"{ratio:.1f}x ({low:.1f}-{high:.1f}) |")  # fmt: skip
     inputs = make_inputs(channels, pscan_length)
     times["pscan", pscan_length] = median_call_seconds(

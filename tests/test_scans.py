@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from zigzag_mamba import ZigzagScan, list_patterns, register_pattern, scan_orders
 from zigzag_mamba.scans import pattern_family, zigzag_orders
 
-# DESIGN.md section 5: the official orders S0..S7 of a 4 x 4 grid.
+# docs/design.md, "Token orders": the official orders S0..S7 of a 4 x 4 grid.
 OFFICIAL_4x4 = [
     [0, 1, 2, 3, 7, 6, 5, 4, 8, 9, 10, 11, 15, 14, 13, 12],
     [0, 4, 8, 12, 13, 9, 5, 1, 2, 6, 10, 14, 15, 11, 7, 3],

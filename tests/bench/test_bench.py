@@ -6,13 +6,12 @@ import os
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from zigzag_mamba.bench import cli, contenders, report, sweep, timing
+from zigzag_mamba.bench import cli, contenders, headline, sweep, timing
 
 CPU = torch.device("cpu")
 
@@ -69,50 +68,6 @@ def test_time_call_repeats_and_batches_fast_calls():
     assert result.low <= result.median <= result.high and result.spread >= 0
 
 
-def test_call_seconds_times_one_call():
-    assert 0.01 <= timing.call_seconds(lambda: time.sleep(0.01), CPU) < 1.0
-
-
-def test_median_call_seconds_counts_warmup_samples_and_calls_per_sample():
-    calls = []
-    seconds = timing.median_call_seconds(
-        lambda: calls.append(time.sleep(0.002)), CPU, repeats=4, warmup=2, calls_per_sample=3
-    )
-    assert len(calls) == 2 + 4 * 3
-    assert 0.002 <= seconds < 0.5  # per call, not per sample of 3
-
-
-def test_median_call_seconds_stops_at_its_budget_after_three_samples():
-    calls = []
-    timing.median_call_seconds(lambda: calls.append(0), CPU, repeats=100, warmup=0, budget_s=0.0)
-    assert len(calls) == 3
-
-
-def test_time_interleaved_takes_turns_in_a_rotated_order():
-    calls = []
-    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    result = timing.time_interleaved(fns, CPU, repeats=3, warmup=1)
-    assert calls == list("abc" + "abc" + "bca" + "cab")  # warm-up, then rotated turns
-    assert all(len(t.samples) == 3 and t.inner == 1 for t in result.values())
-
-
-def test_paired_ratio_pairs_the_repeats():
-    slow = timing.Timing([2.0, 4.0, 6.0, 8.0, 30.0])
-    fast = timing.Timing([1.0, 4.0, 2.0, 4.0, 10.0])
-    # per-repeat ratios 2, 1, 3, 2, 3: a ratio of medians (6 / 4) would miss the pairing
-    assert timing.paired_ratio(slow, fast) == (2.0, 2.0, 3.0)
-
-
-def test_paired_blocks_share_weights_and_inputs():
-    blocks = contenders.paired_scan_blocks(16, 64, 2, CPU, torch.float32)
-    zigzag, plain = blocks["zigzag8"], blocks["pattern=None"]
-    assert plain.inputs is zigzag.inputs and plain.module.permutation is None
-    parameters = zip(zigzag.module.named_parameters(), plain.module.parameters(), strict=True)
-    assert all(torch.equal(p, q) for (_, p), q in parameters)
-    out_zigzag, out_plain = (w.fn(*w.inputs) for w in (zigzag, plain))
-    assert out_zigzag.shape == out_plain.shape and not torch.equal(out_zigzag, out_plain)
-
-
 def test_peak_memory_sees_a_large_temporary():
     size = 64 * timing.MIB
     peak = timing.peak_memory(lambda: torch.ones(size // 4), CPU)
@@ -129,11 +84,11 @@ def test_machine_info_names_the_machine_and_backends():
 def test_crossover_is_interpolated_log_log():
     theirs = {256: 1.0, 1024: 4.0, 4096: 16.0}
     ours = {256: 4.0, 1024: 4.0, 4096: 4.0}
-    assert report.crossover(ours, theirs) == {"tokens": 1024, "bound": "interpolated"}
+    assert headline.crossover(ours, theirs) == {"tokens": 1024, "bound": "interpolated"}
     ours = {1024: 8.0, 4096: 8.0}  # ratios 2 and 1/2 meet halfway, in log L
-    assert report.crossover(ours, theirs) == {"tokens": 2048, "bound": "interpolated"}
-    assert report.crossover({256: 0.5}, {256: 1.0})["bound"] == "at or below"
-    assert report.crossover({256: 2.0}, {256: 1.0})["bound"] == "above"
+    assert headline.crossover(ours, theirs) == {"tokens": 2048, "bound": "interpolated"}
+    assert headline.crossover({256: 0.5}, {256: 1.0})["bound"] == "at or below"
+    assert headline.crossover({256: 2.0}, {256: 1.0})["bound"] == "above"
 
 
 def test_slow_contenders_are_skipped_at_larger_sizes():
@@ -215,7 +170,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
         (
             "bench_selective_scan.py",
             ["--quick"],
-            ["| fused vs torch | 1024 |", "| torch vs materialised loop | 256 |"],
+            ["| numba vs torch | 1024 |", "| torch vs materialised loop | 256 |"],
         ),
     ],
 )

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from zigzag_mamba.models import ZigMaBackbone, convert_official_state_dict, official_config
 from zigzag_mamba.ops.selective_scan import selective_scan_reference
 
-# The official zigzag orders S0..S7 of a 4 x 4 grid (DESIGN.md section 5).
+# The official zigzag orders S0..S7 of a 4 x 4 grid (docs/design.md, "Token orders").
 S = [
     [0, 1, 2, 3, 7, 6, 5, 4, 8, 9, 10, 11, 15, 14, 13, 12],
     [0, 4, 8, 12, 13, 9, 5, 1, 2, 6, 10, 14, 15, 11, 7, 3],
@@ -19,7 +19,8 @@ S = [
 
 
 def official_state_dict(dim, depth, patch, channels, tokens, classes=0, d_context=0, seed=0):
-    """Random tensors under the official key names and shapes (DESIGN.md section 6)."""
+    """Random tensors under the official key names and shapes (docs/design.md, "The block and
+    the backbone")."""
     g = torch.Generator().manual_seed(seed)
     inner, rank, state = 2 * dim, math.ceil(dim / 16), 16
     shapes = {

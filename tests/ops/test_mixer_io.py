@@ -40,7 +40,8 @@ def _inputs(dtype: torch.dtype, seed: int = 0, residual: bool = True, conditione
 
 
 def _official_block_front(h, residual, weight, shift, scale, order, eps=1e-5):
-    """DESIGN.md section 6 written out: add, RMSNorm (fp32), modulate, scan."""
+    """The block of docs/design.md ("The block and the backbone") written out: add, RMSNorm
+    (fp32), modulate, permute."""
     residual = h.float() if residual is None else residual + h.float()
     normed = residual * torch.rsqrt(residual.pow(2).mean(-1, keepdim=True) + eps) * weight
     h_norm = normed.to(h.dtype)

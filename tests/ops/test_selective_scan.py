@@ -255,7 +255,9 @@ def test_forcing_mamba_ssm_without_it_is_a_clear_error():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_triton_is_the_cuda_fallback_and_refuses_cpu_tensors():
     names = [b.name for b in backend_registry._registry["selective_scan"]]
-    assert names.index("mamba_ssm") < names.index("triton") < names.index("torch")
+    assert names.index("triton") < names.index("numba") < names.index("torch")
+    mamba_ssm = backend_registry._find("selective_scan", "mamba_ssm")
+    assert not mamba_ssm.serves("cuda", forced=False) and mamba_ssm.serves("cuda", forced=True)
     with (
         pytest.raises(RuntimeError, match="'triton' is not available"),
         zigzag_mamba.use_backend(selective_scan="triton"),

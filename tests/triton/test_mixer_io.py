@@ -1,10 +1,10 @@
-"""Triton kernels of the fused block ops against their PyTorch references, forward and backward.
+"""Triton kernels of mixer_in / mixer_out against their PyTorch references, forward and backward.
 
-Tolerance (DESIGN.md section 8): a kernel's largest error against a float64 evaluation of the
-reference may be at most twice the error the PyTorch reference itself makes with the same inputs
-in the same dtype. Launches happen inside ``poisoned_outputs()`` (outputs and partial-sum buffers
-start as NaN), so an element no program writes fails. Runs in the Triton interpreter on CPU
-tensors, or on the GPU with ``ZIGZAG_MAMBA_CUDA_TESTS=1``.
+Tolerance (docs/design.md, "Testing and measuring"): a kernel's largest error against a float64
+evaluation of the reference may be at most twice the error the PyTorch reference itself makes
+with the same inputs in the same dtype. Launches happen inside ``poisoned_outputs()`` (outputs
+and partial-sum buffers start as NaN), so an element no program writes fails. Runs in the Triton
+interpreter on CPU tensors, or on the GPU with ``ZIGZAG_MAMBA_CUDA_TESTS=1``.
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ from zigzag_mamba.modules.embed import PatchEmbed, TimestepEmbedder, sincos_2d, 
 from zigzag_mamba.ops.backends import use_backend
 
 BASELINE = "dit"  # the attention contender every ratio is taken against
+OURS = "zigma"
+NO_SCAN = "zigma-noscan"  # the same block without a permutation: the scan's own cost
 LATENT_CHANNELS = 4
 LATENT_DOWNSAMPLE = 8  # a 256^2 image is a 32^2 latent, as with DiT's VAE
 # The ZigMa block runs order 1 of zigzag8 (a column snake, the strided gather): the costlier of
@@ -246,17 +248,6 @@ def block_workload(
     x = torch.randn(batch, length, dim, device=device, dtype=dtype)
     c = torch.randn(batch, dim, device=device, dtype=dtype)
     return _workload(module, (x, c), compile)
-
-
-def paired_scan_blocks(
-    dim: int, length: int, batch: int, device: torch.device, dtype: torch.dtype
-) -> dict[str, Workload]:
-    """The zigzag8 block and the ``pattern=None`` block with the same weights and the same inputs:
-    the two sides of the scan's own cost."""
-    zigzag = block_workload("zigma", dim, length, batch, device, dtype)
-    plain = block_workload("zigma-noscan", dim, length, batch, device, dtype)
-    plain.module.load_state_dict(zigzag.module.state_dict())
-    return {"zigzag8": zigzag, "pattern=None": Workload(plain.module, zigzag.inputs, plain.module)}
 
 
 def backbone_workload(

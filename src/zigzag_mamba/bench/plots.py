@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zigzag_mamba.bench.contenders import BASELINE
-from zigzag_mamba.bench.report import OURS, crossover
+from zigzag_mamba.bench.contenders import BASELINE, OURS
+from zigzag_mamba.bench.headline import crossover
 
 METRICS = {"median_ms": "time per call (ms)", "peak_mib": "peak memory (MiB)"}
 

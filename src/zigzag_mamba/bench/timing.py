@@ -68,58 +68,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], object], device: torch.device, inner: int) -> float:
+def timed_seconds(fn: Callable[[], object], device: torch.device, inner: int) -> float:
     synchronize(device)
     start = time.perf_counter()
     for _ in range(inner):
         fn()
     synchronize(device)
     return (time.perf_counter() - start) / inner
-
-
-def call_seconds(fn: Callable[[], object], device: torch.device | str) -> float:
-    """Duration of one call of ``fn``: CUDA events around it on a GPU (the device's own clock,
-    without the host's launch latency), the host clock elsewhere."""
-    if torch.device(device).type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    start_s = time.perf_counter()
-    fn()
-    return time.perf_counter() - start_s
-
-
-def median_call_seconds(
-    fn: Callable[[], object],
-    device: torch.device | str,
-    *,
-    repeats: int,
-    warmup: int = 1,
-    calls_per_sample: int = 1,
-    budget_s: float = math.inf,
-) -> float:
-    """Median seconds per call of ``fn``: ``warmup`` calls, then up to ``repeats`` samples of
-    ``calls_per_sample`` back-to-back calls, each timed by :func:`call_seconds`; sampling stops
-    early once ``budget_s`` seconds are spent and 3 samples are in.
-
-    Back-to-back calls let the host prepare the next launch while the device runs the previous
-    one, as in a model, so that a short kernel's launch latency is not counted.
-    """
-    for _ in range(warmup):
-        fn()
-
-    def sample() -> None:
-        for _ in range(calls_per_sample):
-            fn()
-
-    samples: list[float] = []
-    start = time.perf_counter()
-    while len(samples) < repeats and (len(samples) < 3 or time.perf_counter() - start < budget_s):
-        samples.append(call_seconds(sample, device) / calls_per_sample)
-    return statistics.median(samples)
 
 
 def time_call(
@@ -139,47 +94,11 @@ def time_call(
     """
     first = math.inf if estimate_s is None else estimate_s
     for _ in range(warmup if estimate_s is not None else max(warmup, 1)):
-        first = min(first, _timed(fn, device, 1))
+        first = min(first, timed_seconds(fn, device, 1))
     inner = max(1, math.ceil(MIN_SAMPLE_S / max(first, 1e-9)))
     per_sample = first * inner
     repeats = min(max_repeats, max(min_repeats, math.ceil(min_time_s / max(per_sample, 1e-9))))
-    return Timing([_timed(fn, device, inner) for _ in range(repeats)], inner)
-
-
-def time_interleaved(
-    fns: dict[str, Callable[[], object]],
-    device: torch.device,
-    *,
-    repeats: int,
-    warmup: int = 1,
-) -> dict[str, Timing]:
-    """Time several callables in turns: repeat r calls each of them once, in a rotated order.
-
-    For comparing contenders whose difference is smaller than the drift of a shared machine:
-    consecutive calls see the same machine state, so the ratio of the r-th samples of two
-    contenders (see :func:`paired_ratio`) is far steadier than the ratio of two medians taken
-    one after the other. Rotating the order keeps any cost of running first or second (a
-    cold cache, a clock ramping up) from falling on one contender.
-    """
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            _timed(fns[name], device, 1)
-    timings = {name: Timing() for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            timings[name].samples.append(_timed(fns[name], device, 1))
-    return timings
-
-
-def paired_ratio(numerator: Timing, denominator: Timing) -> tuple[float, float, float]:
-    """(median, lower quartile, upper quartile) of the per-repeat ratios of two interleaved
-    timings."""
-    ratios = sorted(a / b for a, b in zip(numerator.samples, denominator.samples, strict=True))
-    if len(ratios) < 2:
-        return ratios[0], ratios[0], ratios[0]
-    low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
-    return statistics.median(ratios), low, high
+    return Timing([timed_seconds(fn, device, inner) for _ in range(repeats)], inner)
 
 
 # ----------------------------------------------------------------------------- peak memory

@@ -180,7 +180,7 @@ def requested(op: str) -> str:
     forced = _forced.get()
     if op in forced:
         return forced[op]
-    choice = os.environ.get(env_var(op), "auto").strip() or "auto"
+    choice = _environment_choice(op).strip() or "auto"
     if choice == "auto":
         return choice
     choice = _current_name(choice)
@@ -189,6 +189,18 @@ def requested(op: str) -> str:
     except ValueError as exc:
         raise ValueError(f"{env_var(op)}={choice!r}: {exc}") from None
     return choice
+
+
+def _environment_choice(op: str) -> str:
+    if env_var(op) in os.environ:
+        return os.environ[env_var(op)]
+    for old, new in _RENAMED_OPS.items():
+        if new == op and env_var(old) in os.environ:
+            warnings.warn(
+                f"{env_var(old)} is now called {env_var(op)}", DeprecationWarning, stacklevel=4
+            )
+            return os.environ[env_var(old)]
+    return "auto"
 
 
 def resolve(op: str, device_type: str) -> str:

@@ -34,8 +34,8 @@ Stack: :func:`selective_scan` (the shape check, and the "reference" escape hatch
 op ``zigzag_mamba::selective_scan_fwd``, with a fake and a hand-written backward (itself the
 custom op ``zigzag_mamba::selective_scan_bwd``) -> the backend the registry picks:
 
-- ``mamba_ssm`` (CUDA): mamba-ssm's kernel (:mod:`.mamba_ssm`), when it imports;
 - ``triton`` (CUDA): Triton kernels (:mod:`.triton`), with no CUDA build to install;
+- ``mamba_ssm`` (CUDA, only when forced): mamba-ssm's kernel (:mod:`.mamba_ssm`);
 - ``numba`` (CPU): fused kernels compiled by numba (:mod:`.numba`);
 - ``torch`` (any device): a chunked scan in PyTorch (:mod:`.chunked`);
 - ``reference``: :func:`selective_scan_reference`, the loop every backend is tested against;
@@ -88,8 +88,16 @@ def _numba_probe(device_type: str) -> str | None:
     return None
 
 
-# Registration order is the preference of "auto".
-register_backend(OP, "mamba_ssm", f"{__name__}.mamba_ssm", ("cuda",), dtypes=_KERNEL_DTYPES)
+# Registration order is the preference of "auto". mamba-ssm runs only when forced: no GPU run
+# has tested this adapter yet, so "auto" picks the kernels the project tests (docs/backends.md).
+register_backend(
+    OP,
+    "mamba_ssm",
+    f"{__name__}.mamba_ssm",
+    (),
+    dtypes=_KERNEL_DTYPES,
+    forced_device_types=("cuda",),
+)
 register_backend(
     OP,
     "triton",

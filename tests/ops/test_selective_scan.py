@@ -138,7 +138,7 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.zigzag_mamba.selective_scan_fwd, (*args, True))
         out, _, ckpt = torch.ops.zigzag_mamba.selective_scan_fwd(*args, True)
         grads = (torch.randn_like(out), torch.randn(1, 4, 2))
-        bwd_args = (*grads, *[a.detach() for a in args], True, ckpt, backend)
+        bwd_args = (*grads, [a.detach() for a in args], True, ckpt, backend)
         torch.library.opcheck(torch.ops.zigzag_mamba.selective_scan_bwd, bwd_args)
 
 

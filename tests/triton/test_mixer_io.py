@@ -17,7 +17,16 @@ import torch
 
 import zigzag_mamba
 from zigzag_mamba.ops.backends import resolve
-from zigzag_mamba.ops.mixer_io import mixer_in, mixer_in_reference, mixer_out, mixer_out_reference
+from zigzag_mamba.ops.mixer_io import (
+    MixerIn,
+    MixerInSaved,
+    MixerOut,
+    MixerOutSaved,
+    mixer_in,
+    mixer_in_reference,
+    mixer_out,
+    mixer_out_reference,
+)
 from zigzag_mamba.ops.mixer_io import triton as kernels
 from zigzag_mamba.ops.permute import inverse_order
 from zigzag_mamba.ops.utils import poisoned_outputs
@@ -139,14 +148,13 @@ def test_mixer_in_forward_and_backward(shape, dtype, variant):
     torch_outs, torch_grads = _mixer_in_grads(case, upstream)
     inverse = case.inverse
     with poisoned_outputs():
-        outs = kernels.mixer_in_forward(
-            case.h, case.residual, case.weight, case.shift, case.scale, case.order, inverse, 1e-5
-        )
+        args = MixerIn(case.h, case.residual, case.weight, case.shift, case.scale, case.order,
+                       inverse, 1e-5)  # fmt: skip
+        outs = kernels.mixer_in_forward(args)
         g = [u.to(o.dtype) for u, o in zip(upstream, outs, strict=True)]
-        grads = kernels.mixer_in_backward(
-            *g, outs[0], case.weight, case.shift, case.scale, case.residual is not None,
-            case.order, inverse, 1e-5,
-        )  # fmt: skip
+        saved = MixerInSaved(outs[0], case.weight, case.shift, case.scale, case.order, inverse,
+                             case.residual is not None, 1e-5)  # fmt: skip
+        grads = kernels.mixer_in_backward(saved, *g)
     for name, out, torch_out, ref in zip(
         ("residual", "h_norm", "x"), outs, torch_outs, ref_outs, strict=True
     ):
@@ -178,8 +186,8 @@ def test_mixer_out_forward_and_backward(shape, dtype, variant):
     ref_out, ref_grads = reference(_f64)
     torch_out, torch_grads = reference(lambda t: t)
     with poisoned_outputs():
-        out = kernels.mixer_out_forward(h_norm, gate, y, order, inverse)
-        grads = kernels.mixer_out_backward(g_out, gate, y, order, inverse)
+        out = kernels.mixer_out_forward(MixerOut(h_norm, gate, y, order, inverse))
+        grads = kernels.mixer_out_backward(MixerOutSaved(gate, y, order, inverse), g_out)
     _assert_within_2x("out", out, torch_out, ref_out)
     for name, grad, torch_grad, ref in zip(
         ("y", "gate"), grads, torch_grads, ref_grads, strict=True
@@ -196,10 +204,9 @@ def test_strided_conditioning_is_accepted():
     shift, scale, gate = c.chunk(3, dim=-1)
     inverse = case.inverse
     with poisoned_outputs():
-        outs = kernels.mixer_in_forward(
-            case.h, case.residual, case.weight, shift, scale, case.order, inverse, 1e-5
-        )
-        out = kernels.mixer_out_forward(outs[1], gate, outs[2], case.order, inverse)
+        args = MixerIn(case.h, case.residual, case.weight, shift, scale, case.order, inverse, 1e-5)
+        outs = kernels.mixer_in_forward(args)
+        out = kernels.mixer_out_forward(MixerOut(outs[1], gate, outs[2], case.order, inverse))
     ref = mixer_in_reference(case.h, case.residual, case.weight, shift, scale, case.order)
     for got, expected in zip(outs, ref, strict=True):
         torch.testing.assert_close(got, expected)

@@ -136,6 +136,22 @@ def register_backend(
     backends.append(Backend(name, module, device_types, probe, dtypes, forced_device_types))
 
 
+def register_triton_backend(
+    op: str, module: str, dtypes: tuple[torch.dtype, ...] | None = None
+) -> None:
+    """Register ``module``'s Triton kernels as backend "triton" of ``op``: first choice on CUDA
+    where Triton can run, and on CPU tensors when forced under the Triton interpreter."""
+    register_backend(
+        op,
+        "triton",
+        module,
+        ("cuda",),
+        probe=triton_probe(module),
+        dtypes=dtypes,
+        forced_device_types=("cpu",),
+    )
+
+
 @functools.cache
 def unavailable_reason(op: str, name: str, device_type: str) -> str | None:
     """Why backend ``name`` of ``op`` cannot run on ``device_type``, or None (probed once)."""
@@ -155,20 +171,22 @@ def _find(op: str, name: str) -> Backend:
     raise ValueError(f"{op} has no backend {name!r}; choose one of {['auto', *names]}")
 
 
+def _current(name: str, renamed: Mapping[str, str], what: str) -> str:
+    """``name``, or its new name with a DeprecationWarning if it is an old one."""
+    if name not in renamed:
+        return name
+    warnings.warn(
+        f"{what} {name!r} is now called {renamed[name]!r}", DeprecationWarning, stacklevel=4
+    )
+    return renamed[name]
+
+
 def _current_name(name: str) -> str:
-    if name in _RENAMED_BACKENDS:
-        new = _RENAMED_BACKENDS[name]
-        warnings.warn(f"backend {name!r} is now called {new!r}", DeprecationWarning, stacklevel=4)
-        return new
-    return name
+    return _current(name, _RENAMED_BACKENDS, "backend")
 
 
 def _current_op(op: str) -> str:
-    if op in _RENAMED_OPS:
-        new = _RENAMED_OPS[op]
-        warnings.warn(f"op {op!r} is now called {new!r}", DeprecationWarning, stacklevel=4)
-        return new
-    return op
+    return _current(op, _RENAMED_OPS, "op")
 
 
 def requested(op: str) -> str:

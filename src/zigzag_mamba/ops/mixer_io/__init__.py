@@ -27,26 +27,28 @@ from zigzag_mamba.ops.backends import (
     backend_module,
     implementation,
     register_backend,
-    triton_probe,
+    register_triton_backend,
 )
+from zigzag_mamba.ops.mixer_io.inputs import MixerIn, MixerInSaved, MixerOut, MixerOutSaved
 from zigzag_mamba.ops.mixer_io.reference import mixer_in_reference, mixer_out_reference
 from zigzag_mamba.ops.permute import inverse_order
 from zigzag_mamba.ops.utils import compute_dtype, or_empty
 
-__all__ = ["mixer_in", "mixer_in_reference", "mixer_out", "mixer_out_reference"]
+__all__ = [
+    "MixerIn",
+    "MixerInSaved",
+    "MixerOut",
+    "MixerOutSaved",
+    "mixer_in",
+    "mixer_in_reference",
+    "mixer_out",
+    "mixer_out_reference",
+]
 
 OP = "mixer_io"
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-register_backend(
-    OP,
-    "triton",
-    f"{__name__}.triton",
-    ("cuda",),
-    probe=triton_probe(f"{__name__}.triton"),
-    dtypes=_KERNEL_DTYPES,
-    forced_device_types=("cpu",),
-)
+register_triton_backend(OP, f"{__name__}.triton", dtypes=_KERNEL_DTYPES)
 register_backend(OP, "torch", f"{__name__}.reference", ("cpu", "cuda", "mps", "xpu"))
 
 
@@ -65,10 +67,8 @@ def _mixer_in(
     inverse: torch.Tensor | None,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend = _backend(h, residual, norm_weight, shift, scale)
-    return backend_module(OP, backend).mixer_in_forward(
-        h, residual, norm_weight, shift, scale, order, inverse, eps
-    )
+    a = MixerIn(h, residual, norm_weight, shift, scale, order, inverse, eps)
+    return backend_module(OP, _backend(*a[:5])).mixer_in_forward(a)
 
 
 @_mixer_in.register_fake
@@ -78,54 +78,42 @@ def _(h, residual, norm_weight, shift, scale, order, inverse, eps):
 
 @torch.library.custom_op("zigzag_mamba::mixer_in_backward", mutates_args=())
 def _mixer_in_backward(
-    g_residual: torch.Tensor,
-    g_h_norm: torch.Tensor,
-    g_x: torch.Tensor,
-    residual_out: torch.Tensor,
-    norm_weight: torch.Tensor,
-    shift: torch.Tensor | None,
-    scale: torch.Tensor | None,
+    grads: list[torch.Tensor],
+    saved: list[torch.Tensor | None],
     has_residual: bool,
-    order: torch.Tensor | None,
-    inverse: torch.Tensor | None,
     eps: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    g_h, *grads = backend_module(OP, backend).mixer_in_backward(
-        g_residual, g_h_norm, g_x, residual_out, norm_weight, shift, scale, has_residual,
-        order, inverse, eps,
-    )  # fmt: skip
-    return g_h, *or_empty(residual_out, *grads)
+    """``grads``: (g_residual, g_h_norm, g_x); ``saved``: the tensors of a MixerInSaved."""
+    kept = MixerInSaved(*saved, has_residual, eps)
+    g_h, *rest = backend_module(OP, backend).mixer_in_backward(kept, *grads)
+    return g_h, *or_empty(kept.residual_out, *rest)
 
 
 @_mixer_in_backward.register_fake
-def _(g_residual, g_h_norm, g_x, residual_out, norm_weight, shift, scale, has_residual, order,
-      inverse, eps, backend):  # fmt: skip
-    none = residual_out.new_empty(0)
-    return (
-        g_h_norm.new_empty(g_h_norm.shape),
-        residual_out.new_empty(residual_out.shape) if has_residual else none,
-        norm_weight.new_empty(norm_weight.shape),
-        none if shift is None else shift.new_empty(shift.shape),
-        none if scale is None else scale.new_empty(scale.shape),
-    )
+def _(grads, saved, has_residual, eps, backend):
+    kept = MixerInSaved(*saved, has_residual, eps)
+    none = kept.residual_out.new_empty(0)
+    like = lambda t: none if t is None else t.new_empty(t.shape)
+    residual = like(kept.residual_out) if has_residual else none
+    return like(grads[1]), residual, like(kept.norm_weight), like(kept.shift), like(kept.scale)
 
 
 def _mixer_in_setup_context(ctx, inputs, output) -> None:
-    h, residual, norm_weight, shift, scale, order, inverse, eps = inputs
-    ctx.save_for_backward(output[0], norm_weight, shift, scale, order, inverse)
-    ctx.has_residual = residual is not None
-    ctx.eps = eps
+    a = MixerIn(*inputs)
+    ctx.save_for_backward(output[0], a.norm_weight, a.shift, a.scale, a.order, a.inverse)
+    ctx.has_residual = a.residual is not None
+    ctx.eps = a.eps
     # The backward runs where the forward ran, whatever is forced when it runs.
-    ctx.backend = _backend(h, residual, norm_weight, shift, scale)
+    ctx.backend = _backend(*a[:5])
 
 
 def _mixer_in_grad(ctx, g_residual, g_h_norm, g_x):
-    residual_out, norm_weight, shift, scale, order, inverse = ctx.saved_tensors
+    saved = list(ctx.saved_tensors)
     g_h, g_residual_in, g_weight, g_shift, g_scale = _mixer_in_backward(
-        g_residual, g_h_norm, g_x, residual_out, norm_weight, shift, scale,
-        ctx.has_residual, order, inverse, ctx.eps, ctx.backend,
-    )  # fmt: skip
+        [g_residual, g_h_norm, g_x], saved, ctx.has_residual, ctx.eps, ctx.backend
+    )
+    shift, scale = saved[2], saved[3]
     return (
         g_h,
         g_residual_in if ctx.has_residual else None,
@@ -149,8 +137,8 @@ def _mixer_out(
     order: torch.Tensor | None,
     inverse: torch.Tensor | None,
 ) -> torch.Tensor:
-    backend = _backend(h_norm, gate, y)
-    return backend_module(OP, backend).mixer_out_forward(h_norm, gate, y, order, inverse)
+    a = MixerOut(h_norm, gate, y, order, inverse)
+    return backend_module(OP, _backend(h_norm, gate, y)).mixer_out_forward(a)
 
 
 @_mixer_out.register_fake
@@ -160,34 +148,30 @@ def _(h_norm, gate, y, order, inverse):
 
 @torch.library.custom_op("zigzag_mamba::mixer_out_backward", mutates_args=())
 def _mixer_out_backward(
-    g_out: torch.Tensor,
-    gate: torch.Tensor | None,
-    y: torch.Tensor,
-    order: torch.Tensor | None,
-    inverse: torch.Tensor | None,
-    backend: str,
+    g_out: torch.Tensor, saved: list[torch.Tensor | None], backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    g_y, g_gate = backend_module(OP, backend).mixer_out_backward(g_out, gate, y, order, inverse)
+    """``saved``: the tensors of a MixerOutSaved."""
+    g_y, g_gate = backend_module(OP, backend).mixer_out_backward(MixerOutSaved(*saved), g_out)
     return g_y, *or_empty(g_out, g_gate)
 
 
 @_mixer_out_backward.register_fake
-def _(g_out, gate, y, order, inverse, backend):
-    g_gate = g_out.new_empty(0) if gate is None else gate.new_empty(gate.shape)
-    return y.new_empty(y.shape), g_gate
+def _(g_out, saved, backend):
+    gate, y = saved[0], saved[1]
+    return y.new_empty(y.shape), g_out.new_empty(0) if gate is None else gate.new_empty(gate.shape)
 
 
 def _mixer_out_setup_context(ctx, inputs, output) -> None:
-    h_norm, gate, y, order, inverse = inputs
-    ctx.save_for_backward(gate, y, order, inverse)
-    ctx.h_norm_dtype = h_norm.dtype
-    ctx.backend = _backend(h_norm, gate, y)
+    a = MixerOut(*inputs)
+    ctx.save_for_backward(a.gate, a.y, a.order, a.inverse)
+    ctx.h_norm_dtype = a.h_norm.dtype
+    ctx.backend = _backend(a.h_norm, a.gate, a.y)
 
 
 def _mixer_out_grad(ctx, g_out):
-    gate, y, order, inverse = ctx.saved_tensors
-    g_y, g_gate = _mixer_out_backward(g_out, gate, y, order, inverse, ctx.backend)
-    return g_out.to(ctx.h_norm_dtype), None if gate is None else g_gate, g_y, None, None
+    saved = list(ctx.saved_tensors)
+    g_y, g_gate = _mixer_out_backward(g_out, saved, ctx.backend)
+    return g_out.to(ctx.h_norm_dtype), None if saved[0] is None else g_gate, g_y, None, None
 
 
 _mixer_out.register_autograd(_mixer_out_grad, setup_context=_mixer_out_setup_context)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from zigzag_mamba.ops.mixer_io.inputs import MixerIn, MixerInSaved, MixerOut, MixerOutSaved
 from zigzag_mamba.ops.utils import compute_dtype
 
 
@@ -67,23 +68,13 @@ def mixer_out_reference(
 # -------------------------------------------------------------------------- the torch backend
 
 
-def mixer_in_forward(h, residual, norm_weight, shift, scale, order, inverse, eps):
-    h, residual = _contiguous(h, residual)
-    return mixer_in_reference(h, residual, norm_weight, shift, scale, order, eps)
+def mixer_in_forward(a: MixerIn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    h, residual = _contiguous(a.h, a.residual)
+    return mixer_in_reference(h, residual, a.norm_weight, a.shift, a.scale, a.order, a.eps)
 
 
 def mixer_in_backward(
-    g_residual: torch.Tensor,
-    g_h_norm: torch.Tensor,
-    g_x: torch.Tensor,
-    residual_out: torch.Tensor,
-    norm_weight: torch.Tensor,
-    shift: torch.Tensor | None,
-    scale: torch.Tensor | None,
-    has_residual: bool,
-    order: torch.Tensor | None,
-    inverse: torch.Tensor | None,
-    eps: float,
+    saved: MixerInSaved, g_residual: torch.Tensor, g_h_norm: torch.Tensor, g_x: torch.Tensor
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients (h, residual, norm_weight, shift, scale) of ``mixer_in``, by hand (None for
     absent inputs).
@@ -93,39 +84,37 @@ def mixer_in_backward(
     dr = rstd * (dn - n * mean(dn * n)) + dresidual_out.
     """
     g_residual, g_h_norm, g_x = _contiguous(g_residual, g_h_norm, g_x)
-    r, compute = residual_out, residual_out.dtype
-    rstd = torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps)
+    r, compute = saved.residual_out, saved.residual_out.dtype
+    shift, scale = saved.shift, saved.scale
+    rstd = torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + saved.eps)
     n = r * rstd
-    w = norm_weight.to(compute)
+    w = saved.norm_weight.to(compute)
+    inverse = saved.inverse
     g_x = g_x.to(compute) if inverse is None else _gather(g_x.to(compute), inverse)
     g_shift = None if shift is None else g_x.sum(1).to(shift.dtype)
     g_scale = None if scale is None else (g_x * n * w).sum(1).to(scale.dtype)
     if scale is not None:
         g_x = g_x * (1 + _per_sample(scale, compute))
     g_y = g_h_norm.to(compute) + g_x
-    g_weight = (g_y * n).sum((0, 1)).to(norm_weight.dtype)
+    g_weight = (g_y * n).sum((0, 1)).to(saved.norm_weight.dtype)
     g_n = g_y * w
     g_r = rstd * (g_n - n * (g_n * n).mean(-1, keepdim=True)) + g_residual
     # Outputs may not alias each other, hence the copy when h is float32 like the residual.
     g_h = g_r.to(g_h_norm.dtype, copy=True)
-    g_residual_in = g_r if has_residual else None
-    return g_h, g_residual_in, g_weight, g_shift, g_scale
+    return g_h, g_r if saved.has_residual else None, g_weight, g_shift, g_scale
 
 
-def mixer_out_forward(h_norm, gate, y, order, inverse):
-    h_norm, y = _contiguous(h_norm, y)
-    return mixer_out_reference(h_norm, gate, y, inverse)
+def mixer_out_forward(a: MixerOut) -> torch.Tensor:
+    h_norm, y = _contiguous(a.h_norm, a.y)
+    return mixer_out_reference(h_norm, a.gate, y, a.inverse)
 
 
 def mixer_out_backward(
-    g_out: torch.Tensor,
-    gate: torch.Tensor | None,
-    y: torch.Tensor,
-    order: torch.Tensor | None,
-    inverse: torch.Tensor | None,
+    saved: MixerOutSaved, g_out: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients (y, gate) of ``mixer_out``: dy = permute(gate * dout), dgate = sum(dout * y)."""
-    g_out, y = _contiguous(g_out, y)
+    g_out, y = _contiguous(g_out, saved.y)
+    gate, order, inverse = saved.gate, saved.order, saved.inverse
     compute = compute_dtype(g_out)
     g = g_out.to(compute)
     g_gate = None

@@ -17,12 +17,26 @@ import torch
 import triton
 import triton.language as tl
 
+from zigzag_mamba.ops.mixer_io.inputs import MixerIn, MixerInSaved, MixerOut, MixerOutSaved
 from zigzag_mamba.ops.utils import launch_device, new_empty, next_power_of_2
 
 # fp32 elements per tile: with whole rows of up to 2048 channels, a few rows per program.
 _TILE = 4096
 # Rows a backward program reduces: bounds the partial-sum buffers to B * L / 64 rows.
 _CHUNK = 64
+
+
+@triton.jit
+def _tile(batch, rows, L, D, cols, inv_ptr, PERMUTE: tl.constexpr):
+    """A tile of whole token rows: its mask, its offsets in natural order, and the offsets of the
+    same tokens in the mixer's order (token l sits at row ``inverse[l]`` there)."""
+    row_ok = rows < L
+    mask = row_ok[:, None] & (cols < D)[None, :]
+    natural = (batch * L + rows[:, None].to(tl.int64)) * D + cols[None, :]
+    moved = rows.to(tl.int64)
+    if PERMUTE:
+        moved = tl.load(inv_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    return mask, natural, (batch * L + moved[:, None]) * D + cols[None, :]
 
 
 @triton.jit
@@ -37,10 +51,8 @@ def _mixer_in_fwd_kernel(
     batch = (tl.program_id(0) // row_blocks).to(tl.int64)
     rows = (tl.program_id(0) % row_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
     cols = tl.arange(0, BLOCK_D)
-    row_ok = rows < L
     col_ok = cols < D
-    mask = row_ok[:, None] & col_ok[None, :]
-    offsets = (batch * L + rows[:, None].to(tl.int64)) * D + cols[None, :]
+    mask, offsets, xs_offsets = _tile(batch, rows, L, D, cols, inv_ptr, PERMUTE)
 
     r = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
@@ -55,10 +67,6 @@ def _mixer_in_fwd_kernel(
         y *= 1.0 + tl.load(scale_ptr + batch * D + cols, mask=col_ok, other=0.0).to(tl.float32)
     if HAS_SHIFT:
         y += tl.load(shift_ptr + batch * D + cols, mask=col_ok, other=0.0).to(tl.float32)
-    dst = rows.to(tl.int64)
-    if PERMUTE:
-        dst = tl.load(inv_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    xs_offsets = (batch * L + dst[:, None]) * D + cols[None, :]
     tl.store(xs_out_ptr + xs_offsets, y.to(xs_out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -85,13 +93,7 @@ def _mixer_in_bwd_kernel(
     acc_scale = tl.zeros((BLOCK_D,), tl.float32)
     for start in range(0, CHUNK, BLOCK_L):
         rows = first_row + start + tl.arange(0, BLOCK_L)
-        row_ok = rows < L
-        mask = row_ok[:, None] & col_ok[None, :]
-        offsets = (batch * L + rows[:, None].to(tl.int64)) * D + cols[None, :]
-        src = rows.to(tl.int64)
-        if PERMUTE:
-            src = tl.load(inv_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        xs_offsets = (batch * L + src[:, None]) * D + cols[None, :]
+        mask, offsets, xs_offsets = _tile(batch, rows, L, D, cols, inv_ptr, PERMUTE)
 
         # Recompute the normalised row instead of storing it: the row is loaded anyway.
         r = tl.load(r_ptr + offsets, mask=mask, other=0.0)
@@ -132,15 +134,9 @@ def _mixer_out_fwd_kernel(
     batch = (tl.program_id(0) // row_blocks).to(tl.int64)
     rows = (tl.program_id(0) % row_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
     cols = tl.arange(0, BLOCK_D)
-    row_ok = rows < L
     col_ok = cols < D
-    mask = row_ok[:, None] & col_ok[None, :]
-    offsets = (batch * L + rows[:, None].to(tl.int64)) * D + cols[None, :]
-    src = rows.to(tl.int64)
-    if PERMUTE:
-        src = tl.load(inv_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    y = tl.load(y_ptr + (batch * L + src[:, None]) * D + cols[None, :], mask=mask, other=0.0)
-    y = y.to(tl.float32)
+    mask, offsets, y_offsets = _tile(batch, rows, L, D, cols, inv_ptr, PERMUTE)
+    y = tl.load(y_ptr + y_offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
         y *= tl.load(gate_ptr + batch * D + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out = tl.load(hn_ptr + offsets, mask=mask, other=0.0).to(tl.float32) + y
@@ -165,13 +161,7 @@ def _mixer_out_bwd_kernel(
     acc_gate = tl.zeros((BLOCK_D,), tl.float32)
     for start in range(0, CHUNK, BLOCK_L):
         rows = first_row + start + tl.arange(0, BLOCK_L)
-        row_ok = rows < L
-        mask = row_ok[:, None] & col_ok[None, :]
-        offsets = (batch * L + rows[:, None].to(tl.int64)) * D + cols[None, :]
-        dst = rows.to(tl.int64)
-        if PERMUTE:
-            dst = tl.load(inv_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        y_offsets = (batch * L + dst[:, None]) * D + cols[None, :]
+        mask, offsets, y_offsets = _tile(batch, rows, L, D, cols, inv_ptr, PERMUTE)
         g_out = tl.load(g_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         g_y = g_out * gate[None, :]
         tl.store(g_y_ptr + y_offsets, g_y.to(g_y_ptr.dtype.element_ty), mask=mask)
@@ -200,18 +190,9 @@ def _partials(batch: int, chunks: int, channels: int, device: torch.device) -> t
     return new_empty((batch, chunks, channels), torch.float32, device)
 
 
-def mixer_in_forward(
-    h: torch.Tensor,
-    residual: torch.Tensor | None,
-    weight: torch.Tensor,
-    shift: torch.Tensor | None,
-    scale: torch.Tensor | None,
-    order: torch.Tensor | None,
-    inverse: torch.Tensor | None,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mixer_in_forward(a: MixerIn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(new residual fp32, h_norm in h's dtype, modulated tokens permuted); see ``mixer_in``."""
-    h = h.contiguous()
+    h = a.h.contiguous()
     batch, length, channels = h.shape
     res_out = new_empty(h.shape, torch.float32, h.device)
     h_norm = new_empty(h.shape, h.dtype, h.device)
@@ -222,34 +203,25 @@ def mixer_in_forward(
     grid = (triton.cdiv(length, block_l) * batch,)
     with launch_device(h):
         _mixer_in_fwd_kernel[grid](
-            h, _or(residual, h), weight.contiguous(), _or(shift, h), _or(scale, h),
-            _or(inverse, h), res_out, h_norm, x,
-            length, channels, eps,
-            HAS_RESIDUAL=residual is not None, HAS_SHIFT=shift is not None,
-            HAS_SCALE=scale is not None, PERMUTE=inverse is not None,
+            h, _or(a.residual, h), a.norm_weight.contiguous(), _or(a.shift, h), _or(a.scale, h),
+            _or(a.inverse, h), res_out, h_norm, x,
+            length, channels, a.eps,
+            HAS_RESIDUAL=a.residual is not None, HAS_SHIFT=a.shift is not None,
+            HAS_SCALE=a.scale is not None, PERMUTE=a.inverse is not None,
             BLOCK_L=block_l, BLOCK_D=block_d, num_warps=_num_warps(block_d),
         )  # fmt: skip
     return res_out, h_norm, x
 
 
 def mixer_in_backward(
-    g_residual: torch.Tensor,
-    g_h_norm: torch.Tensor,
-    g_x: torch.Tensor,
-    residual_out: torch.Tensor,
-    weight: torch.Tensor,
-    shift: torch.Tensor | None,
-    scale: torch.Tensor | None,
-    has_residual: bool,
-    order: torch.Tensor | None,
-    inverse: torch.Tensor | None,
-    eps: float,
+    saved: MixerInSaved, g_residual: torch.Tensor, g_h_norm: torch.Tensor, g_x: torch.Tensor
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients (h, residual, weight, shift, scale) of ``mixer_in``; None for absent inputs."""
+    residual_out, shift, scale = saved.residual_out, saved.shift, saved.scale
     batch, length, channels = residual_out.shape
     device = residual_out.device
     g_h = new_empty(residual_out.shape, g_h_norm.dtype, device)
-    g_res_in = new_empty(residual_out.shape, torch.float32, device) if has_residual else None
+    g_res_in = new_empty(residual_out.shape, torch.float32, device) if saved.has_residual else None
     block_l, block_d = _row_tiling(length, channels)
     chunk = _chunk(length, block_l)
     chunks = triton.cdiv(length, chunk)
@@ -260,29 +232,21 @@ def mixer_in_backward(
         with launch_device(g_h):
             _mixer_in_bwd_kernel[(chunks * batch,)](
                 g_residual.contiguous(), g_h_norm.contiguous(), g_x.contiguous(),
-                residual_out.contiguous(), weight.contiguous(), _or(scale, g_h),
-                _or(inverse, g_h), g_h, _or(g_res_in, g_h), part_w, _or(part_shift, part_w),
-                _or(part_scale, part_w),
-                length, channels, eps,
-                HAS_RESIDUAL=has_residual, HAS_SHIFT=shift is not None,
-                HAS_SCALE=scale is not None, PERMUTE=inverse is not None,
+                residual_out.contiguous(), saved.norm_weight.contiguous(), _or(scale, g_h),
+                _or(saved.inverse, g_h), g_h, _or(g_res_in, g_h), part_w,
+                _or(part_shift, part_w), _or(part_scale, part_w),
+                length, channels, saved.eps,
+                HAS_RESIDUAL=saved.has_residual, HAS_SHIFT=shift is not None,
+                HAS_SCALE=scale is not None, PERMUTE=saved.inverse is not None,
                 CHUNK=chunk, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=_num_warps(block_d),
             )  # fmt: skip
-    g_weight = part_w.sum((0, 1)).to(weight.dtype)
-    g_shift = _reduce(part_shift, shift)
-    g_scale = _reduce(part_scale, scale)
-    return g_h, g_res_in, g_weight, g_shift, g_scale
+    g_weight = part_w.sum((0, 1)).to(saved.norm_weight.dtype)
+    return g_h, g_res_in, g_weight, _reduce(part_shift, shift), _reduce(part_scale, scale)
 
 
-def mixer_out_forward(
-    h_norm: torch.Tensor,
-    gate: torch.Tensor | None,
-    y: torch.Tensor,
-    order: torch.Tensor | None,
-    inverse: torch.Tensor | None,
-) -> torch.Tensor:
+def mixer_out_forward(a: MixerOut) -> torch.Tensor:
     """``h_norm + gate * unpermute(y)`` in h_norm's dtype; see ``mixer_out``."""
-    h_norm = h_norm.contiguous()
+    h_norm = a.h_norm.contiguous()
     batch, length, channels = h_norm.shape
     out = new_empty(h_norm.shape, h_norm.dtype, h_norm.device)
     if h_norm.numel() == 0:
@@ -290,24 +254,21 @@ def mixer_out_forward(
     block_l, block_d = _row_tiling(length, channels)
     with launch_device(out):
         _mixer_out_fwd_kernel[(triton.cdiv(length, block_l) * batch,)](
-            h_norm, _or(gate, h_norm), y.contiguous(), _or(inverse, h_norm), out,
+            h_norm, _or(a.gate, h_norm), a.y.contiguous(), _or(a.inverse, h_norm), out,
             length, channels,
-            HAS_GATE=gate is not None, PERMUTE=inverse is not None,
+            HAS_GATE=a.gate is not None, PERMUTE=a.inverse is not None,
             BLOCK_L=block_l, BLOCK_D=block_d, num_warps=_num_warps(block_d),
         )  # fmt: skip
     return out
 
 
 def mixer_out_backward(
-    g_out: torch.Tensor,
-    gate: torch.Tensor | None,
-    y: torch.Tensor,
-    order: torch.Tensor | None,
-    inverse: torch.Tensor | None,
+    saved: MixerOutSaved, g_out: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gradients (y, gate) of ``mixer_out`` (h_norm''s gradient is ``g_out`` itself)."""
+    """Gradients (y, gate) of ``mixer_out`` (h_norm's gradient is ``g_out`` itself)."""
+    gate = saved.gate
     batch, length, channels = g_out.shape
-    g_y = new_empty(g_out.shape, y.dtype, g_out.device)
+    g_y = new_empty(g_out.shape, saved.y.dtype, g_out.device)
     block_l, block_d = _row_tiling(length, channels)
     chunk = _chunk(length, block_l)
     chunks = triton.cdiv(length, chunk)
@@ -315,10 +276,10 @@ def mixer_out_backward(
     if g_out.numel() > 0:
         with launch_device(g_y):
             _mixer_out_bwd_kernel[(chunks * batch,)](
-                g_out.contiguous(), _or(gate, g_y), y.contiguous(), _or(inverse, g_y), g_y,
-                _or(part_gate, g_y),
+                g_out.contiguous(), _or(gate, g_y), saved.y.contiguous(),
+                _or(saved.inverse, g_y), g_y, _or(part_gate, g_y),
                 length, channels,
-                HAS_GATE=gate is not None, PERMUTE=inverse is not None,
+                HAS_GATE=gate is not None, PERMUTE=saved.inverse is not None,
                 CHUNK=chunk, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=_num_warps(block_d),
             )  # fmt: skip
     return g_y, _reduce(part_gate, gate)

@@ -16,20 +16,13 @@ from zigzag_mamba.ops.backends import (
     backend_module,
     implementation,
     register_backend,
-    triton_probe,
+    register_triton_backend,
 )
 
 OP = "permute_tokens"
 
 # Registration order is preference order for "auto": Triton first wherever it can run.
-register_backend(
-    OP,
-    "triton",
-    f"{__name__}.triton",
-    ("cuda",),
-    probe=triton_probe(f"{__name__}.triton"),
-    forced_device_types=("cpu",),
-)
+register_triton_backend(OP, f"{__name__}.triton")
 register_backend(OP, "torch", __name__, ("cpu", "cuda", "mps", "xpu"))
 
 

@@ -58,8 +58,8 @@ from zigzag_mamba.ops.backends import (
     backend_module,
     implementation,
     register_backend,
+    register_triton_backend,
     requested,
-    triton_probe,
 )
 from zigzag_mamba.ops.selective_scan.inputs import ScanGrads, ScanInputs, check_inputs
 from zigzag_mamba.ops.selective_scan.reference import selective_scan_reference
@@ -98,15 +98,7 @@ register_backend(
     dtypes=_KERNEL_DTYPES,
     forced_device_types=("cuda",),
 )
-register_backend(
-    OP,
-    "triton",
-    f"{__name__}.triton",
-    ("cuda",),
-    probe=triton_probe(f"{__name__}.triton"),
-    dtypes=_KERNEL_DTYPES,
-    forced_device_types=("cpu",),
-)
+register_triton_backend(OP, f"{__name__}.triton", dtypes=_KERNEL_DTYPES)
 register_backend(OP, "numba", f"{__name__}.numba", ("cpu",), probe=_numba_probe)
 register_backend(OP, "torch", f"{__name__}.chunked", _ALL_DEVICES)
 # Forced, "reference" makes selective_scan() run the loop itself, differentiated by autograd
@@ -151,31 +143,23 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
 def _selective_scan_bwd(
     dout: torch.Tensor,
     dlast: torch.Tensor | None,
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None,
-    z: torch.Tensor | None,
-    delta_bias: torch.Tensor | None,
+    inputs: list[torch.Tensor | None],
     delta_softplus: bool,
     checkpoints: torch.Tensor,
     backend: str,
 ) -> list[torch.Tensor]:
-    x = ScanInputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    x = ScanInputs(*inputs, delta_softplus)
     grads = backend_module(OP, backend).backward(x, checkpoints, dout, dlast, CHUNK)
     # In the inputs' dtypes; an absent optional input's gradient travels as an empty tensor.
     return [
-        u.new_empty(0) if t is None else g.to(t.dtype).contiguous()
+        x.u.new_empty(0) if t is None else g.to(t.dtype).contiguous()
         for g, t in zip(grads, x.tensors, strict=True)
     ]
 
 
 @_selective_scan_bwd.register_fake
-def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, checkpoints, backend):
-    tensors = (u, delta, A, B, C, D, z, delta_bias)
-    return [u.new_empty(0) if t is None else t.new_empty(t.shape) for t in tensors]
+def _(dout, dlast, inputs, delta_softplus, checkpoints, backend):
+    return [dout.new_empty(0) if t is None else t.new_empty(t.shape) for t in inputs]
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -193,7 +177,8 @@ def _backward(ctx, dout, dlast, _dcheckpoints):
     x = ScanInputs(*tensors, ctx.delta_softplus)
     if dout is None:
         dout = torch.zeros_like(x.u)
-    grads = _selective_scan_bwd(dout, dlast, *x, checkpoints, ctx.backend)
+    grads = _selective_scan_bwd(dout, dlast, list(x.tensors), x.delta_softplus, checkpoints,
+                                ctx.backend)  # fmt: skip
     return (*(None if t is None else g for g, t in zip(grads, x.tensors, strict=True)), None)
 
 

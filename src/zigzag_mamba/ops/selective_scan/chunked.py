@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from zigzag_mamba.ops.selective_scan.inputs import ScanGrads, ScanInputs
 from zigzag_mamba.ops.utils import compute_dtype
@@ -86,7 +87,7 @@ def _prepare(x: ScanInputs, dtype: torch.dtype):
     return _time_major(dt, n_group), _time_major(x.u.to(dtype), n_group), Ag, Bt, Ct, dt_grad
 
 
-def forward(x: ScanInputs, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward(x: ScanInputs, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     """(out in u's dtype, last state, checkpoints), both in the compute dtype."""
     dtype = compute_dtype(x.u)
     dt, ut, Ag, Bt, Ct, _ = _prepare(x, dtype)
@@ -124,11 +125,7 @@ def _skip_and_gate(y, u, D, z, dtype) -> tuple[torch.Tensor, torch.Tensor | None
 
 
 def backward(
-    x: ScanInputs,
-    checkpoints: torch.Tensor,
-    dout: torch.Tensor,
-    dlast: torch.Tensor | None,
-    chunk: int,
+    x: ScanInputs, checkpoints: Tensor, dout: Tensor, dlast: Tensor | None, chunk: int
 ) -> ScanGrads:
     """The gradients, in the compute dtype (B and C's in their own layouts)."""
     u, dtype = x.u, checkpoints.dtype

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+from torch import Tensor
 
 from zigzag_mamba.ops.selective_scan.inputs import ScanGrads, ScanInputs
 from zigzag_mamba.ops.utils import compute_dtype
@@ -21,7 +22,7 @@ def _as_mamba_ssm(x: ScanInputs) -> ScanInputs:
     return x._replace(A=as_f32(x.A), D=as_f32(x.D), delta_bias=as_f32(x.delta_bias))
 
 
-def forward(x: ScanInputs, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward(x: ScanInputs, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     out, last = selective_scan_fn(*_as_mamba_ssm(x), return_last_state=True)
     # It keeps checkpoints of its own; the op's slot gets zeros of the shape it promises.
     u = x.u
@@ -30,11 +31,7 @@ def forward(x: ScanInputs, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def backward(
-    x: ScanInputs,
-    checkpoints: torch.Tensor,
-    dout: torch.Tensor,
-    dlast: torch.Tensor | None,
-    chunk: int,
+    x: ScanInputs, checkpoints: Tensor, dout: Tensor, dlast: Tensor | None, chunk: int
 ) -> ScanGrads:
     if dlast is not None and bool(dlast.any()):
         raise NotImplementedError(

@@ -36,6 +36,7 @@ import numba
 import numpy as np
 import torch
 from numba import njit, prange
+from torch import Tensor
 
 from zigzag_mamba.ops.selective_scan.inputs import ScanGrads, ScanInputs
 from zigzag_mamba.ops.selective_scan.numba_math import (
@@ -323,7 +324,7 @@ def _arrays(x: ScanInputs, dtype: torch.dtype) -> list[np.ndarray]:
     return [t.numpy() for t in tensors]
 
 
-def forward(x: ScanInputs, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward(x: ScanInputs, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     """Run the forward kernel on CPU tensors: (out in u's dtype, last state, chunk checkpoints)."""
     dtype = compute_dtype(x.u)
     n_batch, n_chan, length = x.u.shape
@@ -340,11 +341,7 @@ def forward(x: ScanInputs, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def backward(
-    x: ScanInputs,
-    checkpoints: torch.Tensor,
-    dout: torch.Tensor,
-    dlast: torch.Tensor | None,
-    chunk: int,
+    x: ScanInputs, checkpoints: Tensor, dout: Tensor, dlast: Tensor | None, chunk: int
 ) -> ScanGrads:
     """The gradients in the compute dtype; dB and dC come back in B's and C's layout."""
     dtype = checkpoints.dtype

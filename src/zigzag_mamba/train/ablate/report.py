@@ -165,22 +165,24 @@ def _interval(value: dict[str, float]) -> str:
 def plot(
     path: Path, results: list[dict[str, Any]], summary: list[dict[str, Any]], config: AblationConfig
 ) -> None:
-    """Loss curves per pattern (mean over seeds), then each metric per pattern: one dot per
-    run, runs of a seed joined by a line (the pairing), and the mean with its interval."""
+    """Four panels: loss curves per pattern (mean over seeds); each metric per pattern, one dot
+    per run, the runs of a seed joined by a line, and the mean with its interval; and the paired
+    differences to the baseline, in percent of the baseline's mean."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(15, 4.6), layout="constrained")
-    curves, *panels = figure.subplots(1, 1 + len(METRICS))
+    figure = Figure(figsize=(12, 9), layout="constrained")
+    (curves, loss), (fd, paired) = figure.subplots(2, 2)
     _loss_curves(curves, results, [row["pattern"] for row in summary])
-    for axis, metric in zip(panels, METRICS, strict=True):
+    for axis, metric in zip((loss, fd), METRICS, strict=True):
         _metric_panel(axis, results, summary, metric)
-    bars = f"red: mean, {config.confidence:.0%} t-interval" if config.intervals else "red: mean"
+    _paired_panel(paired, summary, config)
+    bars = f"mean and {config.confidence:.0%} t-interval" if config.intervals else "mean"
     figure.suptitle(
         f"Scan ablation: {config.data}, {config.image_size}px, {config.steps} steps, seeds "
-        f"{sorted({r['seed'] for r in results})}; grey: the runs of one seed; {bars}"
+        f"{sorted({r['seed'] for r in results})}; grey: the runs of one seed; red: {bars}"
     )
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    figure.savefig(tmp, dpi=110, format="png")
+    figure.savefig(tmp, dpi=100, format="png")
     os.replace(tmp, path)
 
 
@@ -228,3 +230,28 @@ def _metric_panel(axis, results, summary, metric: str) -> None:
     axis.set_xlim(-0.5, len(patterns) - 0.5)
     axis.ticklabel_format(axis="y", useOffset=False)
     axis.set_title(f"{METRICS[metric]} (lower is better)")
+
+
+def _paired_panel(axis, summary: list[dict[str, Any]], config: AblationConfig) -> None:
+    base = next((row for row in summary if row["pattern"] == config.baseline), None)
+    others = [row for row in summary if row["pattern"] != config.baseline]
+    for k, metric in enumerate(METRICS):
+        for x, row in enumerate(others):
+            paired = row[f"{metric}_vs_baseline"]
+            if base is None or paired is None:
+                continue
+            scale = 100 / base[metric]["mean"]
+            error = None
+            if not math.isnan(paired["low"]):
+                error = [[(paired["mean"] - paired["low"]) * scale],
+                         [(paired["high"] - paired["mean"]) * scale]]  # fmt: skip
+            label = METRICS[metric] if x == 0 else None
+            axis.errorbar(x - 0.1 + 0.2 * k, paired["mean"] * scale, yerr=error, fmt="os"[k],
+                          color=f"C{k}", capsize=4, label=label)  # fmt: skip
+    axis.axhline(0, color="0.5", linewidth=0.8)
+    axis.set_xticks(range(len(others)), [row["pattern"] for row in others], rotation=30)
+    axis.set_xlim(-0.5, max(len(others), 1) - 0.5)
+    axis.set_ylabel(f"% of {config.baseline}'s mean")
+    axis.set_title(f"paired difference: pattern minus {config.baseline}, seed by seed")
+    if base is not None and others:
+        axis.legend(fontsize=8)

@@ -4,7 +4,8 @@ The *protocol* is everything a run's numbers depend on apart from its pattern an
 data, the model, the training recipe and the evaluation. It is written to ``protocol.json`` in
 the results folder, and a later call into the same folder must match it, so that runs in one
 table were all made the same way. Patterns and seeds may be added to a folder; the report
-settings (baseline, intervals) and the compute settings (threads, device) are not part of it.
+settings (baseline, intervals) and the number of threads are not part of it; the kind of device
+is (noise drawn on a GPU differs from noise drawn on a CPU).
 """
 
 from __future__ import annotations
@@ -159,8 +160,7 @@ def config_with_preset(preset: str | None, **overrides: Any) -> AblationConfig:
 
 # Settings that do not change any run's numbers: which runs, how to report them, where to compute.
 _NOT_PROTOCOL = (
-    "out_dir", "patterns", "seeds", "baseline", "intervals", "confidence", "threads", "device",
-    "progress",
+    "out_dir", "patterns", "seeds", "baseline", "intervals", "confidence", "threads", "progress",
 )  # fmt: skip
 
 
@@ -169,6 +169,8 @@ def protocol(config: AblationConfig, model: dict[str, Any], train: dict[str, Any
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_PROTOCOL}
     if config.data not in ("photos", "digits"):
         settings["data"] = str(Path(config.data).resolve())
+    # Noise is drawn on the device, so CPU and GPU runs of one seed are not paired.
+    settings["device"] = _device_type(config.device)
     return _plain(
         {
             "version": PROTOCOL_VERSION,
@@ -187,6 +189,14 @@ def protocol(config: AblationConfig, model: dict[str, Any], train: dict[str, Any
             },
         }
     )
+
+
+def _device_type(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device.split(":")[0]
 
 
 def check_protocol(out_dir: Path, expected: dict) -> None:

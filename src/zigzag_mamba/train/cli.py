@@ -1,4 +1,4 @@
-"""The ``zigma train``, ``zigma sample`` and ``zigma demo`` commands.
+"""The ``zigma train``, ``zigma sample``, ``zigma demo`` and ``zigma ablate`` commands.
 
 Options come from flags, optionally on top of a YAML or JSON file (``--config``) whose keys
 are the flag names with underscores, plus ``data``, ``image_size``, ``random_flip`` and
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from zigzag_mamba.train.ablate.cli import register as register_ablate
 from zigzag_mamba.train.config import TrainConfig, read_config_file
 
 DEFAULT_MODEL = "ZigMa-T/1"
@@ -24,6 +25,7 @@ def register(subparsers) -> None:
     _register_train(subparsers)
     _register_sample(subparsers)
     _register_demo(subparsers)
+    register_ablate(subparsers)
 
 
 # -- zigma train ---------------------------------------------------------------------------

@@ -1,0 +1,247 @@
+"""What an ablation runs (:class:`AblationConfig`), its presets, and the protocol it records.
+
+The *protocol* is everything a run's numbers depend on apart from its pattern and seed: the
+data, the model, the training recipe and the evaluation. It is written to ``protocol.json`` in
+the results folder, and a later call into the same folder must match it, so that runs in one
+table were all made the same way. Patterns and seeds may be added to a folder; the report
+settings (baseline, intervals) and the number of threads are not part of it; the kind of device
+is (noise drawn on a GPU differs from noise drawn on a CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zigzag_mamba.scans import list_patterns
+
+#: The name of "no scan": ``ZigMaBackbone(scan=None)``, raster order in every layer.
+NO_SCAN = "none"
+#: Seeds the evaluation noise, the sampling noise and the feature network (never the run seed).
+EVAL_SEED = 20240318
+PROTOCOL_VERSION = 1
+#: The fixed feature space of the Frechet distance (see zigzag_mamba.train.features).
+FEATURE_WIDTH, FEATURE_SCALES = 16, (1, 2, 4)
+
+
+class AblationError(ValueError):
+    """An ablation was asked for with settings or data it cannot use."""
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class AblationConfig:
+    """Settings of ``zigma ablate``; :data:`PRESETS` holds the quick check and the study.
+
+    Example::
+
+        >>> AblationConfig(patterns=["sweep", "zigzag8"], seeds=[0, 1]).steps
+        900
+    """
+
+    out_dir: str = _opt("outputs/ablation", "results folder (resumed if it exists)")
+    data: str = _opt(
+        "photos", "'photos' (crops of scikit-learn's two photographs), 'digits', or a folder"
+    )
+    image_size: int = _opt(16, "crop side for photos; images and digits are resized to it")
+    photo_scale: int = _opt(4, "photos are shrunk this many times before cropping")
+    holdout: float = _opt(0.2, "held-out fraction of the digits or a folder (photos: fixed tiles)")
+    train_crops: int = _opt(32768, "training crops drawn from the photos per seed")
+    patterns: list[str] = field(
+        default_factory=lambda: ["all"],
+        metadata={"help": "scan patterns; 'all' = every registered 2-D one plus 'none' (no scan)"},
+    )
+    seeds: list[int] = field(
+        default_factory=lambda: [0, 1, 2],
+        metadata={"help": "seeds; each trains every pattern once"},
+    )
+    steps: int = _opt(900, "training steps per run")
+    batch_size: int = _opt(64, "training batch")
+    lr: float = _opt(2e-3, "AdamW learning rate")
+    warmup_steps: int = _opt(50, "learning-rate warm-up steps")
+    ema_decay: float = _opt(0.995, "EMA decay (samples and scores use the EMA weights)")
+    dim: int = _opt(64, "model width")
+    depth: int = _opt(8, "Mamba blocks (8: each of zigzag8's orders once)")
+    patch_size: int = _opt(2, "patch size (16x16 images, patch 2: an 8x8 token grid)")
+    eval_images: int = _opt(512, "held-out images scored by the held-out loss")
+    eval_times: int = _opt(8, "points of the fixed t-grid of the held-out loss")
+    eval_samples: int = _opt(512, "EMA samples for the Frechet distance")
+    sample_steps: int = _opt(8, "Heun steps per sample (2 model calls each)")
+    baseline: str = _opt("zigzag8", "pattern the others are compared with, seed by seed")
+    intervals: bool = _opt(True, "report 95% t-intervals (needs >= 2 seeds)")
+    confidence: float = _opt(0.95, "confidence level of the intervals")
+    threads: int = _opt(1, "CPU threads for PyTorch")
+    device: str = _opt("auto", "auto, cpu, cuda, ...")
+    progress: bool = _opt(True, "show progress bars")
+
+    def resolved_patterns(self) -> list[str]:
+        """The patterns to run, with ``all`` expanded and repeats dropped, in the given order."""
+        names: list[str] = []
+        for name in self.patterns:
+            names += all_patterns() if name == "all" else [name]
+        return list(dict.fromkeys(names))
+
+
+def all_patterns() -> list[str]:
+    """``none`` and every registered pattern for 2-D grids (the ``video_*`` ones are not)."""
+    return [NO_SCAN, *(p for p in list_patterns() if not p.startswith("video_"))]
+
+
+#: The paper's four scans (Sweep, Zigzag-1, -2, -8), a discontinuous control with as many orders
+#: as zigzag8, and a continuous curve with better 2-D locality than a snake.
+STUDY_PATTERNS = ["sweep", "zigzag1", "zigzag2", "zigzag8", "random8", "hilbert8"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A smoke test: a tiny model, two patterns, one seed; well under a minute on a CPU.
+    "quick": {
+        "image_size": 8,
+        "train_crops": 1024,
+        "patterns": ["sweep", "zigzag8"],
+        "seeds": [0],
+        "steps": 20,
+        "batch_size": 16,
+        "warmup_steps": 5,
+        "dim": 16,
+        "depth": 2,
+        "eval_images": 64,
+        "eval_times": 4,
+        "eval_samples": 64,
+        "sample_steps": 2,
+        "intervals": False,
+    },
+    # The committed study (docs/ablation.md), fixed before it was run: 6 patterns x 3 seeds on
+    # 16x16 photo crops. On one thread of a shared 2-core Xeon a step took 0.29 s and scoring a
+    # run 16 s, so 18 runs take about 85 minutes. Every setting is spelled out, so that later
+    # changes to the defaults do not change the study.
+    "photos-study": {
+        "data": "photos",
+        "image_size": 16,
+        "photo_scale": 4,
+        "train_crops": 32768,
+        "patterns": STUDY_PATTERNS,
+        "seeds": [0, 1, 2],
+        "steps": 900,
+        "batch_size": 64,
+        "lr": 2e-3,
+        "warmup_steps": 50,
+        "ema_decay": 0.995,
+        "dim": 64,
+        "depth": 8,
+        "patch_size": 2,
+        "eval_images": 512,
+        "eval_times": 8,
+        "eval_samples": 512,
+        "sample_steps": 8,
+        "baseline": "zigzag8",
+        "intervals": True,
+        "threads": 1,
+    },
+}
+
+
+def config_with_preset(preset: str | None, **overrides: Any) -> AblationConfig:
+    """An :class:`AblationConfig` from defaults, then a preset, then ``overrides``."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise AblationError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    values.update(overrides)
+    return AblationConfig(**values)
+
+
+# -- the protocol ---------------------------------------------------------------------------
+
+# Settings that do not change any run's numbers: which runs, how to report them, where to compute.
+_NOT_PROTOCOL = (
+    "out_dir", "patterns", "seeds", "baseline", "intervals", "confidence", "threads", "progress",
+)  # fmt: skip
+
+
+def protocol(config: AblationConfig, model: dict[str, Any], train: dict[str, Any]) -> dict:
+    """Everything that determines a run's results besides its pattern and seed."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_PROTOCOL}
+    if config.data not in ("photos", "digits"):
+        settings["data"] = str(Path(config.data).resolve())
+    # Noise is drawn on the device, so CPU and GPU runs of one seed are not paired.
+    settings["device"] = _device_type(config.device)
+    return _plain(
+        {
+            "version": PROTOCOL_VERSION,
+            "settings": settings,
+            "model": {k: v for k, v in model.items() if k != "scan"},
+            "train": {k: v for k, v in train.items() if k not in ("out_dir", "seed", "progress")},
+            "evaluation": {
+                "seed": EVAL_SEED,
+                "features": {
+                    "kind": "RandomConvFeatures",
+                    "width": FEATURE_WIDTH,
+                    "scales": FEATURE_SCALES,
+                },
+                "sampler": "heun",
+                "photo_reference_crops": 8192,
+            },
+        }
+    )
+
+
+def _device_type(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device.split(":")[0]
+
+
+def check_protocol(out_dir: Path, expected: dict) -> None:
+    """Write ``protocol.json``, or check that the one there matches ``expected``."""
+    path = out_dir / "protocol.json"
+    if not path.is_file():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(expected, indent=2) + "\n")
+        return
+    found = json.loads(path.read_text())
+    differing = differing_keys(found, expected)
+    if differing:
+        details = "; ".join(
+            f"{key}: {_get(found, key)!r} there, {_get(expected, key)!r} now" for key in differing
+        )
+        raise AblationError(
+            f"{out_dir} holds results of a different protocol ({details}). Use another "
+            "--out-dir, or the settings that folder was made with."
+        )
+
+
+def differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested mappings (or exist in only one)."""
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        name = f"{prefix}{key}"
+        left, right = a.get(key, _MISSING), b.get(key, _MISSING)
+        if isinstance(left, dict) and isinstance(right, dict):
+            keys += differing_keys(left, right, name + ".")
+        elif left != right:
+            keys.append(name)
+    return keys
+
+
+_MISSING = "<missing>"
+
+
+def _get(mapping: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(mapping, dict) or part not in mapping:
+            return _MISSING
+        mapping = mapping[part]
+    return mapping
+
+
+def _plain(value: Any) -> Any:
+    """JSON round trip: tuples become lists, so a fresh protocol compares equal to a saved one."""
+    return json.loads(json.dumps(value))

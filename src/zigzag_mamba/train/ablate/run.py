@@ -1,0 +1,281 @@
+"""Running an ablation: one training run per (pattern, seed), each scored on the same yardstick.
+
+Runs go seed by seed (every pattern with seed 0, then every pattern with seed 1, ...), so a
+study stopped early still holds complete, paired sets of seeds. A run's result is written
+atomically to ``runs/<pattern>/seed_<seed>/result.json`` when it finishes; a run with that file
+is never redone. A run in progress checkpoints every quarter of its steps and, if interrupted,
+continues from its last checkpoint (bit-exact on a CPU), which is deleted once it is finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import platform
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zigzag_mamba.scans import as_grid, pattern_family
+from zigzag_mamba.train.ablate.config import (
+    NO_SCAN,
+    AblationConfig,
+    AblationError,
+    all_patterns,
+    check_protocol,
+    protocol,
+)
+from zigzag_mamba.train.ablate.data import Evaluation, StudyData, evenly_spaced, open_study_data
+from zigzag_mamba.train.ablate.report import write_atomic, write_reports
+from zigzag_mamba.train.config import TrainConfig
+
+
+def run_ablation(config: AblationConfig | None = None) -> dict[str, Any]:
+    """Train and score every (pattern, seed) not yet done; write the tables and the plot.
+
+    Returns what ``runs.json`` holds: the protocol, the reference scores, every run and the
+    per-pattern summary.
+
+    Example::
+
+        >>> from zigzag_mamba.train.ablate import config_with_preset
+        >>> config = config_with_preset("quick", out_dir="outputs/quick")
+        >>> report = run_ablation(config)  # doctest: +SKIP
+        >>> [run["pattern"] for run in report["runs"]]  # doctest: +SKIP
+        ['sweep', 'zigzag8']
+    """
+    config = config or AblationConfig()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _run(config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_settings(config: AblationConfig) -> list[str]:
+    """Check what can be checked before any data is read; return the patterns to run."""
+    if not config.seeds:
+        raise AblationError("no seeds given")
+    seeds = list(dict.fromkeys(config.seeds))
+    if config.intervals and len(seeds) < 2:
+        raise AblationError(
+            f"confidence intervals need at least 2 seeds, got {len(seeds)}; pass more seeds "
+            "or turn intervals off (--no-intervals)"
+        )
+    patterns = config.resolved_patterns()
+    unknown = [p for p in patterns if not _known(p)]
+    if unknown:
+        raise AblationError(
+            f"unknown scan pattern(s) {', '.join(map(repr, unknown))}; choose from "
+            f"{', '.join(all_patterns())}, or 'all'"
+        )
+    return patterns
+
+
+def _known(pattern: str) -> bool:
+    # Video patterns are known names; check_fit says why they do not suit images.
+    return pattern in all_patterns() or re.fullmatch(r"video_[st]+", pattern) is not None
+
+
+def check_fit(patterns: list[str], shape: tuple[int, ...], patch_size: int) -> tuple[int, int]:
+    """The token grid of images of ``shape`` (C, H, W); every pattern must give orders for it."""
+    _, height, width = shape
+    if height % patch_size or width % patch_size:
+        raise AblationError(
+            f"{height}x{width} images do not split into {patch_size}x{patch_size} patches"
+        )
+    grid = as_grid((height // patch_size, width // patch_size))
+    for pattern in patterns:
+        if pattern == NO_SCAN:
+            continue
+        try:
+            pattern_family(pattern, grid)
+        except (ValueError, TypeError) as exc:
+            raise AblationError(
+                f"pattern {pattern!r} does not fit the data's {grid[0]}x{grid[1]} token grid "
+                f"({height}x{width} images, patch {patch_size}): {exc}"
+            ) from exc
+    return grid
+
+
+def model_spec(config: AblationConfig, shape: tuple[int, ...], pattern: str) -> dict[str, Any]:
+    """The ZigMaBackbone of a run: the same for every pattern but for ``scan``."""
+    from zigzag_mamba.train.build import model_spec as base_spec
+
+    return base_spec(
+        "ZigMa-T/1",
+        data_shape=shape,
+        num_classes=0,
+        cfg_dropout=0.0,
+        dim=config.dim,
+        depth=config.depth,
+        patch_size=config.patch_size,
+        scan=None if pattern == NO_SCAN else pattern,
+    )
+
+
+def build_run_model(config: AblationConfig, shape: tuple[int, ...], pattern: str, seed: int):
+    """The initial model of a run; a scan has no parameters, so one seed, one set of weights."""
+    from zigzag_mamba.train.build import build_model
+
+    spec = model_spec(config, shape, pattern)
+    torch.manual_seed(seed)
+    return build_model(spec), spec
+
+
+def train_config(config: AblationConfig, seed: int, run_dir: Path) -> TrainConfig:
+    return TrainConfig(
+        out_dir=str(run_dir),
+        steps=config.steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        warmup_steps=config.warmup_steps,
+        ema_decay=config.ema_decay,
+        cfg_dropout=0.0,
+        seed=seed,
+        log_every=max(1, min(10, config.steps // 20)),
+        ckpt_every=max(1, config.steps // 4),
+        sample_every=0,
+        sample_steps=config.sample_steps,
+        sample_method="heun",
+        grid_rows=4,
+        grid_columns=8,
+        device=config.device,
+        progress=config.progress,
+    )
+
+
+def _run(config: AblationConfig) -> dict[str, Any]:
+    patterns = check_settings(config)
+    seeds = list(dict.fromkeys(config.seeds))
+    data = open_study_data(config)
+    check_fit(patterns, data.shape, config.patch_size)
+    available = len(data.train_set(seeds[0]))
+    if available < config.batch_size:
+        raise AblationError(
+            f"{available} training images are fewer than one batch of {config.batch_size}; "
+            "lower --batch-size"
+        )
+    out = Path(config.out_dir)
+    spec = model_spec(config, data.shape, patterns[0])
+    check_protocol(out, protocol(config, spec, train_config(config, 0, out).to_dict()))
+
+    from zigzag_mamba.train.interpolant import Interpolant
+
+    evaluation = Evaluation(data, config, Interpolant())
+    reference = _reference(out, data, evaluation, config)
+    runs = [(pattern, seed) for seed in seeds for pattern in patterns]
+    done = [result_path(out, p, s).is_file() for p, s in runs]
+    results: list[dict[str, Any]] = []
+    bar = _progress(config, total=len(runs), initial=sum(done))
+    try:
+        for (pattern, seed), finished in zip(runs, done, strict=True):
+            if finished:
+                results.append(json.loads(result_path(out, pattern, seed).read_text()))
+                continue
+            bar.set_description(f"{pattern}, seed {seed}")
+            results.append(train_and_score(config, pattern, seed, data, evaluation, out))
+            write_reports(out, results, reference, config)
+            bar.update(1)
+    finally:
+        bar.close()
+    return write_reports(out, results, reference, config)
+
+
+def result_path(out: Path, pattern: str, seed: int) -> Path:
+    return out / "runs" / pattern / f"seed_{seed}" / "result.json"
+
+
+def train_and_score(
+    config: AblationConfig,
+    pattern: str,
+    seed: int,
+    data: StudyData,
+    evaluation: Evaluation,
+    out: Path,
+) -> dict[str, Any]:
+    """Train one run (continuing its checkpoint if there is one), score it, save the result."""
+    from zigzag_mamba.train.trainer import Trainer
+
+    path = result_path(out, pattern, seed)
+    model, spec = build_run_model(config, data.shape, pattern, seed)
+    trainer = Trainer(
+        model, data.train_set(seed), train_config(config, seed, path.parent), model_config=spec
+    )
+    began = time.perf_counter()
+    summary = trainer.fit(resume="auto")
+    trained = time.perf_counter()
+    scores = evaluation.score(trainer)
+    result = {
+        "pattern": pattern,
+        "seed": seed,
+        "steps": summary["step"],
+        **scores,
+        **_loss_curve(path.parent / "loss.csv"),
+        "train_seconds": round(trained - began, 2),
+        "eval_seconds": round(time.perf_counter() - trained, 2),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "threads": torch.get_num_threads(),
+        "versions": _versions(),
+    }
+    write_atomic(path, json.dumps(result, indent=2) + "\n")
+    # The checkpoint only serves to finish an interrupted run.
+    trainer.checkpoint_path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        trainer.checkpoint_path.parent.rmdir()
+    return result
+
+
+def _loss_curve(log: Path) -> dict[str, Any]:
+    """The training loss as logged, and its mean over the last tenth of the rows."""
+    with open(log, newline="") as file:
+        rows = [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(file)]
+    tail = [loss for _, loss in rows[-max(1, len(rows) // 10) :]]
+    return {
+        "final_train_loss": sum(tail) / len(tail),
+        "loss_curve": {"step": [s for s, _ in rows], "loss": [loss for _, loss in rows]},
+    }
+
+
+def _reference(
+    out: Path, data: StudyData, evaluation: Evaluation, config: AblationConfig
+) -> dict[str, Any]:
+    """Scores of real images, for scale: what a generator of the training images would get."""
+    train = data.train_set(0)
+    images = torch.stack(
+        [train[i][0] for i in evenly_spaced(len(train), config.eval_samples).tolist()]
+    )
+    reference = {
+        "fd_training_images": evaluation.frechet(images),
+        "fd_held_out_images": evaluation.frechet(data.held_out),
+        "training_images": len(images),
+        "reference_images": len(data.fd_reference),
+        "held_out_images": len(data.held_out),
+        "heldout_loss_images": len(evaluation.images),
+        "times": evaluation.times.tolist(),
+    }
+    write_atomic(out / "reference.json", json.dumps(reference, indent=2) + "\n")
+    return reference
+
+
+def _versions() -> dict[str, str]:
+    from zigzag_mamba import __version__
+
+    return {
+        "zigzag_mamba": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _progress(config: AblationConfig, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, initial=initial, unit="run", disable=not config.progress, dynamic_ncols=True
+    )

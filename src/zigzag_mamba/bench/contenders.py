@@ -23,7 +23,7 @@ from zigzag_mamba.ops.backends import use_backend
 
 BASELINE = "dit"  # the attention contender every ratio is taken against
 OURS = "zigma"
-NO_SCAN = "zigma-noscan"  # the same block without a permutation: the scan's own cost
+NO_PATTERN = "zigma-noscan"  # the same block without a permutation: the permutation's own cost
 LATENT_CHANNELS = 4
 LATENT_DOWNSAMPLE = 8  # a 256^2 image is a 32^2 latent, as with DiT's VAE
 # The ZigMa block runs order 1 of zigzag8 (a column snake, the strided gather): the costlier of

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from zigzag_mamba.bench.contenders import BASELINE, NO_SCAN, OURS
+from zigzag_mamba.bench.contenders import BASELINE, NO_PATTERN, OURS
 
 SCAN_COST_TOKENS = 4096  # where the permutation's share of a block's time is reported
 
@@ -62,7 +62,7 @@ def _ratio_at_largest(theirs: dict[int, float], ours: dict[int, float]) -> dict 
 
 def _scan_cost(rows: list[dict], mode: str) -> dict | None:
     with_scan = _series(rows, "blocks", OURS, mode, "median_ms")
-    without = _series(rows, "blocks", NO_SCAN, mode, "median_ms")
+    without = _series(rows, "blocks", NO_PATTERN, mode, "median_ms")
     common = sorted(set(with_scan) & set(without))
     if not common:
         return None

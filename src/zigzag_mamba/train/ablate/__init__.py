@@ -3,7 +3,7 @@
 ZigMa's claim is that spatially continuous scans make a better diffusion model (the paper's
 FID on MM-CelebA 256: Sweep 158.1, Zigzag-1 65.7, Zigzag-2 54.7, Zigzag-8 45.5). An ablation
 trains the same small ZigMa once per scan pattern and seed, with the same initial weights, data
-order, training noise and evaluation noise for every pattern of a seed (a scan has no
+order, training noise and evaluation noise for every pattern of a seed (an order has no
 parameters), and compares them on two low-variance scores: the held-out interpolant loss on a
 fixed grid of times with fixed noise, and a Frechet distance of samples in a fixed random
 feature space. It reports per-pattern means, spreads and t-intervals over seeds, and paired
@@ -18,7 +18,7 @@ Example::
 """
 
 from zigzag_mamba.train.ablate.config import (
-    NO_SCAN,
+    NO_PATTERN,
     PRESETS,
     AblationConfig,
     AblationError,
@@ -28,7 +28,7 @@ from zigzag_mamba.train.ablate.config import (
 from zigzag_mamba.train.ablate.run import run_ablation
 
 __all__ = [
-    "NO_SCAN",
+    "NO_PATTERN",
     "PRESETS",
     "AblationConfig",
     "AblationError",

@@ -18,8 +18,8 @@ from typing import Any
 
 from zigzag_mamba.scans import list_patterns
 
-#: The name of "no scan": ``ZigMaBackbone(scan=None)``, raster order in every layer.
-NO_SCAN = "none"
+#: The name of "no permutation": ``ZigMaBackbone(pattern=None)``, raster order in every layer.
+NO_PATTERN = "none"
 #: Seeds the evaluation noise, the sampling noise and the feature network (never the run seed).
 EVAL_SEED = 20240318
 PROTOCOL_VERSION = 1
@@ -55,7 +55,7 @@ class AblationConfig:
     train_crops: int = _opt(32768, "training crops drawn from the photos per seed")
     patterns: list[str] = field(
         default_factory=lambda: ["all"],
-        metadata={"help": "scan patterns; 'all' = every registered 2-D one plus 'none' (no scan)"},
+        metadata={"help": "patterns; 'all': every registered 2-D one and 'none' (no permutation)"},
     )
     seeds: list[int] = field(
         default_factory=lambda: [0, 1, 2],
@@ -90,7 +90,7 @@ class AblationConfig:
 
 def all_patterns() -> list[str]:
     """``none`` and every registered pattern for 2-D grids (the ``video_*`` ones are not)."""
-    return [NO_SCAN, *(p for p in list_patterns() if not p.startswith("video_"))]
+    return [NO_PATTERN, *(p for p in list_patterns() if not p.startswith("video_"))]
 
 
 #: The paper's four scans (Sweep, Zigzag-1, -2, -8), a discontinuous control with as many orders
@@ -175,7 +175,7 @@ def protocol(config: AblationConfig, model: dict[str, Any], train: dict[str, Any
         {
             "version": PROTOCOL_VERSION,
             "settings": settings,
-            "model": {k: v for k, v in model.items() if k != "scan"},
+            "model": {k: v for k, v in model.items() if k != "pattern"},
             "train": {k: v for k, v in train.items() if k not in ("out_dir", "seed", "progress")},
             "evaluation": {
                 "seed": EVAL_SEED,

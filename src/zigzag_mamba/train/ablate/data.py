@@ -32,8 +32,8 @@ REFERENCE_CROPS = 8192
 class Unlabelled(Dataset):
     """A view of ``dataset`` (optionally only ``indices``) with every label 0 and no classes.
 
-    Ablations train unconditional models: a scan's effect on the denoiser needs no labels, and
-    dropping them keeps photos, digits and folders on one footing.
+    Ablations train unconditional models: a token order's effect on the denoiser needs no labels,
+    and dropping them keeps photos, digits and folders on one footing.
     """
 
     num_classes = 0

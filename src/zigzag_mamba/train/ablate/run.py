@@ -22,7 +22,7 @@ import torch
 
 from zigzag_mamba.scans import as_grid, pattern_family
 from zigzag_mamba.train.ablate.config import (
-    NO_SCAN,
+    NO_PATTERN,
     AblationConfig,
     AblationError,
     all_patterns,
@@ -91,7 +91,7 @@ def check_fit(patterns: list[str], shape: tuple[int, ...], patch_size: int) -> t
         )
     grid = as_grid((height // patch_size, width // patch_size))
     for pattern in patterns:
-        if pattern == NO_SCAN:
+        if pattern == NO_PATTERN:
             continue
         try:
             pattern_family(pattern, grid)
@@ -104,7 +104,7 @@ def check_fit(patterns: list[str], shape: tuple[int, ...], patch_size: int) -> t
 
 
 def model_spec(config: AblationConfig, shape: tuple[int, ...], pattern: str) -> dict[str, Any]:
-    """The ZigMaBackbone of a run: the same for every pattern but for ``scan``."""
+    """The ZigMaBackbone of a run: the same for every pattern but for ``pattern``."""
     from zigzag_mamba.train.build import model_spec as base_spec
 
     return base_spec(
@@ -115,12 +115,12 @@ def model_spec(config: AblationConfig, shape: tuple[int, ...], pattern: str) -> 
         dim=config.dim,
         depth=config.depth,
         patch_size=config.patch_size,
-        scan=None if pattern == NO_SCAN else pattern,
+        pattern=None if pattern == NO_PATTERN else pattern,
     )
 
 
 def build_run_model(config: AblationConfig, shape: tuple[int, ...], pattern: str, seed: int):
-    """The initial model of a run; a scan has no parameters, so one seed, one set of weights."""
+    """The initial model of a run; an order has no parameters: one seed, one set of weights."""
     from zigzag_mamba.train.build import build_model
 
     spec = model_spec(config, shape, pattern)

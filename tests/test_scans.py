@@ -246,3 +246,33 @@ def test_unknown_pattern_lists_valid_names():
         scan_orders("snake", 4, 1)
     for name in ("zigzag8", "hilbert8", "sweep4", "random8", "video_sst"):
         assert name in str(info.value)
+
+
+def _distinct(pattern: str, grid: tuple[int, int]) -> int:
+    return len({tuple(order.tolist()) for order in pattern_family(pattern, grid)})
+
+
+@given(st.tuples(st.integers(2, 33), st.integers(2, 33)))
+@settings(max_examples=60, deadline=None)
+def test_families_have_distinct_orders_where_the_grid_allows(grid):
+    h, w = grid
+    assert _distinct("zigzag8", grid) == 8
+    assert _distinct("sweep4", grid) == 4
+    # Opposite parities: a corner-to-corner Hilbert path runs along one axis only, so the
+    # transposed curve is the same path (docs/scans.md).
+    assert _distinct("hilbert8", grid) == (8 if (h + w) % 2 == 0 else 4)
+    if h * w >= 8:
+        assert _distinct("random8", grid) == 8
+
+
+@given(st.integers(2, 33))
+@settings(max_examples=20, deadline=None)
+def test_a_line_of_tokens_has_two_directions(length):
+    for pattern in ("zigzag8", "hilbert8", "sweep4"):
+        assert _distinct(pattern, (1, length)) == 2
+        assert _distinct(pattern, (length, 1)) == 2
+
+
+def test_a_registered_builder_may_return_one_order():
+    register_pattern("reversed_raster_once", lambda grid: torch.arange(grid[0] * grid[1]).flip(0))
+    assert torch.equal(pattern_family("reversed_raster_once", (2, 3))[0], torch.arange(6).flip(0))

@@ -340,7 +340,9 @@ def _named_family(name: str, grid: Grid) -> list:
             f"pattern {name!r} is for (H, W) grids, got {grid}; for video use video_<s|t...>"
         )
     family = _PATTERNS[name](grid)
-    return list(family) if isinstance(family, torch.Tensor) and family.dim() == 2 else family
+    if isinstance(family, torch.Tensor):  # one (L,) order, or a (k, L) tensor of k orders
+        return [family] if family.dim() == 1 else list(family)
+    return family
 
 
 def scan_orders(

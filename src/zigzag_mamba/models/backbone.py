@@ -199,13 +199,21 @@ class ZigMaBackbone(nn.Module):
         :func:`zigzag_mamba.models.official.official_config` translates the official ones.
         ``class_dropout_prob`` defaults to 0 here: official class tables have no null row.
 
+        The official training script writes its checkpoints as files named by their step
+        (``0300000.pt`` after 300,000 steps) holding the weights under ``"model"`` and
+        ``"ema"``; the model's arguments are its config file's ``params``.
+
         Example::
 
-            >>> sd = torch.load("0300000.pt", map_location="cpu")["ema"]
-            >>> params = dict(img_dim=32, in_channels=4, patch_size=1, embed_dim=768, depth=24,
-            ...               scan_type="zigzagN8", use_pe=2)
+            >>> params = dict(img_dim=8, in_channels=4, patch_size=2, embed_dim=64, depth=2,
+            ...               scan_type="zigzagN8", use_pe=2)  # ZigMa-B/1 is 32, 4, 1, 768, 24
             >>> config = zigzag_mamba.models.official.official_config(**params)
+            >>> # Stand-in for an official checkpoint: one in the same layout, made here.
+            >>> torch.save({"ema": ZigMaBackbone(**config).state_dict()}, "0300000.pt")
+            >>> sd = torch.load("0300000.pt", map_location="cpu", weights_only=True)["ema"]
             >>> model = ZigMaBackbone.from_official(sd, **config)
+            >>> model.config.pattern, model.config.dim
+            ('zigzag8', 64)
         """
         config.setdefault("class_dropout_prob", 0.0)
         model = cls(**config)
@@ -220,8 +228,11 @@ class ZigMaBackbone(nn.Module):
 
         Example::
 
-            >>> model.save_pretrained("zigma-b2-run7")
-            >>> same = ZigMaBackbone.from_pretrained("zigma-b2-run7")
+            >>> model = ZigMaBackbone(input_size=8, in_channels=4, **CONFIGS["ZigMa-T/2"])
+            >>> model.save_pretrained("zigma-t2-run7")
+            >>> same = ZigMaBackbone.from_pretrained("zigma-t2-run7")
+            >>> sorted(p.name for p in Path("zigma-t2-run7").iterdir())
+            ['config.json', 'model.safetensors']
         """
         save_file = _safetensors().save_file
         config = self.config.to_dict()  # raises for explicit orders, before anything is written

@@ -41,7 +41,9 @@ def convert_official_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str
 
     Example::
 
-        >>> sd = convert_official_state_dict(torch.load("0300000.pt")["ema"])
+        >>> official = {"module.norm_f.weight": torch.ones(4), "module.pos_embed": torch.zeros(1)}
+        >>> sorted(convert_official_state_dict(official))
+        ['norm_f.weight', 'pos_embed']
     """
     if not isinstance(state_dict, dict) or not all(isinstance(k, str) for k in state_dict):
         raise TypeError(

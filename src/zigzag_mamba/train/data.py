@@ -40,8 +40,13 @@ class ImageFolder(Dataset):
 
     Example::
 
-        >>> data = ImageFolder("photos/", size=64, random_flip=True)  # doctest: +SKIP
-        >>> x, label = data[0]  # x: (3, 64, 64) in [-1, 1]
+        >>> from PIL import Image
+        >>> Path("photos/cats").mkdir(parents=True)
+        >>> Image.new("RGB", (80, 60), "orange").save("photos/cats/tabby.png")
+        >>> data = ImageFolder("photos/", size=32, random_flip=True)
+        >>> x, label = data[0]
+        >>> x.shape, label, data.classes
+        (torch.Size([3, 32, 32]), 0, ['cats'])
     """
 
     def __init__(
@@ -264,7 +269,7 @@ def open_dataset(
     Example::
 
         >>> len(open_dataset("digits"))
-        1437
+        1438
     """
     if source == "digits":
         return DigitsDataset("train", image_size or 8, seed=seed)

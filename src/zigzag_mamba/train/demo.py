@@ -125,8 +125,11 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
 
     Example::
 
+        >>> # Not run here: even 50 steps, sampling and scoring take about a minute on a CPU
+        >>> # (tests/train/test_demo.py runs it).
         >>> metrics = run_demo(DemoConfig(steps=50, out_dir="outputs/quick"))  # doctest: +SKIP
-        >>> metrics["class_accuracy"]  # doctest: +SKIP
+        >>> 0.0 <= metrics["class_accuracy"] <= 1.0  # doctest: +SKIP
+        True
     """
     config = config or DemoConfig()
     threads = torch.get_num_threads()

@@ -93,8 +93,13 @@ class Trainer:
 
     Example::
 
-        >>> trainer = Trainer(net, DigitsDataset(), TrainConfig(steps=200))  # doctest: +SKIP
-        >>> trainer.fit()                  # or fit(resume="auto") to continue a run
+        >>> from zigzag_mamba import CONFIGS, ZigMaBackbone
+        >>> from zigzag_mamba.train import DigitsDataset, TrainConfig
+        >>> net = ZigMaBackbone(input_size=8, in_channels=1, num_classes=10, **CONFIGS["ZigMa-T/2"])
+        >>> config = TrainConfig(steps=2, batch_size=8, sample_steps=2, out_dir="run")
+        >>> trainer = Trainer(net, DigitsDataset(), config)
+        >>> trainer.fit()["step"]        # fit(resume="auto") continues a run
+        2
     """
 
     def __init__(

@@ -13,6 +13,7 @@ Example::
 
     >>> from zigzag_mamba.train.ablate import config_with_preset, run_ablation
     >>> config = config_with_preset("quick", out_dir="outputs/ablation-quick")
+    >>> # Not run here: it trains two models (tests/train/test_ablate.py runs it).
     >>> report = run_ablation(config)  # doctest: +SKIP
     >>> report["summary"][0]["heldout_loss"]["mean"]  # doctest: +SKIP
 """

@@ -44,6 +44,7 @@ def run_ablation(config: AblationConfig | None = None) -> dict[str, Any]:
 
         >>> from zigzag_mamba.train.ablate import config_with_preset
         >>> config = config_with_preset("quick", out_dir="outputs/quick")
+        >>> # Not run here: it trains two models (tests/train/test_ablate.py runs it).
         >>> report = run_ablation(config)  # doctest: +SKIP
         >>> [run["pattern"] for run in report["runs"]]  # doctest: +SKIP
         ['sweep', 'zigzag8']

@@ -57,3 +57,11 @@ def test_empty_sequences_and_batches(shape):
     out.sum().backward()
     for t in (x, weight, bias):
         assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+def test_double_backward_works():
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+              for shape in ((1, 3, 6), (3, 4), (3,))]  # fmt: skip
+    fn = lambda x, w, b: causal_conv1d(x, w, b, activation="silu")
+    assert torch.autograd.gradgradcheck(fn, leaves)

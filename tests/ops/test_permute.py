@@ -147,3 +147,16 @@ def test_empty_batches_and_sequences(shape):
     assert y.shape == shape
     y.sum().backward()
     assert torch.equal(x.grad, torch.zeros(shape))
+
+
+def test_inference_tensors_keep_no_version_and_are_verified_at_every_use():
+    with torch.inference_mode():
+        x = torch.randn(2, 16, 3)
+        order = random_order(16)
+        inverse = inverse_order(order)
+        for _ in range(2):
+            assert torch.equal(permute_tokens(x, order, inverse), x[:, order])
+        with pytest.raises(ValueError, match="not the inverse"):
+            permute_tokens(x, order, inverse.flip(0))
+        zigzag = ZigzagScan((4, 4), "zigzag8", layer_idx=2)
+        assert torch.equal(zigzag.unpermute(zigzag.permute(x)), x)

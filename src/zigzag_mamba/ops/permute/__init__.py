@@ -75,37 +75,33 @@ def inverse_order(order: torch.Tensor) -> torch.Tensor:
     return inverse
 
 
-# Verified pairs: (id(order), id(inverse) or 0) -> (weak references, versions). A model holds a
-# few pairs per layer; when the table is full it starts over (the pairs are verified again).
+# Verified pairs, by identity: ids -> (weak references, versions). A model holds a few pairs
+# per layer; when the table is full it starts over (and pairs are verified again).
 _VERIFIED_LIMIT = 1024
-_verified: dict[tuple[int, int], tuple] = {}
+_verified: dict[tuple[int, ...], tuple] = {}
 
 
-def _stamp(order: torch.Tensor, inverse: torch.Tensor | None) -> tuple | None:
-    tensors = (order,) if inverse is None else (order, inverse)
-    versions = tuple(tensor_version(t) for t in tensors)
-    if None in versions:
-        return None
-    return tuple(weakref.ref(t) for t in tensors), versions
+def _versions(tensors: tuple[torch.Tensor, ...]) -> tuple[int | None, ...]:
+    return tuple(tensor_version(t) for t in tensors)
 
 
-def _is_verified(order: torch.Tensor, inverse: torch.Tensor | None) -> bool:
-    entry = _verified.get((id(order), id(inverse) if inverse is not None else 0))
+def _is_verified(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Whether these very tensors were verified together, and are unchanged since."""
+    entry = _verified.get(tuple(map(id, tensors)))
     if entry is None:
         return False
     refs, versions = entry
-    tensors = (order,) if inverse is None else (order, inverse)
-    same = all(ref() is t for ref, t in zip(refs, tensors, strict=True))
-    return same and versions == tuple(tensor_version(t) for t in tensors)
+    alive = all(ref() is t for ref, t in zip(refs, tensors, strict=True))
+    return alive and versions == _versions(tensors)
 
 
-def _remember(order: torch.Tensor, inverse: torch.Tensor | None) -> None:
-    stamp = _stamp(order, inverse)
-    if stamp is None:
+def _remember(tensors: tuple[torch.Tensor, ...]) -> None:
+    versions = _versions(tensors)
+    if None in versions:  # inference tensors keep no version: they are verified at every use
         return
     if len(_verified) >= _VERIFIED_LIMIT:
         _verified.clear()
-    _verified[(id(order), id(inverse) if inverse is not None else 0)] = stamp
+    _verified[tuple(map(id, tensors))] = (tuple(weakref.ref(t) for t in tensors), versions)
 
 
 def _is_permutation(order: torch.Tensor) -> bool:
@@ -152,8 +148,9 @@ def checked_inverse(
     _check_index("order", order, x)
     if inverse is not None:
         _check_index("inverse", inverse, x)
+    tensors = (order,) if inverse is None else (order, inverse)
     readable = not torch.compiler.is_compiling() and order.device.type != "meta"
-    if readable and not _is_verified(order, inverse):
+    if readable and not _is_verified(tensors):
         if inverse is None and not _is_permutation(order):
             raise ValueError(f"order is not a permutation of range({order.numel()})")
         if inverse is not None and not _is_inverse_pair(order, inverse):
@@ -161,7 +158,7 @@ def checked_inverse(
                 "inverse is not the inverse of order (inverse[order[i]] must be i, and order a "
                 "permutation); pass inverse=None to have it computed"
             )
-        _remember(order, inverse)
+        _remember(tensors)
     return inverse_order(order) if inverse is None else inverse
 
 

@@ -351,10 +351,10 @@ def _named_family(name: str, grid: Grid) -> list:
 
 
 def check_layer_idx(layer_idx: object) -> int:
-    """``layer_idx`` as given, if it is a non-negative int (it picks the layer's order)."""
-    if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
+    """``layer_idx`` as an int, if it is a non-negative integer (it picks the layer's order)."""
+    if not _is_int(layer_idx) or layer_idx < 0:
         raise ValueError(f"layer_idx must be a non-negative int, got {layer_idx!r}")
-    return layer_idx
+    return int(layer_idx)
 
 
 def scan_orders(
@@ -461,7 +461,7 @@ class ZigzagScan(nn.Module):
         return order, inverse
 
     def _buffers_checked(self, order: torch.Tensor, inverse: torch.Tensor) -> bool:
-        checked = self._checked_buffers
+        checked = getattr(self, "_checked_buffers", None)  # absent in modules pickled before
         if checked is None or checked[0] is not order or checked[1] is not inverse:
             return False
         return None not in checked[2:] and checked[2:] == (

@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -276,3 +277,48 @@ def test_a_line_of_tokens_has_two_directions(length):
 def test_a_registered_builder_may_return_one_order():
     register_pattern("reversed_raster_once", lambda grid: torch.arange(grid[0] * grid[1]).flip(0))
     assert torch.equal(pattern_family("reversed_raster_once", (2, 3))[0], torch.arange(6).flip(0))
+
+
+@pytest.mark.parametrize("layer_idx", [1.5, None, -1, True, "3"])
+def test_layer_idx_must_be_a_non_negative_int(layer_idx):
+    with pytest.raises(ValueError, match="layer_idx must be a non-negative int"):
+        ZigzagScan((4, 4), "zigzag8", layer_idx)
+
+
+@pytest.mark.parametrize("grid", [(4.0, 4), (True, 4), 4.0, "44", (4, None)])
+def test_grid_entries_must_be_ints(grid):
+    with pytest.raises(ValueError, match="grid must be an int"):
+        ZigzagScan(grid)
+
+
+def test_numpy_ints_are_ints():
+    assert ZigzagScan((np.int64(4), np.int32(6))).grid == (4, 6)
+
+
+def test_a_meta_module_with_real_tokens_is_a_clear_error():
+    # It used to run the shape-only kernel and return uninitialised memory.
+    zigzag = ZigzagScan((4, 4), device="meta")
+    with pytest.raises(ValueError, match=r"on meta but the tokens on cpu.*to_empty"):
+        zigzag.permute(torch.randn(1, 16, 2))
+    with pytest.raises(ValueError, match="on meta but the tokens on cpu"):
+        zigzag.unpermute(torch.randn(1, 16, 2))
+
+
+def test_to_empty_without_refilling_the_orders_is_a_clear_error():
+    zigzag = ZigzagScan((4, 4), "zigzag8", layer_idx=3, device="meta").to_empty(device="cpu")
+    zigzag.order.fill_(7)  # to_empty leaves whatever memory held; make it surely wrong
+    with pytest.raises(ValueError, match=r"init_non_persistent_buffers\(\)"):
+        zigzag.permute(torch.randn(1, 16, 2))
+    zigzag.init_non_persistent_buffers()
+    x = torch.randn(1, 16, 2)
+    assert torch.equal(zigzag.unpermute(zigzag.permute(x)), x)
+
+
+def test_changed_orders_are_caught_at_the_next_call():
+    zigzag = ZigzagScan((4, 4), "zigzag8", layer_idx=1)
+    x = torch.randn(1, 16, 2)
+    zigzag.permute(x)
+    with torch.no_grad():
+        zigzag.inverse.copy_(zigzag.inverse.flip(0))
+    with pytest.raises(ValueError, match="do not hold its order"):
+        zigzag.unpermute(x)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import random
 import re
 import warnings
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from zigzag_mamba.ops.permute import inverse_order, permute_tokens
+from zigzag_mamba.ops.utils import tensor_version
 
 Grid = tuple[int, ...]
 Orders = list[torch.Tensor]
@@ -49,14 +51,19 @@ _VIDEO = re.compile(r"video_([st]+)")
 
 def as_grid(grid: int | Sequence[int]) -> Grid:
     """``8 -> (8, 8)``; ``(H, W)`` and ``(T, H, W)`` pass through, checked."""
-    if isinstance(grid, int):
+    if _is_int(grid):
         grid = (grid, grid)
-    grid = tuple(grid)
-    if len(grid) not in (2, 3) or not all(isinstance(s, int) for s in grid):
+    if not isinstance(grid, Sequence) or len(grid) not in (2, 3) or not all(map(_is_int, grid)):
         raise ValueError(f"grid must be an int, (H, W) or (T, H, W) of ints, got {grid!r}")
+    grid = tuple(int(s) for s in grid)
     if any(s < 1 for s in grid):
         raise ValueError(f"every side of the grid must be >= 1, got {grid}")
     return grid
+
+
+def _is_int(value: object) -> bool:
+    """An integer (NumPy's too), not a bool or a float."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _raster(H: int, W: int) -> torch.Tensor:
@@ -345,6 +352,13 @@ def _named_family(name: str, grid: Grid) -> list:
     return family
 
 
+def check_layer_idx(layer_idx: object) -> int:
+    """``layer_idx`` as an int, if it is a non-negative integer (it picks the layer's order)."""
+    if not _is_int(layer_idx) or layer_idx < 0:
+        raise ValueError(f"layer_idx must be a non-negative int, got {layer_idx!r}")
+    return int(layer_idx)
+
+
 def scan_orders(
     pattern: str | torch.Tensor | Sequence, grid: int | Sequence[int], depth: int
 ) -> Orders:
@@ -403,7 +417,7 @@ class ZigzagScan(nn.Module):
         super().__init__()
         self.grid = as_grid(grid)
         self.pattern_name = pattern if isinstance(pattern, str) else "custom"
-        self.layer_idx = layer_idx
+        self.layer_idx = check_layer_idx(layer_idx)
         family = pattern_family(pattern, self.grid)
         self.family_size = len(family)
         self._cpu_order = family[layer_idx % len(family)]
@@ -412,13 +426,65 @@ class ZigzagScan(nn.Module):
         empty = torch.empty(self.num_tokens, dtype=torch.long, device=device)
         self.register_buffer("order", empty, persistent=False)
         self.register_buffer("inverse", empty.clone(), persistent=False)
+        # (order, inverse, their versions) when last found to hold this layer's order.
+        self._checked_buffers: tuple | None = None
         self.init_non_persistent_buffers()
 
     @torch.no_grad()
     def init_non_persistent_buffers(self) -> None:
+        """Fill ``order`` and ``inverse`` with this layer's order (after ``to_empty()``)."""
+        if self.order.is_meta:
+            return  # a module on the meta device has no memory to fill
         flat = self._cpu_order.reshape(-1)
         self.order.copy_(flat)
         self.inverse.copy_(inverse_order(flat))
+
+    def orders_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``order`` and ``inverse`` buffers, checked for permuting ``x``.
+
+        Raises a ValueError when they are not on ``x``'s device, and, on first use (and after
+        they change), when they do not hold this layer's order: after ``to_empty()`` they hold
+        uninitialised memory until :meth:`init_non_persistent_buffers` refills them.
+        """
+        order, inverse = self.order, self.inverse
+        if order.device != x.device:
+            raise ValueError(self._device_advice(x))
+        if torch.compiler.is_compiling() or order.is_meta:
+            return order, inverse
+        if not self._buffers_checked(order, inverse):
+            if not self._buffers_hold_order(order, inverse):
+                raise ValueError(
+                    f"this ZigzagScan's order buffers (grid {self.grid}, layer {self.layer_idx}) "
+                    "do not hold its order: after to_empty() they are uninitialised memory; call "
+                    "init_non_persistent_buffers() (ZigMaBackbone.init_non_persistent_buffers() "
+                    "for a whole model)"
+                )
+            self._checked_buffers = (order, inverse, tensor_version(order), tensor_version(inverse))
+        return order, inverse
+
+    def _buffers_checked(self, order: torch.Tensor, inverse: torch.Tensor) -> bool:
+        checked = getattr(self, "_checked_buffers", None)  # absent in modules pickled before
+        if checked is None or checked[0] is not order or checked[1] is not inverse:
+            return False
+        return None not in checked[2:] and checked[2:] == (
+            tensor_version(order),
+            tensor_version(inverse),
+        )
+
+    def _buffers_hold_order(self, order: torch.Tensor, inverse: torch.Tensor) -> bool:
+        expected = self._cpu_order.reshape(-1)
+        return torch.equal(order.cpu(), expected) and torch.equal(
+            inverse.cpu(), inverse_order(expected)
+        )
+
+    def _device_advice(self, x: torch.Tensor) -> str:
+        where = f"this ZigzagScan's orders are on {self.order.device} but the tokens on {x.device}"
+        if self.order.is_meta:
+            return (
+                f"{where}: a module built on the meta device needs to_empty(device=...) and then "
+                "init_non_persistent_buffers()"
+            )
+        return f"{where}: move the module with .to({str(x.device)!r})"
 
     def check_tokens(self, x: torch.Tensor) -> None:
         """Raise a ValueError unless ``x`` is (B, L, C) raster tokens of this grid."""
@@ -431,7 +497,7 @@ class ZigzagScan(nn.Module):
     def permute(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, C) raster tokens -> (B * L // seq_len, seq_len, C) in this layer's order."""
         self.check_tokens(x)
-        y = permute_tokens(x, self.order, self.inverse)
+        y = permute_tokens(x, *self.orders_for(x))
         return y.reshape(-1, self.seq_len, *x.shape[2:])
 
     def unpermute(self, y: torch.Tensor) -> torch.Tensor:
@@ -443,7 +509,8 @@ class ZigzagScan(nn.Module):
                 f"{self.grid}, got {tuple(y.shape)}"
             )
         y = y.reshape(y.shape[0] // per_sample, self.num_tokens, *y.shape[2:])
-        return permute_tokens(y, self.inverse, self.order)
+        order, inverse = self.orders_for(y)
+        return permute_tokens(y, inverse, order)
 
     def scan(self, x: torch.Tensor) -> torch.Tensor:
         """Deprecated name of :meth:`permute`."""

@@ -385,3 +385,72 @@ def test_save_pretrained_needs_a_named_scan(tmp_path):
     with pytest.raises(ValueError, match="register_pattern"):
         model.save_pretrained(tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- failure modes
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"depth": 0}, "depth must be a positive int"),
+        ({"depth": -1}, "depth must be a positive int"),
+        ({"dim": 0}, "dim must be a positive int"),
+        ({"patch_size": 0}, "patch_size must be a positive int"),
+        ({"patch_size": -2}, "patch_size must be a positive int"),
+        ({"in_channels": 0}, "in_channels must be a positive int"),
+        ({"num_frames": -1}, "num_frames must be an int >= 0"),
+        ({"num_classes": 2.5}, "num_classes must be an int >= 0"),
+        ({"context_dim": 0}, "context_dim must be a positive int"),
+        ({"class_dropout_prob": 1.0}, r"class_dropout_prob must be in \[0, 1\)"),
+        ({"norm_eps": 0}, "norm_eps must be a positive number"),
+        ({"input_size": 8.0}, "input_size must be H or"),
+        ({"ssm_cfg": {"d_state": 0}}, "d_state must be a positive int"),
+    ],
+)
+def test_config_values_are_checked_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**kwargs)
+
+
+def test_labels_must_match_the_batch():
+    model = tiny(num_classes=5)
+    x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
+    with pytest.raises(
+        ValueError, match=r"labels y must have shape \(2,\) for x's batch, got \(3,\)"
+    ):
+        model(x, t, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"labels y must have shape \(2,\)"):
+        model(x, t, torch.tensor([[0, 1]]))
+
+
+@pytest.mark.parametrize("kwargs", [{"num_classes": 5}, {"context_dim": 6}, {}])
+def test_an_empty_batch_runs_forward_and_backward(kwargs):
+    model = tiny(**kwargs)
+    randomise(model, 2)
+    x = torch.randn(0, 4, 8, 8, requires_grad=True)
+    extra = {"y": torch.zeros(0, dtype=torch.long)} if "num_classes" in kwargs else {}
+    if "context_dim" in kwargs:
+        extra = {"context": torch.randn(0, 3, 6)}
+    out = model(x, torch.rand(0), **extra)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_to_empty_without_refilling_the_orders_is_a_clear_error():
+    model = tiny(device="meta").to_empty(device="cpu")
+    for block in model.blocks:
+        block.permutation.order.zero_()  # whatever memory held, surely not a permutation
+    with pytest.raises(ValueError, match=r"ZigMaBackbone.init_non_persistent_buffers\(\)"):
+        model(torch.randn(1, 4, 8, 8), torch.rand(1))
+
+
+def test_presets_are_read_only_and_can_be_copied():
+    with pytest.raises(TypeError):
+        CONFIGS["ZigMa-T/2"]["depth"] = 1
+    with pytest.raises(TypeError):
+        CONFIGS["ZigMa-T/3"] = {"dim": 8}
+    changed = {**CONFIGS["ZigMa-T/2"], "depth": 1}
+    assert changed["depth"] == 1 and CONFIGS["ZigMa-T/2"]["depth"] == 4
+    assert tiny(**{**CONFIGS["ZigMa-T/2"], "depth": 1}).depth == 1

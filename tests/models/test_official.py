@@ -252,3 +252,25 @@ def test_conversion_only_strips_wrapper_prefixes():
         convert_official_state_dict({"blocks.0.mixer.A_b_log_list.0": torch.ones(1)})
     with pytest.raises(ValueError, match="training checkpoint"):
         convert_official_state_dict({"model": {}, "ema": {}})
+
+
+def test_a_misspelt_official_key_is_named_not_ignored():
+    # scan_typ= used to be swallowed, silently giving the default v2 (no-scan) model.
+    with pytest.raises(TypeError, match=r"unknown official arguments \['scan_typ'\]"):
+        official_config(**{**OFFICIAL_PARAMS, "scan_typ": "zigzagN8"})
+
+
+def test_the_official_training_only_keys_are_accepted():
+    training = {
+        "drop_path_rate": 0.1,
+        "n_context_token": 0,
+        "fused_add_norm": True,
+        "residual_in_fp32": True,
+        "initializer_cfg": None,
+        "device": "cuda",
+        "use_jit": True,
+        "m_init": True,
+        "use_checkpoint": False,
+        "dtype": torch.float32,
+    }
+    assert official_config(**OFFICIAL_PARAMS, **training) == official_config(**OFFICIAL_PARAMS)

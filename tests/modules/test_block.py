@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from zigzag_mamba import use_backend
 from zigzag_mamba.modules import CrossAttention, ZigMaBlock
 from zigzag_mamba.scans import scan_orders
 
@@ -209,3 +210,57 @@ def test_bf16_autocast(x):
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     ref = block(x, c, context)
     assert (out - ref).norm() / ref.norm() < 0.02
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch", "reference"])
+@pytest.mark.parametrize("pattern", ["zigzag8", "video_st", None])
+def test_an_empty_batch_runs_forward_and_backward(backend, pattern):
+    grid = (2, 3, 4) if pattern == "video_st" else (4, 6)
+    block = ZigMaBlock(DIM, grid, pattern, layer_idx=1)
+    x = torch.randn(0, 24, DIM, requires_grad=True)
+    with use_backend(selective_scan=backend):
+        out = block(x, c=torch.randn(0, DIM))
+        out.sum().backward()
+    assert out.shape == (0, 24, DIM) and x.grad.shape == x.shape
+    assert all(p.grad is None or not p.grad.any() for p in block.parameters())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dim": 0}, "dim must be a positive int"),
+        ({"dim": 16.0}, "dim must be a positive int"),
+        ({"layer_idx": None}, "layer_idx must be a non-negative int"),
+        ({"layer_idx": 1.5}, "layer_idx must be a non-negative int"),
+        ({"grid": (4.0, 6)}, "grid must be an int"),
+        ({"ssm_cfg": {"d_state": 0}}, "d_state must be a positive int"),
+        ({"ssm_cfg": {"expand": 0}}, "expand must be a positive number"),
+        ({"ssm_cfg": {"expand": 0.01}}, r"expand \* d_model must be >= 1"),
+        ({"ssm_cfg": {"d_conv": 0}}, "d_conv must be a positive int"),
+        ({"ssm_cfg": {"dt_rank": -2}}, "dt_rank must be a positive int"),
+    ],
+)
+def test_constructor_arguments_are_checked_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ZigMaBlock(**{"dim": DIM, "grid": (4, 6), **kwargs})
+
+
+def test_shape_errors_are_in_the_users_terms(x):
+    block = ZigMaBlock(DIM, (4, 6))
+    with pytest.raises(
+        ValueError, match=rf"x must be tokens \(B, L, dim={DIM}\), got \(2, 24, 8\)"
+    ):
+        block(x[..., :8])
+    with pytest.raises(ValueError, match="c has 3 rows for a batch of 2"):
+        block(x, torch.randn(3, DIM))
+
+
+def test_double_backward_is_a_clear_error(x):
+    block = ZigMaBlock(DIM, (4, 6))
+    randomise(block, 4)
+    x.requires_grad_()
+    (grad,) = torch.autograd.grad(
+        block(x, torch.randn(2, DIM)).square().sum(), x, create_graph=True
+    )
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        grad.square().sum().backward()

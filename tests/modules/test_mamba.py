@@ -146,3 +146,35 @@ def test_bf16_autocast_on_cpu():
         y = m(x)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), m(x), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"d_model": 0}, r"d_model \(the block's dim\) must be a positive int"),
+        ({"d_model": -4}, r"d_model \(the block's dim\) must be a positive int"),
+        ({"d_state": 0}, "d_state must be a positive int"),
+        ({"d_conv": -1}, "d_conv must be a positive int"),
+        ({"expand": 0}, "expand must be a positive number"),
+        ({"dt_rank": 0}, "dt_rank must be a positive int"),
+        ({"layer_idx": 0.5}, "layer_idx must be a non-negative int"),
+    ],
+)
+@pytest.mark.parametrize("cls", [Mamba, BiMamba])
+def test_constructor_arguments_are_checked_by_name(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**{"d_model": 16, **kwargs})
+
+
+def test_a_wrong_token_width_names_d_model():
+    with pytest.raises(ValueError, match=r"expected tokens \(B, L, d_model=16\), got \(2, 5, 8\)"):
+        Mamba(16)(torch.randn(2, 5, 8))
+
+
+def test_empty_sequences_and_batches():
+    mixer = Mamba(16)
+    for shape in ((2, 0, 16), (0, 5, 16)):
+        x = torch.randn(shape, requires_grad=True)
+        out = mixer(x)
+        out.sum().backward()
+        assert out.shape == shape and x.grad.shape == shape

@@ -46,3 +46,22 @@ def test_is_causal_and_differentiable():
 def test_rejects_unknown_activation():
     with pytest.raises(ValueError, match="activation"):
         causal_conv1d(torch.randn(1, 2, 3), torch.randn(2, 2), activation="relu")
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 0), (0, 5, 7)], ids=["L0", "B0"])
+def test_empty_sequences_and_batches(shape):
+    x = torch.randn(shape, requires_grad=True)
+    weight, bias = torch.randn(5, 4, requires_grad=True), torch.randn(5, requires_grad=True)
+    out = causal_conv1d(x, weight, bias, activation="silu")
+    assert out.shape == shape
+    out.sum().backward()
+    for t in (x, weight, bias):
+        assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+def test_double_backward_works():
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+              for shape in ((1, 3, 6), (3, 4), (3,))]  # fmt: skip
+    fn = lambda x, w, b: causal_conv1d(x, w, b, activation="silu")
+    assert torch.autograd.gradgradcheck(fn, leaves)

@@ -252,3 +252,62 @@ def test_cpu_use_loads_no_triton_kernels():
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name", ["residual", "norm_weight", "shift", "order"])
+def test_mixer_in_names_an_argument_on_another_device(name):
+    h, residual, weight, shift, scale, _, _, order = _inputs(torch.float32)
+    args = {"residual": residual, "norm_weight": weight, "shift": shift, "scale": scale}
+    args["order"] = order
+    args[name] = args[name].to("meta")
+    with pytest.raises(ValueError, match=f"{name} is on meta but the tokens are on cpu"):
+        mixer_in(h, **args)
+
+
+def test_mixer_out_names_an_argument_on_another_device():
+    h_norm, *_, gate, y, order = _inputs(torch.float32)
+    with pytest.raises(ValueError, match="y is on meta but the tokens are on cpu"):
+        mixer_out(h_norm, gate, y.to("meta"), order)
+
+
+def test_integer_tokens_are_a_type_error():
+    h, residual, weight, *_ = _inputs(torch.float32)
+    with pytest.raises(TypeError, match="h must be a floating-point tensor"):
+        mixer_in(h.long(), None, weight)
+    with pytest.raises(TypeError, match="norm_weight must be a floating-point tensor"):
+        mixer_in(h, residual, weight.long())
+
+
+def test_a_wrong_inverse_is_refused():
+    h, residual, weight, _, _, gate, y, order = _inputs(torch.float32)
+    wrong = inverse_order(order).flip(0)
+    with pytest.raises(ValueError, match="inverse is not the inverse of order"):
+        mixer_in(h, residual, weight, order=order, inverse=wrong)
+    with pytest.raises(ValueError, match="inverse is not the inverse of order"):
+        mixer_out(h, gate, y, order, wrong)
+
+
+@pytest.mark.parametrize("stage", ["mixer_in", "mixer_out"])
+def test_double_backward_is_a_clear_error(stage):
+    h, residual, weight, shift, scale, gate, y, order = _inputs(torch.float32)
+    if stage == "mixer_in":
+        leaf = h.requires_grad_()
+        out = mixer_in(h, residual, weight, shift, scale, order)[2]
+    else:
+        leaf = y.requires_grad_()
+        out = mixer_out(h, gate, y, order)
+    (grad,) = torch.autograd.grad(out.square().sum(), leaf, create_graph=True)
+    with pytest.raises(RuntimeError, match=f"{stage} does not support double backward"):
+        grad.sum().backward()
+
+
+@pytest.mark.parametrize("batch, length", [(0, L), (B, 0)], ids=["B0", "L0"])
+def test_empty_batches_and_sequences(batch, length):
+    h = torch.randn(batch, length, D, requires_grad=True)
+    weight, gate = torch.ones(D), torch.randn(batch, D)
+    order = torch.randperm(length)
+    residual, h_norm, x = mixer_in(h, None, weight, gate, gate, order)
+    out = mixer_out(h_norm, gate, x, order)
+    assert out.shape == residual.shape == (batch, length, D)
+    (out.sum() + residual.sum()).backward()
+    assert h.grad.shape == h.shape

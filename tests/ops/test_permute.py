@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -87,3 +89,74 @@ def test_bf16_autocast():
     torch.testing.assert_close(y.float(), model(x), atol=5e-2, rtol=5e-2)
     y.float().sum().backward()
     assert model.proj.weight.grad is not None
+
+
+def test_a_wrong_inverse_is_refused_before_it_gives_wrong_gradients():
+    x = torch.randn(2, 9, 3)
+    order = random_order(9)
+    wrong = inverse_order(order).roll(1)  # a permutation, but not order's inverse
+    with pytest.raises(ValueError, match="inverse is not the inverse of order"):
+        permute_tokens(x, order, wrong)
+    with pytest.raises(ValueError, match="inverse is not the inverse of order"):
+        permute_tokens(x, order, torch.full((9,), 100))  # out of range: refused, not gathered
+
+
+def test_an_order_that_is_not_a_permutation_is_refused():
+    x = torch.randn(2, 5, 3)
+    with pytest.raises(ValueError, match=r"not a permutation of range\(5\)"):
+        permute_tokens(x, torch.tensor([0, 1, 1, 2, 3]))
+
+
+def test_a_pair_is_verified_once_and_again_after_an_in_place_change(monkeypatch):
+    module = importlib.import_module("zigzag_mamba.ops.permute")
+    calls = []
+    verify = module._is_inverse_pair
+    monkeypatch.setattr(module, "_is_inverse_pair", lambda *a: calls.append(1) or verify(*a))
+    x = torch.randn(2, 8, 3)
+    order = random_order(8)
+    inverse = inverse_order(order)
+    for _ in range(3):
+        assert torch.equal(permute_tokens(x, order, inverse), x[:, order])
+    assert len(calls) == 1
+    inverse.copy_(inverse.roll(1))  # in place: verified again, and now wrong
+    with pytest.raises(ValueError, match="not the inverse"):
+        permute_tokens(x, order, inverse)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("which", ["order", "inverse"])
+def test_indices_on_another_device_are_named(which):
+    x = torch.randn(2, 6, 3)
+    pair = {"order": torch.arange(6), "inverse": torch.arange(6)}
+    pair[which] = pair[which].to("meta")
+    with pytest.raises(ValueError, match=f"{which} is on meta but the tokens are on cpu"):
+        permute_tokens(x, pair["order"], pair["inverse"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_indices_must_be_integers(dtype):
+    with pytest.raises(TypeError, match="order must be an integer tensor"):
+        permute_tokens(torch.randn(2, 4, 3), torch.arange(4).to(dtype))
+
+
+@pytest.mark.parametrize("shape", [(0, 7, 3), (2, 0, 3)], ids=["B0", "L0"])
+def test_empty_batches_and_sequences(shape):
+    x = torch.randn(shape, requires_grad=True)
+    order = random_order(shape[1])
+    y = permute_tokens(x, order)
+    assert y.shape == shape
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.zeros(shape))
+
+
+def test_inference_tensors_keep_no_version_and_are_verified_at_every_use():
+    with torch.inference_mode():
+        x = torch.randn(2, 16, 3)
+        order = random_order(16)
+        inverse = inverse_order(order)
+        for _ in range(2):
+            assert torch.equal(permute_tokens(x, order, inverse), x[:, order])
+        with pytest.raises(ValueError, match="not the inverse"):
+            permute_tokens(x, order, inverse.flip(0))
+        zigzag = ZigzagScan((4, 4), "zigzag8", layer_idx=2)
+        assert torch.equal(zigzag.unpermute(zigzag.permute(x)), x)

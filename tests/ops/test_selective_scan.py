@@ -298,3 +298,72 @@ def test_rejects_bad_shapes():
         selective_scan(**{**inputs, "B": inputs["B"][:, :, :, :-1]})
     with pytest.raises(ValueError, match="A must be real"):
         selective_scan(**{**inputs, "A": inputs["A"][:3]})
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 0), (0, 4, 70), (0, 4, 0)], ids=["L0", "B0", "B0-L0"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_inputs_give_empty_results_and_zero_gradients(backend, shape):
+    batch, channels, length = shape
+    case = Case(batch=batch, channels=channels, length=length, groups=2)
+    leaves = {k: v.requires_grad_() for k, v in make_inputs(case).items()}
+    with zigzag_mamba.use_backend(selective_scan=backend):
+        out, last = selective_scan(**leaves, delta_softplus=True, return_last_state=True)
+        loss = out.sum() + last.sum()
+        # The reference loop never touches delta when L = 0: autograd gives it no gradient.
+        grads = torch.autograd.grad(loss, list(leaves.values()), materialize_grads=True)
+    assert out.shape == shape
+    # The last state of an empty sequence is the initial state, zero.
+    assert torch.equal(last, torch.zeros(batch, channels, case.state))
+    for (name, leaf), grad in zip(leaves.items(), grads, strict=True):
+        assert torch.equal(grad, torch.zeros_like(leaf)), name
+
+
+@pytest.mark.parametrize("name", ["u", "delta", "A", "z"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_integer_and_bool_inputs_are_a_type_error(name, dtype):
+    inputs = make_inputs(Case())
+    inputs[name] = inputs[name].to(dtype)
+    with pytest.raises(TypeError, match=f"{name} must be a floating-point tensor"):
+        selective_scan(**inputs)
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("A", "A is on meta"),
+        ("B", "B is on meta"),
+        ("D", "D is on meta"),
+        ("u", r"u's device \(meta\)"),
+    ],
+)
+def test_an_input_on_another_device_is_named(name, message):
+    # A meta tensor among CPU ones used to run the shape-only kernel: uninitialised output.
+    inputs = make_inputs(Case())
+    inputs[name] = inputs[name].to("meta")
+    with pytest.raises(ValueError, match=message):
+        selective_scan(**inputs)
+
+
+def test_all_meta_inputs_give_shapes_only():
+    inputs = {k: None if v is None else v.to("meta") for k, v in make_inputs(Case()).items()}
+    out, last = selective_scan(**inputs, return_last_state=True)
+    assert out.is_meta and out.shape == inputs["u"].shape and last.shape == (2, 4, 3)
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_double_backward_is_a_clear_error(backend):
+    case = Case(length=10)
+    leaves = {k: v.requires_grad_() for k, v in make_inputs(case).items()}
+    with zigzag_mamba.use_backend(selective_scan=backend):
+        out = selective_scan(**leaves, delta_softplus=True)
+        (du,) = torch.autograd.grad(out.square().sum(), leaves["u"], create_graph=True)
+        with pytest.raises(RuntimeError, match="selective_scan does not support double backward"):
+            du.square().sum().backward()
+
+
+def test_reference_backend_supports_double_backward():
+    case = Case(batch=1, channels=2, state=2, length=4, groups=1)
+    leaves = [make_inputs(case, dtype=torch.float64)[k].requires_grad_() for k in NAMES]
+    fn = lambda *args: selective_scan(*args, delta_softplus=True)
+    with zigzag_mamba.use_backend(selective_scan="reference"):
+        assert torch.autograd.gradgradcheck(fn, leaves)

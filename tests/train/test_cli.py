@@ -85,3 +85,41 @@ def test_train_resume_and_sample_end_to_end(tmp_path, capsys):
     assert saved["samples"].shape == (20, 1, 8, 8) and saved["labels"][:4].tolist() == [3, 7, 3, 7]
     assert Image.open(grid).size == (8 * (10 * 9 + 1), 8 * (2 * 9 + 1))
     assert "wrote 20 samples" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("empty", "zigma sample: checkpoint {} is empty"),
+        ("truncated", "zigma sample: {} is not a checkpoint: not a zip archive"),
+        ("another file", "zigma sample: {} is not a zigma training checkpoint: it lacks"),
+    ],
+)
+def test_sample_names_an_unusable_checkpoint_in_one_message(tmp_path, kind, message):
+    path = tmp_path / "last.pt"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        torch.save({"step": 1, "model": torch.ones(100)}, path)
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        torch.save({"samples": torch.ones(3)}, path)
+    with pytest.raises(SystemExit) as info:
+        main(["sample", "--ckpt", str(path)])
+    assert str(info.value.code).startswith(message.format(path))
+
+
+def test_train_resume_from_an_unusable_file_is_one_clear_message(tmp_path, capsys):
+    bad = tmp_path / "model.pt"
+    bad.write_text("not a checkpoint")
+    out = tmp_path / "run"
+    code = main(["train", *TINY, "--steps", "1", "--out-dir", str(out), "--resume", str(bad)])
+    assert code == 1
+    assert f"zigma train: {bad} is not a checkpoint" in capsys.readouterr().err
+
+
+def test_random_flip_on_digits_is_refused_not_recorded(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="random_flip applies to image folders only"):
+        main(["train", *TINY, "--random-flip", "--steps", "1", "--out-dir", str(out)])
+    assert not (out / "config.json").exists()

@@ -109,6 +109,14 @@ def test_latent_files(tmp_path):
         open_dataset(str(tmp_path / "nothing"))
 
 
+def test_random_flip_is_refused_where_it_would_do_nothing(tmp_path):
+    torch.save({"latents": torch.ones(2, 4, 2, 2)}, tmp_path / "z.pt")
+    for source, kind in (("digits", "the digits"), (str(tmp_path / "z.pt"), "latents")):
+        with pytest.raises(ValueError, match=f"random_flip applies to image folders only; {kind}"):
+            open_dataset(source, random_flip=True)
+    assert len(open_dataset(str(tmp_path / "z.pt"))) == 2
+
+
 def test_batch_stream_shards_the_single_process_batches():
     data = DigitsDataset("test")
     single = BatchStream(data, 8, seed=1)

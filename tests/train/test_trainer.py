@@ -1,12 +1,14 @@
 import csv
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
-from train_helpers import TinyData, TinyNet, tiny_config
+from train_helpers import TinyData, TinyNet, flip_bit_in_tensor_data, tiny_config
 
 from zigzag_mamba.train import checkpoint as checkpoint_module
-from zigzag_mamba.train.checkpoint import load_checkpoint, save_checkpoint
+from zigzag_mamba.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from zigzag_mamba.train.trainer import NonFiniteLossError, Trainer, param_groups
 
 
@@ -71,7 +73,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     monkeypatch.undo()
     state = load_checkpoint(path)
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(1000))
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last.pt.sha256"]
 
 
 class _BreaksAfter(TinyNet):
@@ -167,3 +169,84 @@ def test_metric_hooks_run_on_ema_samples_with_each_grid(tmp_path):
     assert [json.loads(line)["step"] for line in lines] == [2, 4]
     assert all(json.loads(line)["fd"] > 0 for line in lines)
     assert seen[0] == [0, 0, 1, 1, 2, 2, 3, 3]  # grid_columns = 2: one class per row
+
+
+# -- faults: corrupted checkpoints, orphaned files, resuming past the end ------------------------
+
+
+def _checkpoints(out_dir):
+    return out_dir / "checkpoints" / "last.pt", out_dir / "checkpoints" / "previous.pt"
+
+
+def test_resume_falls_back_from_a_corrupted_last_checkpoint_and_still_matches(tmp_path):
+    straight = _train(tmp_path / "straight", 6)
+    _train(tmp_path / "split", 4, ckpt_every=2)
+    last, previous = _checkpoints(tmp_path / "split")
+    assert load_checkpoint(previous)["step"] == 2
+    flip_bit_in_tensor_data(last, load_checkpoint(last)["model"]["inp.weight"])
+    with pytest.warns(RuntimeWarning, match=rf"{last} does not match its SHA-256.*previous\.pt"):
+        resumed = _train(tmp_path / "split", 6, resume="auto")
+    # From step 2, exactly as if nothing had happened after it.
+    assert resumed.resumed_from == previous
+    _assert_same_state(straight.state_dict(), resumed.state_dict())
+    assert [r["step"] for r in _rows(tmp_path / "split")] == ["2", "4", "6"]
+
+
+@pytest.mark.parametrize("fault", ["flipped bits", "truncated"])
+def test_resume_refuses_when_no_verified_checkpoint_is_left(tmp_path, fault):
+    _train(tmp_path, 4, ckpt_every=2)
+    last, previous = _checkpoints(tmp_path)
+    for path in (last, previous):
+        if fault == "truncated":
+            path.write_bytes(path.read_bytes()[:1000])
+        else:
+            flip_bit_in_tensor_data(path, load_checkpoint(path)["model"]["out.weight"])
+    with pytest.warns(RuntimeWarning), pytest.raises(CheckpointError) as info:
+        _train(tmp_path, 6, resume="auto")
+    assert str(last) in str(info.value) and str(previous) in str(info.value)
+
+
+def test_a_kill_between_rotating_and_replacing_resumes_from_the_previous(tmp_path):
+    _train(tmp_path, 4, ckpt_every=2)
+    last, previous = _checkpoints(tmp_path)
+    last.unlink()  # as if killed after last.pt became previous.pt, before the new one arrived
+    with pytest.warns(RuntimeWarning, match="does not exist"):
+        resumed = _train(tmp_path, 4, resume="auto")
+    assert resumed.resumed_from == previous and resumed.step == 4
+
+
+def test_a_nan_after_resume_names_the_verified_checkpoint(tmp_path):
+    _train(tmp_path, 2)
+    torch.manual_seed(0)
+    trainer = Trainer(_BreaksAfter(calls=0), TinyData(), tiny_config(tmp_path, steps=4))
+    last = tmp_path / "checkpoints" / "last.pt"
+    with pytest.raises(NonFiniteLossError, match=rf"resumed from \(verified\), {last}, is kept"):
+        trainer.fit(resume="auto")
+
+
+def test_a_fresh_run_never_falls_back_to_another_runs_checkpoint(tmp_path):
+    _train(tmp_path, 4, ckpt_every=2)
+    last, previous = _checkpoints(tmp_path)
+    _train(tmp_path, 1)  # a new run in the same folder, not resumed
+    assert not previous.exists() and load_checkpoint(last)["step"] == 1
+
+
+def test_stale_temporary_files_are_removed_at_start(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    orphans = [
+        tmp_path / "checkpoints" / f".last.pt.{int(gone.stdout)}.tmp",
+        tmp_path / f".loss.csv.{int(gone.stdout)}.tmp",
+    ]
+    orphans[0].parent.mkdir()
+    for orphan in orphans:
+        orphan.write_bytes(b"half a checkpoint")
+    _train(tmp_path, 1)
+    assert not any(orphan.exists() for orphan in orphans)
+
+
+def test_resuming_past_the_last_step_warns(tmp_path):
+    _train(tmp_path, 4)
+    with pytest.warns(RuntimeWarning, match=r"at step 4, past steps=2: there is nothing to train"):
+        trainer = _train(tmp_path, 2, resume="auto")
+    assert trainer.step == 4

@@ -11,7 +11,8 @@ In the eigenbasis of ``S`` each coordinate ``y`` obeys ``dy/dt = (c_t' / 2 c_t) 
 ``x_t = alpha_t m + C_t^{1/2} C_0^{-1/2} (x_0 - alpha_0 m)`` and, for paths with
 ``alpha_0 = 0, sigma_0 = 1``, ``X_1 = m + S^{1/2} X_0``.
 
-Also a tiny conditional conv net and data set standing in for the backbone and real data.
+Also a tiny conditional conv net and data set standing in for the backbone and real data, and
+a fault injection for checkpoint files.
 """
 
 from __future__ import annotations
@@ -103,3 +104,13 @@ def tiny_config(out_dir, **overrides):
     )
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def flip_bit_in_tensor_data(path, tensor: Tensor) -> None:
+    """Flip one bit inside the stored bytes of ``tensor`` in the file ``path`` (a fault
+    injection: the tensor is found by its first 64 bytes, the bit flipped a little further)."""
+    data = bytearray(path.read_bytes())
+    start = data.find(tensor.numpy().tobytes()[:64])
+    assert start > 0, "the tensor's bytes were not found in the file"
+    data[start + 20] ^= 0x04
+    path.write_bytes(bytes(data))

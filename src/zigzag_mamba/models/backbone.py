@@ -311,6 +311,9 @@ class ZigMaBackbone(nn.Module):
         if isinstance(self.y_embedder, LabelEmbedder):
             if y is None:
                 raise ValueError("this model is class-conditional: pass labels y (B,)")
+            if not isinstance(y, torch.Tensor) or y.shape != (batch,):
+                shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+                raise ValueError(f"labels y must have shape ({batch},) for x's batch, got {shape}")
             if not torch.compiler.is_compiling():  # reading label values would break the graph
                 self.y_embedder.check(y)
             return c + self.y_embedder(y), None

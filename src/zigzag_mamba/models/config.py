@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import Any, Literal
 import torch
 
 from zigzag_mamba._deprecation import rename_keys
+from zigzag_mamba.modules.validation import check_positive, check_positive_int
 
 PosEmbed = Literal["none", "sincos", "learned"]
 # Keys that earlier versions wrote into config.json and checkpoints.
@@ -67,14 +69,16 @@ class ZigMaConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        self._check_sizes()
         size = self.input_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        if len(size) != 2 or any(s % self.patch_size or s < self.patch_size for s in size):
+        size = (size, size) if _is_int(size) else tuple(size) if isinstance(size, Sequence) else ()
+        fits = lambda s: _is_int(s) and s >= self.patch_size and s % self.patch_size == 0
+        if len(size) != 2 or not all(map(fits, size)):
             raise ValueError(
                 f"input_size must be H or (H, W), each a positive multiple of patch_size "
                 f"{self.patch_size}; got {self.input_size!r}"
             )
-        object.__setattr__(self, "input_size", size)
+        object.__setattr__(self, "input_size", tuple(int(s) for s in size))
         if self.pos_embed not in ("none", "sincos", "learned"):
             raise ValueError(
                 f"pos_embed must be 'none', 'sincos' or 'learned', got {self.pos_embed!r}"
@@ -85,6 +89,19 @@ class ZigMaConfig:
             raise ValueError(
                 "condition on classes (num_classes) or on text (context_dim), not both"
             )
+
+    def _check_sizes(self) -> None:
+        for name in ("patch_size", "in_channels", "dim", "depth"):
+            check_positive_int(name, getattr(self, name))
+        for name in ("num_frames", "num_classes"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.context_dim is not None:
+            check_positive_int("context_dim", self.context_dim)
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        check_positive("norm_eps", self.norm_eps)
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -116,6 +133,10 @@ class ZigMaConfig:
             stacklevel=2,
         )
         return getattr(self, RENAMED_KEYS.get(key, key))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _preset(dim: int, depth: int, patch_size: int) -> Mapping[str, int]:

@@ -30,6 +30,22 @@ _UNSUPPORTED_KEY = re.compile(r"_list\.")
 _ZIGZAG = re.compile(r"zigzagN(\d+)")
 _VIDEO = re.compile(r"(?:zz)?video_([st]+)")
 _POS_EMBED = {0: "none", 1: "sincos", 2: "learned", 3: "none"}
+#: Arguments of the official ``model_zigma.ZigMa`` that :func:`official_config` accepts and
+#: ignores: they change how it trains or where it lives, not what its weights mean.
+TRAINING_ONLY_KEYS = frozenset(
+    {
+        "drop_path_rate",
+        "n_context_token",
+        "fused_add_norm",
+        "residual_in_fp32",
+        "initializer_cfg",
+        "device",
+        "use_jit",
+        "m_init",
+        "use_checkpoint",
+        "dtype",
+    }
+)
 
 
 def convert_official_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -108,7 +124,7 @@ def official_config(
     ssm_cfg: dict | None = None,
     norm_epsilon: float = 1e-5,
     rms_norm: bool = True,
-    **ignored,
+    **training_options,
 ) -> dict:
     """``ZigMaBackbone`` arguments for the official ``model_zigma.ZigMa(**params)``.
 
@@ -118,9 +134,11 @@ def official_config(
     3 -> none, since the official per-layer tables are never registered, hence stay zero),
     ``num_classes`` (class tables without null row), ``has_text``/``d_context`` ->
     ``context_dim``,
-    ``video_frames -> num_frames``. Training-only options (drop_path_rate, fused_add_norm,
-    residual_in_fp32, use_jit, use_checkpoint, m_init, device, dtype, ...) are ignored: they do
-    not change the weights' meaning. Official video models agree with ours on 's' layers; their
+    ``video_frames -> num_frames``. The official training-only options
+    (:data:`TRAINING_ONLY_KEYS`: drop_path_rate, fused_add_norm, residual_in_fp32, use_jit,
+    use_checkpoint, m_init, device, dtype, ...) are accepted and ignored: they do not change the
+    weights' meaning. Any other key is a TypeError, so that a typo (``scan_typ=``) cannot
+    silently build another model. Official video models agree with ours on 's' layers; their
     't' layers that run backwards in time come back time-reversed (an official bug we do not
     reproduce), so those outputs differ.
 
@@ -130,6 +148,12 @@ def official_config(
         ...                 scan_type="zigzagN8", use_pe=2)["pattern"]
         'zigzag8'
     """
+    unknown = sorted(set(training_options) - TRAINING_ONLY_KEYS)
+    if unknown:
+        raise TypeError(
+            f"official_config() got unknown official arguments {unknown}; it takes the "
+            "arguments of the official model_zigma.ZigMa"
+        )
     if not rms_norm:
         raise ValueError("official models with rms_norm=False (LayerNorm) are not supported")
     if tpe:

@@ -27,8 +27,9 @@ from torch import nn
 from zigzag_mamba._deprecation import renamed_kwargs
 from zigzag_mamba.modules.attention import CrossAttention
 from zigzag_mamba.modules.mamba import BiMamba, Mamba
+from zigzag_mamba.modules.validation import check_positive_int
 from zigzag_mamba.ops.mixer_io import mixer_in, mixer_out
-from zigzag_mamba.scans import ZigzagScan
+from zigzag_mamba.scans import ZigzagScan, check_layer_idx
 
 _MIXERS: dict[str, type[Mamba]] = {"mamba": Mamba, "bidirectional": BiMamba}
 
@@ -99,6 +100,8 @@ class ZigMaBlock(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_positive_int("dim", dim)
+        check_layer_idx(layer_idx)
         if mixer not in _MIXERS:
             raise ValueError(f"mixer must be one of {sorted(_MIXERS)}, got {mixer!r}")
         if pattern is not None and grid is None:
@@ -136,14 +139,16 @@ class ZigMaBlock(nn.Module):
             nn.init.zeros_(self.adaLN_modulation[1].weight)
             nn.init.zeros_(self.adaLN_modulation[1].bias)
 
-    def _modulation(self, c: torch.Tensor | None) -> list:
+    def _modulation(self, c: torch.Tensor | None, batch: int) -> list:
         chunks = 3 if self.msa is None else 6
         if c is None:
             return [None] * chunks
         if self.adaLN_modulation is None:
             raise ValueError("this block was built with adaln=False and takes no conditioning c")
         if c.dim() != 2 or c.shape[1] != self.dim:
-            raise ValueError(f"c must have shape (B, {self.dim}), got {tuple(c.shape)}")
+            raise ValueError(f"c must have shape (B, dim={self.dim}), got {tuple(c.shape)}")
+        if c.shape[0] != batch:
+            raise ValueError(f"c has {c.shape[0]} rows for a batch of {batch} (x's first size)")
         return list(self.adaLN_modulation(c).chunk(chunks, dim=-1))
 
     def mixer_in(
@@ -159,10 +164,9 @@ class ZigMaBlock(nn.Module):
         fp32), the normalised tokens ``h_norm`` (B, L, D, in h's dtype) and the mixer's input,
         permuted (B', seq_len, D); B' = B * L / seq_len differs from B for video patterns.
         """
-        if self.permutation is not None:
-            self.permutation.check_tokens(h)
+        self._check_tokens(h)
         residual, h_norm, x = mixer_in(
-            h, residual, self.norm.weight, shift, scale, *self._orders(), self.norm.eps
+            h, residual, self.norm.weight, shift, scale, *self._orders(h), self.norm.eps
         )
         seq_len = h.shape[1] if self.permutation is None else self.permutation.seq_len
         return residual, h_norm, rearrange(x, "b (n l) d -> (b n) l d", l=seq_len)
@@ -172,8 +176,10 @@ class ZigMaBlock(nn.Module):
     ) -> torch.Tensor:
         """Stage 2, one op: unpermute the mixer's output ``y``, gate it ((B, D) or
         None) and add it to ``h_norm`` (B, L, D)."""
-        y = rearrange(y, "(b n) l d -> b (n l) d", b=h_norm.shape[0])
-        return mixer_out(h_norm, gate, y, *self._orders())
+        # Sequences per sample, rather than the batch size: einops cannot split 0 rows by 0.
+        n = 1 if self.permutation is None else h_norm.shape[1] // self.permutation.seq_len
+        y = rearrange(y, "(b n) l d -> b (n l) d", n=n)
+        return mixer_out(h_norm, gate, y, *self._orders(h_norm))
 
     def scan_in(self, h, residual, shift, scale):
         """Deprecated name of :meth:`mixer_in`."""
@@ -189,10 +195,18 @@ class ZigMaBlock(nn.Module):
         )
         return self.mixer_out(normed, gate, y)
 
-    def _orders(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _orders(self, h: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.permutation is None:
             return None, None
-        return self.permutation.order, self.permutation.inverse
+        return self.permutation.orders_for(h)
+
+    def _check_tokens(self, h: torch.Tensor) -> None:
+        """Name the mismatch in the block's terms: tokens (B, L, dim) of its grid."""
+        if not isinstance(h, torch.Tensor) or h.dim() != 3 or h.shape[2] != self.dim:
+            shape = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+            raise ValueError(f"x must be tokens (B, L, dim={self.dim}), got {shape}")
+        if self.permutation is not None:
+            self.permutation.check_tokens(h)
 
     def _cross_attend(
         self, h: torch.Tensor, context: torch.Tensor | None, shift, scale, gate
@@ -215,7 +229,7 @@ class ZigMaBlock(nn.Module):
         """
         if context is not None and self.msa is None:
             raise ValueError("this block has no cross-attention (context_dim=None); got context")
-        modulation = self._modulation(c)
+        modulation = self._modulation(c, h.shape[0])
         shift, scale, gate = modulation[:3]
         residual, h_norm, x = self.mixer_in(h, residual, shift, scale)
         h = self.mixer_out(h_norm, gate, self.mixer(x))

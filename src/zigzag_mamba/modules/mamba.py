@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from zigzag_mamba.modules.validation import check_positive, check_positive_int
 from zigzag_mamba.ops.backends import resolve
 from zigzag_mamba.ops.conv import causal_conv1d
 from zigzag_mamba.ops.selective_scan import selective_scan
+from zigzag_mamba.scans import check_layer_idx
 
 
 def _ssm_branch(
@@ -96,12 +98,18 @@ class Mamba(nn.Module):
         super().__init__()
         if dt_init not in ("random", "constant"):
             raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
-        self.d_model = d_model
-        self.d_state = d_state
-        self.d_conv = d_conv
-        self.expand = expand
+        self.d_model = check_positive_int("d_model (the block's dim)", d_model)
+        self.d_state = check_positive_int("d_state", d_state)
+        self.d_conv = check_positive_int("d_conv", d_conv)
+        self.expand = check_positive("expand", expand)
         self.d_inner = int(expand * d_model)
-        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        if self.d_inner < 1:
+            raise ValueError(f"expand * d_model must be >= 1, got {expand} * {d_model}")
+        self.dt_rank = (
+            math.ceil(d_model / 16) if dt_rank == "auto" else check_positive_int("dt_rank", dt_rank)
+        )
+        if layer_idx is not None:
+            check_layer_idx(layer_idx)
         self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
         self.dt_init, self.dt_scale = dt_init, dt_scale
         self.use_fast_path = use_fast_path
@@ -172,7 +180,14 @@ class Mamba(nn.Module):
         xz = rearrange(self.in_proj(hidden_states), "b l d -> b d l")  # (B, 2*d_inner, L)
         return xz.chunk(2, dim=1)
 
+    def _check_input(self, hidden_states: torch.Tensor) -> None:
+        if hidden_states.dim() != 3 or hidden_states.shape[2] != self.d_model:
+            raise ValueError(
+                f"expected tokens (B, L, d_model={self.d_model}), got {tuple(hidden_states.shape)}"
+            )
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        self._check_input(hidden_states)
         x, z = self._in_proj(hidden_states)
         y = _ssm_branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
         return self.out_proj(rearrange(y, "b d l -> b l d"))
@@ -221,6 +236,7 @@ class BiMamba(Mamba):
         self._reset_branch(*self._reverse_branch())
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        self._check_input(hidden_states)
         x, z = self._in_proj(hidden_states)
         y = _ssm_branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
         y_rev = _ssm_branch(x.flip(-1), z.flip(-1), *self._reverse_branch())

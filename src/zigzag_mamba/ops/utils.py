@@ -6,7 +6,7 @@ Nothing here imports Triton or numba.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -41,6 +41,15 @@ def new_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) 
     return torch.full(shape, fill, dtype=dtype, device=device)
 
 
+def tensor_version(tensor: torch.Tensor) -> int | None:
+    """How many times ``tensor`` was changed in place, or None for an inference tensor (which
+    keeps no count): a check cached by version must then run at every use."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (and >= 1): Triton block sizes must be powers of two."""
     return 1 << max(n - 1, 0).bit_length()
@@ -57,3 +66,25 @@ def launch_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
 def or_empty(like: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """Custom ops cannot return None: an absent gradient travels as an empty tensor."""
     return tuple(like.new_empty(0) if t is None else t for t in tensors)
+
+
+def double_backward_unsupported(op: str, alternative: str) -> Callable[..., tuple]:
+    """The autograd rule of a hand-written backward op: differentiating it raises a clear error.
+
+    Without it, a gradient of a gradient (``create_graph=True``) fails deep inside torch with
+    "no autograd formula"; with it, only a second backward that reaches the op fails, and says
+    why. ``alternative`` tells what can be differentiated twice instead.
+    """
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{op} does not support double backward (a gradient of a gradient, as in a gradient "
+            "penalty): its backward is a hand-written kernel without a derivative of its own. "
+            f"{alternative}"
+        )
+
+    return backward
+
+
+def no_context(ctx, inputs, output) -> None:
+    """An autograd ``setup_context`` that saves nothing."""

@@ -122,13 +122,20 @@ def _train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from zigzag_mamba.train.build import build_model, model_spec
+    from zigzag_mamba.train.checkpoint import CheckpointError
     from zigzag_mamba.train.data import open_dataset
     from zigzag_mamba.train.trainer import NonFiniteLossError, Trainer
 
     config, run = resolve_train_options(args)
-    dataset = open_dataset(
-        run["data"], image_size=run["image_size"], random_flip=run["random_flip"], seed=config.seed
-    )
+    try:
+        dataset = open_dataset(
+            run["data"],
+            image_size=run["image_size"],
+            random_flip=run["random_flip"],
+            seed=config.seed,
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"zigma train: {exc}") from exc
     overrides = dict(run["model"])
     spec = model_spec(
         overrides.pop("name"),
@@ -143,7 +150,7 @@ def _train(args: argparse.Namespace) -> int:
         if trainer.main:
             _write_run_config(config, run, spec)
         summary = trainer.fit(resume=run["resume"])
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, CheckpointError, FileNotFoundError) as exc:
         print(f"zigma train: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -204,7 +211,7 @@ def _sample(args: argparse.Namespace) -> int:
     import torch
 
     from zigzag_mamba.train.build import build_model
-    from zigzag_mamba.train.checkpoint import load_checkpoint
+    from zigzag_mamba.train.checkpoint import CHECKPOINT_KEYS, CheckpointError, load_checkpoint
     from zigzag_mamba.train.images import save_grid
     from zigzag_mamba.train.interpolant import Interpolant
     from zigzag_mamba.train.samplers import generate
@@ -212,7 +219,10 @@ def _sample(args: argparse.Namespace) -> int:
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
-    state = load_checkpoint(args.ckpt)
+    try:
+        state = load_checkpoint(args.ckpt, required=CHECKPOINT_KEYS)
+    except (CheckpointError, FileNotFoundError) as exc:
+        raise SystemExit(f"zigma sample: {exc}") from exc
     spec, train = state["config"]["model"], state["config"]["train"]
     model = build_model(spec)
     model.load_state_dict(state[args.weights])

@@ -264,20 +264,29 @@ def open_dataset(
     """Build a dataset from a short description, as the CLI does.
 
     ``"digits"`` (scikit-learn's digits, train split; ``image_size`` defaults to 8), a folder
-    of images, or a ``.pt``/``.safetensors`` file of latents.
+    of images, or a ``.pt``/``.safetensors`` file of latents. ``random_flip`` applies to image
+    folders only: asked for other data, it is refused rather than silently ignored.
 
     Example::
 
         >>> len(open_dataset("digits"))
         1438
     """
-    if source == "digits":
-        return DigitsDataset("train", image_size or 8, seed=seed)
     path = Path(source)
-    if path.is_dir():
+    if source == "digits":
+        kind = "the digits"
+    elif path.is_dir():
         return ImageFolder(path, image_size, random_flip=random_flip, seed=seed)
-    if path.suffix in (".pt", ".pth", ".safetensors"):
+    elif path.suffix in (".pt", ".pth", ".safetensors"):
+        kind = "latents"
+    else:
+        raise FileNotFoundError(
+            f"data source {source!r} is not 'digits', a folder of images, or a latent file"
+        )
+    if random_flip:
+        raise ValueError(
+            f"random_flip applies to image folders only; {kind} ({source!r}) would not be flipped"
+        )
+    if kind == "latents":
         return LatentDataset(path)
-    raise FileNotFoundError(
-        f"data source {source!r} is not 'digits', a folder of images, or a latent file"
-    )
+    return DigitsDataset("train", image_size or 8, seed=seed)

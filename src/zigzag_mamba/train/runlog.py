@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import io
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -40,23 +42,61 @@ class Meter:
 
 
 class LossLog:
-    """``loss.csv``, appended to across resumes; rows past the resumed step are dropped."""
+    """``loss.csv``, appended to across resumes; rows past the resumed step are dropped.
+
+    Rows are only ever appended, each in one write of a whole line, flushed: a kill loses at
+    most the row being written. When a resume must drop rows (logged after the checkpoint it
+    resumes from) or a partial last line, the kept rows go to a temporary file that then
+    replaces the log in one atomic rename, so a kill at any moment leaves either the old log or
+    the new one, never a truncated history.
+    """
 
     def __init__(self, path: Path, step: int) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if path.is_file() and step > 0:
-            with open(path, newline="") as file:
-                kept = [row for row in csv.DictReader(file) if int(row["step"]) <= step]
-        with open(path, "w", newline="") as file:
-            writer = csv.DictWriter(file, LOG_FIELDS)
-            writer.writeheader()
-            writer.writerows(kept)
+        if step == 0 or not path.is_file():
+            self._replace_with([])
+            return
+        with open(path, newline="") as file:
+            lines = file.readlines()
+        kept = [line for line in lines[1:] if _is_row_up_to(line, step)]
+        if lines[:1] != [_line(LOG_FIELDS)] or len(kept) < len(lines) - 1:
+            self._replace_with(kept)
+
+    def _replace_with(self, rows: list[str]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w", newline="") as file:
+                file.write(_line(LOG_FIELDS) + "".join(rows))
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a", newline="") as file:
-            csv.DictWriter(file, LOG_FIELDS).writerow(row)
+            file.write(_line(row[field] for field in LOG_FIELDS))
+            file.flush()
+
+
+def _line(values) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow(values)
+    return buffer.getvalue()
+
+
+def _is_row_up_to(line: str, step: int) -> bool:
+    """Whether ``line`` is a whole, readable row logged at or before ``step`` (a kill can leave
+    a partial last line)."""
+    if not line.endswith("\n"):
+        return False
+    fields = next(csv.reader([line]), [])
+    try:
+        return len(fields) == len(LOG_FIELDS) and int(fields[0]) <= step
+    except ValueError:
+        return False
 
 
 def progress_bar(config: TrainConfig, step: int):

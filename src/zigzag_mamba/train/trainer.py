@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,11 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from zigzag_mamba.train.checkpoint import (
-    load_checkpoint,
+    CHECKPOINT_KEYS,
+    load_checkpoint_or_previous,
+    previous_path,
+    remove_checkpoint,
+    remove_stale_temporaries,
     restore_rng_states,
     rng_states,
     save_checkpoint,
@@ -76,6 +81,10 @@ def _setup_distributed(device: str) -> tuple[Shard, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return Shard(rank, world), chosen
+
+
+def _same_file(a: Path | None, b: Path) -> bool:
+    return a is not None and a.resolve() == b.resolve()
 
 
 class Trainer:
@@ -159,7 +168,9 @@ class Trainer:
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.step = 0
         self.checkpoint_path = self.out_dir / "checkpoints" / "last.pt"
+        # The newest checkpoint known good: written by this run, or verified when resumed.
         self.last_checkpoint: Path | None = None
+        self.resumed_from: Path | None = None
 
     def _micro_batch(self) -> int:
         per_step = self.shard.world * self.config.grad_accum
@@ -210,11 +221,12 @@ class Trainer:
     def _stop_if_not_finite(self, value: Tensor, what: str) -> None:
         if math.isfinite(value.item()):
             return
-        kept = (
-            f"the last good checkpoint, {self.last_checkpoint}, is kept"
-            if self.last_checkpoint
-            else "no checkpoint had been written yet"
-        )
+        if self.last_checkpoint is None:
+            kept = "no checkpoint had been written yet"
+        elif self.last_checkpoint == self.resumed_from:
+            kept = f"the checkpoint it resumed from (verified), {self.last_checkpoint}, is kept"
+        else:
+            kept = f"the last checkpoint it wrote, {self.last_checkpoint}, is kept"
         raise NonFiniteLossError(
             f"the {what} became {value.item()} at step {self.step + 1}, so training stopped; "
             f"{kept}. Try a lower learning rate, keep gradient clipping on, or check the data "
@@ -248,6 +260,9 @@ class Trainer:
         ``resume`` is a checkpoint path, or ``"auto"`` for the run's own last checkpoint if
         there is one. Returns a summary of the run.
         """
+        if self.main:  # what saves killed midway left behind
+            for folder in (self.out_dir, self.checkpoint_path.parent):
+                remove_stale_temporaries(folder)
         if resume is not None:
             self._resume(resume)
         cfg = self.config
@@ -360,23 +375,41 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        """Checkpoint atomically to ``checkpoints/last.pt`` (main process writes)."""
+        """Checkpoint atomically to ``checkpoints/last.pt`` (main process writes), with its
+        SHA-256 beside it; the checkpoint it replaces becomes ``previous.pt`` when it is known
+        good (written by this run, or the one it resumed from)."""
         if self.main:
-            save_checkpoint(self.state_dict(), self.checkpoint_path)
+            good, last = self.last_checkpoint, self.checkpoint_path
+            previous = previous_path(last)
+            if not any(_same_file(good, path) for path in (last, previous)):
+                # Files of another run in this folder: never a fallback for this one.
+                remove_checkpoint(previous)
+            save_checkpoint(self.state_dict(), last, rotate=_same_file(good, last))
         if self.shard.world > 1:
             dist.barrier()
         self.last_checkpoint = self.checkpoint_path
         return self.checkpoint_path
 
     def _resume(self, resume: str | Path) -> None:
-        path = self.checkpoint_path if resume == "auto" else Path(resume)
-        if resume == "auto" and not path.is_file():
+        """Load a checkpoint verified against its hash; when ``last.pt`` fails (or is missing
+        after a kill mid-save), fall back to ``previous.pt`` with a warning."""
+        auto = resume == "auto"
+        path = self.checkpoint_path if auto else Path(resume)
+        if auto and not path.is_file() and not previous_path(path).is_file():
             return
-        state = load_checkpoint(path)  # on the CPU: RNG states must stay there
+        # On the CPU: RNG states must stay there.
+        state, used = load_checkpoint_or_previous(path, required=CHECKPOINT_KEYS)
         self.model.load_state_dict(state["model"])
         self.ema.module.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.batches.load_state_dict(state["data"])
         restore_rng_states(state["rng"], self.generator)
         self.step = int(state["step"])
-        self.last_checkpoint = path
+        self.last_checkpoint = self.resumed_from = used
+        if self.step > self.config.steps:
+            warnings.warn(
+                f"the checkpoint {used} is at step {self.step}, past steps={self.config.steps}: "
+                "there is nothing to train; raise steps to continue",
+                RuntimeWarning,
+                stacklevel=3,
+            )

@@ -30,7 +30,8 @@ def _kernel(x: torch.Tensor, taps: int) -> Callable[..., torch.Tensor]:
     if torch.compiler.is_compiling():
         return causal_conv1d_reference
     name = resolve(OP, x.device.type)
-    if name != PORTABLE and not 2 <= taps <= 4:  # the package's kernel takes 2 to 4 taps
+    # The package's kernel takes 2 to 4 taps, and is not known to take empty sequences.
+    if name != PORTABLE and (not 2 <= taps <= 4 or x.shape[2] == 0):
         name = PORTABLE
     return backend_module(OP, name).causal_conv1d
 

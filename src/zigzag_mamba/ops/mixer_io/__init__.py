@@ -15,7 +15,8 @@ writes the block's output. Each is a ``torch.library`` custom op with a fake rul
 hand-written backward (itself a custom op), so ``torch.compile`` traces them without graph
 breaks. Their backend (registry op ``"mixer_io"``): Triton kernels (:mod:`.triton`) for CUDA
 tensors when Triton can run, else the PyTorch code in :mod:`.reference`, which computes in fp32
-(float64 for float64 inputs) and rounds once at the end. Double backward is not supported.
+(float64 for float64 inputs) and rounds once at the end. Double backward is not supported: the
+backward ops raise a clear error when differentiated (the ``*_reference`` functions can be).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from zigzag_mamba.ops.backends import (
 )
 from zigzag_mamba.ops.mixer_io.inputs import MixerIn, MixerInSaved, MixerOut, MixerOutSaved
 from zigzag_mamba.ops.mixer_io.reference import mixer_in_reference, mixer_out_reference
-from zigzag_mamba.ops.permute import inverse_order
-from zigzag_mamba.ops.utils import compute_dtype, or_empty
+from zigzag_mamba.ops.permute import checked_inverse
+from zigzag_mamba.ops.utils import compute_dtype, double_backward_unsupported, no_context, or_empty
 
 __all__ = [
     "MixerIn",
@@ -47,6 +48,10 @@ __all__ = [
 
 OP = "mixer_io"
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DIFFERENTIABLE_TWICE = (
+    "mixer_in_reference and mixer_out_reference compute the same in plain PyTorch, which "
+    "autograd differentiates as often as asked."
+)
 
 register_triton_backend(OP, f"{__name__}.triton", dtypes=_KERNEL_DTYPES)
 register_backend(OP, "torch", f"{__name__}.reference", ("cpu", "cuda", "mps", "xpu"))
@@ -127,6 +132,9 @@ def _mixer_in_grad(ctx, g_residual, g_h_norm, g_x):
 
 
 _mixer_in.register_autograd(_mixer_in_grad, setup_context=_mixer_in_setup_context)
+_mixer_in_backward.register_autograd(
+    double_backward_unsupported("mixer_in", _DIFFERENTIABLE_TWICE), setup_context=no_context
+)
 
 
 @torch.library.custom_op("zigzag_mamba::mixer_out", mutates_args=())
@@ -175,6 +183,9 @@ def _mixer_out_grad(ctx, g_out):
 
 
 _mixer_out.register_autograd(_mixer_out_grad, setup_context=_mixer_out_setup_context)
+_mixer_out_backward.register_autograd(
+    double_backward_unsupported("mixer_out", _DIFFERENTIABLE_TWICE), setup_context=no_context
+)
 
 
 def mixer_in(
@@ -216,10 +227,10 @@ def mixer_in(
         True
     """
     _check_tokens("h", h)
-    _check_like("residual", residual, h.shape, compute_dtype(h))
-    _check_like("norm_weight", norm_weight, h.shape[2:])
-    _check_like("shift", shift, (h.shape[0], h.shape[2]))
-    _check_like("scale", scale, (h.shape[0], h.shape[2]))
+    _check_like("residual", residual, h, h.shape, compute_dtype(h))
+    _check_like("norm_weight", norm_weight, h, h.shape[2:])
+    _check_like("shift", shift, h, (h.shape[0], h.shape[2]))
+    _check_like("scale", scale, h, (h.shape[0], h.shape[2]))
     inverse = _inverse_for(order, inverse, h)
     return _mixer_in(h, residual, norm_weight, shift, scale, order, inverse, eps)
 
@@ -251,8 +262,8 @@ def mixer_out(
         True
     """
     _check_tokens("h_norm", h_norm)
-    _check_like("gate", gate, (h_norm.shape[0], h_norm.shape[2]))
-    _check_like("y", y, h_norm.shape)
+    _check_like("gate", gate, h_norm, (h_norm.shape[0], h_norm.shape[2]))
+    _check_like("y", y, h_norm, h_norm.shape)
     inverse = _inverse_for(order, inverse, h_norm)
     return _mixer_out(h_norm, gate, y, order, inverse)
 
@@ -262,19 +273,35 @@ scan_out = deprecated_alias(renamed_kwargs(y_seq="y")(mixer_out), "scan_out")
 
 
 def _check_tokens(name: str, x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {_kind(x)}")
     if x.dim() != 3:
         raise ValueError(f"{name} must have shape (B, L, D), got {tuple(x.shape)}")
 
 
 def _check_like(
-    name: str, x: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype | None = None
+    name: str,
+    x: torch.Tensor | None,
+    like: torch.Tensor,
+    shape: tuple[int, ...],
+    dtype: torch.dtype | None = None,
 ) -> None:
+    """``x`` (if given) is a floating-point tensor of ``shape`` on ``like``'s device."""
     if x is None:
         return
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {_kind(x)}")
+    if x.device != like.device:
+        # A meta tensor among real ones would run the shape-only kernel: uninitialised output.
+        raise ValueError(f"{name} is on {x.device} but the tokens are on {like.device}")
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
     if dtype is not None and x.dtype != dtype:
         raise TypeError(f"{name} must be {dtype}, got {x.dtype}")
+
+
+def _kind(x: object) -> str:
+    return str(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def _inverse_for(
@@ -284,6 +311,4 @@ def _inverse_for(
         if inverse is not None:
             raise ValueError("inverse given without order")
         return None
-    if order.shape != (x.shape[1],):
-        raise ValueError(f"order must have shape ({x.shape[1]},), got {tuple(order.shape)}")
-    return inverse_order(order) if inverse is None else inverse
+    return checked_inverse(order, inverse, x)

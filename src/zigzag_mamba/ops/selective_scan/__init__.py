@@ -61,9 +61,14 @@ from zigzag_mamba.ops.backends import (
     register_triton_backend,
     requested,
 )
-from zigzag_mamba.ops.selective_scan.inputs import ScanGrads, ScanInputs, check_inputs
+from zigzag_mamba.ops.selective_scan.inputs import (
+    ScanGrads,
+    ScanInputs,
+    check_inputs,
+    zeros_like_state,
+)
 from zigzag_mamba.ops.selective_scan.reference import selective_scan_reference
-from zigzag_mamba.ops.utils import compute_dtype
+from zigzag_mamba.ops.utils import compute_dtype, double_backward_unsupported, no_context
 
 __all__ = ["CHUNK", "ScanGrads", "ScanInputs", "selective_scan", "selective_scan_reference"]
 
@@ -127,7 +132,20 @@ def _selective_scan_fwd(
     delta_softplus: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x = ScanInputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if u.numel() == 0:  # no batch, channel or step: no backend is needed (or ready for it)
+        return _empty_forward(x)
     return backend_module(OP, _backend(x)).forward(x, CHUNK)
+
+
+def _empty_forward(x: ScanInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The results for an empty ``u``: an empty output, the zero initial state as the last
+    state, and no checkpoints."""
+    batch, channels, length = x.u.shape
+    dtype = compute_dtype(x.u)
+    checkpoints = x.u.new_zeros(
+        (batch, channels, num_checkpoints(length), x.A.shape[1]), dtype=dtype
+    )
+    return x.u.new_zeros(x.u.shape), zeros_like_state(x, dtype), checkpoints
 
 
 @_selective_scan_fwd.register_fake
@@ -149,7 +167,10 @@ def _selective_scan_bwd(
     backend: str,
 ) -> list[torch.Tensor]:
     x = ScanInputs(*inputs, delta_softplus)
-    grads = backend_module(OP, backend).backward(x, checkpoints, dout, dlast, CHUNK)
+    if x.u.numel() == 0:  # nothing was scanned: every gradient is zero
+        grads = ScanGrads(*(None if t is None else torch.zeros_like(t) for t in x.tensors))
+    else:
+        grads = backend_module(OP, backend).backward(x, checkpoints, dout, dlast, CHUNK)
     # In the inputs' dtypes; an absent optional input's gradient travels as an empty tensor.
     return [
         x.u.new_empty(0) if t is None else g.to(t.dtype).contiguous()
@@ -183,6 +204,14 @@ def _backward(ctx, dout, dlast, _dcheckpoints):
 
 
 _selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+_selective_scan_bwd.register_autograd(
+    double_backward_unsupported(
+        "selective_scan",
+        "The 'reference' backend (use_backend(selective_scan='reference')) is plain PyTorch, "
+        "which autograd differentiates as often as asked.",
+    ),
+    setup_context=no_context,
+)
 
 
 def selective_scan(
@@ -201,7 +230,10 @@ def selective_scan(
 
     See the module docstring for shapes and the recurrence. Returns ``out`` (B, D, L) in u's
     dtype, and with ``return_last_state`` also the final state (B, D, N) in the accumulation
-    dtype. Differentiable in every tensor argument (the last state too, except on mamba-ssm).
+    dtype. Differentiable in every tensor argument (the last state too, except on mamba-ssm),
+    once: the backward is hand-written, so gradients of gradients (``create_graph=True``, e.g.
+    a gradient penalty) raise, except with the ``"reference"`` backend, which autograd
+    differentiates as often as asked. Empty inputs (B, D or L = 0) give empty results.
 
     Example::
 

@@ -54,8 +54,18 @@ class ScanGrads(NamedTuple):
     ddelta_bias: Tensor | None
 
 
+NAMES = ScanInputs._fields[:8]
+
+
 def check_inputs(x: ScanInputs) -> None:
-    """Raise a ValueError naming the argument whose shape does not fit the others."""
+    """Raise an error naming the argument that does not fit the others.
+
+    A TypeError for an integer or bool tensor (an integer ``u`` would be scanned in integer
+    arithmetic and truncated); a ValueError for a tensor on another device than ``u`` (a
+    ``meta`` tensor among CPU tensors would run the shape-only kernel and return uninitialised
+    memory) or of the wrong shape. Reads only metadata, so it is cheap and traceable.
+    """
+    _check_dtypes_and_devices(x)
     u, delta, A, B, C, D, z, delta_bias = x.tensors
     if u.dim() != 3 or delta.shape != u.shape or (z is not None and z.shape != u.shape):
         raise ValueError("u, delta (and z) must share one shape (B, D, L)")
@@ -73,6 +83,22 @@ def check_inputs(x: ScanInputs) -> None:
     for name, vec in (("D", D), ("delta_bias", delta_bias)):
         if vec is not None and tuple(vec.shape) != (n_chan,):
             raise ValueError(f"{name} must have shape ({n_chan},), got {tuple(vec.shape)}")
+
+
+def _check_dtypes_and_devices(x: ScanInputs) -> None:
+    for name, tensor in zip(NAMES, x.tensors, strict=True):
+        if tensor is None:
+            continue
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+        # A complex A gets the shape check's message ("A must be real") below.
+        if not (tensor.is_floating_point() or (name == "A" and tensor.is_complex())):
+            raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+        if tensor.device != x.u.device:
+            raise ValueError(
+                f"every selective_scan input must be on u's device ({x.u.device}); "
+                f"{name} is on {tensor.device}"
+            )
 
 
 def expand_groups(bc: Tensor, channels: int) -> Tensor:

@@ -201,6 +201,7 @@ def train_and_score(
     out: Path,
 ) -> dict[str, Any]:
     """Train one run (continuing its checkpoint if there is one), score it, save the result."""
+    from zigzag_mamba.train.checkpoint import previous_path, remove_checkpoint
     from zigzag_mamba.train.trainer import Trainer
 
     path = result_path(out, pattern, seed)
@@ -225,8 +226,9 @@ def train_and_score(
         "versions": _versions(),
     }
     write_atomic(path, json.dumps(result, indent=2) + "\n")
-    # The checkpoint only serves to finish an interrupted run.
-    trainer.checkpoint_path.unlink(missing_ok=True)
+    # The checkpoints only serve to finish an interrupted run.
+    for checkpoint in (trainer.checkpoint_path, previous_path(trainer.checkpoint_path)):
+        remove_checkpoint(checkpoint)
     with contextlib.suppress(OSError):
         trainer.checkpoint_path.parent.rmdir()
     return result

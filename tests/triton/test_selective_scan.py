@@ -263,8 +263,12 @@ def test_backward_without_optional_inputs_or_last_state_gradient() -> None:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"block_d": 2, "splits": 1}, {"block_d": 4, "splits": 3}, {"block_d": 8, "num_warps": 2}],
-    ids=["blocks2-splits1", "blocks4-splits3", "blocks8"],
+    [
+        {"block_d": 2, "splits": 1},
+        {"block_d": 4, "splits": 3, "tile": 8},
+        {"block_d": 8, "num_warps": 2, "tile": 32},
+    ],
+    ids=["blocks2-splits1", "blocks4-splits3-tile8", "blocks8-tile32"],
 )
 def test_launch_overrides_give_the_same_results(overrides: dict) -> None:
     # 12 channels in 2 groups; chunks of 8 over L = 21 leave a partial chunk.
@@ -276,7 +280,7 @@ def test_launch_overrides_give_the_same_results(overrides: dict) -> None:
     grad = torch.randn_like(x.u)
     runs = []
     for kwargs in ({}, overrides):
-        forward_only = {k: v for k, v in kwargs.items() if k != "splits"}
+        forward_only = {k: v for k, v in kwargs.items() if k not in ("splits", "tile")}
         fwd = kernels.forward(x, 8, **forward_only)
         bwd = kernels.backward(x, fwd[2], grad, None, 8, **kwargs)
         runs.append((*fwd, *bwd))
@@ -287,14 +291,17 @@ def test_launch_overrides_give_the_same_results(overrides: dict) -> None:
 
 
 def test_backward_scratch_does_not_grow_with_channel_blocks() -> None:
-    # Every buffer the backward allocates besides the gradients of u, delta and z: the same
-    # bytes whether a group's 32 channels make 16 blocks or 2, and at most the checkpoints'
-    # size plus per-chunk sums and a (N, L) partial of dB and dC per split.
+    # Every buffer the backward allocates besides the gradients of u, delta and z: the carries
+    # (as large as the checkpoints), per-chunk and per-tile sums, a (N, L) partial of dB and of
+    # dC per split, and a scratch tile per program. Whether a group's 32 channels make 16
+    # blocks or 4, only the scratch changes, with the channels per program.
     inputs, _ = _select(make_inputs(channels=32, length=21, seed=12), ALL_ON)
     x = _scan_inputs(inputs)
     out, _, ckpt = kernels.forward(x, 8)
-    scratch = []
-    for block_d in (2, 16):
+    batch, channels, n_chunks, n_state = ckpt.shape
+    length = x.u.shape[2]
+    totals = []
+    for block_d in (2, 8):
         sizes = []
         real = kernels.new_empty
 
@@ -305,12 +312,15 @@ def test_backward_scratch_does_not_grow_with_channel_blocks() -> None:
             return buffer
 
         with mock.patch.object(kernels, "new_empty", recording):
-            kernels.backward(x, ckpt, torch.ones_like(out), None, 8, block_d=block_d, splits=2)
-        scratch.append(sum(sizes))
-    batch, channels, n_chunks, n_state = ckpt.shape
+            kernels.backward(
+                x, ckpt, torch.ones_like(out), None, 8, block_d=block_d, splits=2, tile=16
+            )
+        n_tiles = -(-length // 16)
+        scratch = batch * 2 * n_tiles * 2 * block_d * 16 * 4
+        totals.append(sum(sizes) - scratch)
     per_chunk = batch * channels * n_chunks * 4
-    partials = 2 * batch * 2 * n_state * x.u.shape[2] * 4
-    assert scratch[0] == scratch[1] <= ckpt.numel() * 4 + 3 * per_chunk + partials
+    partials = 2 * batch * 2 * n_state * length * 4
+    assert totals[0] == totals[1] <= 2 * ckpt.numel() * 4 + 3 * per_chunk + partials
 
 
 def test_two_runs_are_bit_identical() -> None:

@@ -57,9 +57,11 @@ from zigzag_mamba.ops.utils import launch_device, new_empty, next_power_of_2
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(v) = exp2(v * LOG2E)
 # Launch defaults on a GPU, (channels per program, warps): see docs/triton_scan.md.
 _FWD_LAUNCH = (16, 4)  # the forward's chunk kernels and the backward's first pass
-_BWD_LAUNCH = (16, 4)  # the backward's gradient kernel
+_BWD_LAUNCH = (4, 4)  # the backward's gradient kernel (with tiles of _TILE_CHUNKS chunks)
 # The chains: (state rows per program, chunks per step of the chain).
 _CHAIN_ROWS, _CHAIN_CHUNKS = 32, 64
+# Chunks per program of the gradient kernel.
+_TILE_CHUNKS = 4
 # Programs the gradient kernel aims at per SM when it picks the number of splits.
 _PROGRAMS_PER_SM = 4
 
@@ -255,33 +257,47 @@ def _output_kernel(
 @triton.jit
 def _gradient_kernel(
     gout_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
-    ckpt_ptr, carries_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
-    L, channels, per_group, blocks, splits, n_state, n_chunks,
+    ckpt_ptr, carries_ptr, scratch_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
+    L, channels, per_group, blocks, splits, n_state, n_chunks, n_tiles,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+    BLOCK_D: tl.constexpr, T: tl.constexpr, TILE: tl.constexpr,
 ):  # fmt: skip
-    """Program (batch, group, split), chunk: every gradient of the chunk for the channel blocks
-    split, split + splits, ... of the group. ``carries`` holds the carry entering each chunk
-    from the one after it, and is overwritten with the chunk's share of dA."""
+    """Program (batch, group, split), tile of TILE steps (a whole number of chunks): every
+    gradient of the tile for the channel blocks split, split + splits, ... of the group.
+
+    Per state n, the states come from a forward scan from the tile's checkpoint. adj runs
+    backward in time: it is scanned forward over the tile's inputs last step first, from the
+    carry entering the tile's last chunk, then stored to this program's scratch last step first
+    and loaded back in time order. (``tl.associative_scan(..., reverse=True)`` flips both
+    operands and both results across the warp's lanes, five shuffles per value and flip in
+    Triton 3.6.) Its decay is a_{t+1}, from dt one step later; the tile's last step decays by 1
+    into the carry, which holds a_{t+1} already.
+    """
     pid = tl.program_id(0)
-    chunk = tl.program_id(1)
+    tile_id = tl.program_id(1)
     groups = channels // per_group
     batch = (pid // (groups * splits)).to(tl.int64)
     group = (pid // splits) % groups
     split = pid % splits
-    start = chunk * T
-    t = start + tl.arange(0, T)
+    start = tile_id * TILE
+    steps = tl.arange(0, TILE)
+    t = start + steps
     t_mask = t < L
-    # dt one step later, for the reverse scan's decay a_{t+1}; the chunk's last step decays
-    # by 1 into the carry, which already holds a_{t+1}.
-    t_next_mask = (t + 1 < L) & (t + 1 < start + T)
-    bc = ((batch * groups + group) * n_state) * L + t
-    states = tl.arange(0, BLOCK_N)
-    dB = tl.zeros((BLOCK_N, T), dtype=tl.float32)
-    dC = tl.zeros((BLOCK_N, T), dtype=tl.float32)
+    r = start + TILE - 1 - steps  # the tile's steps, last first
+    r_mask = r < L
+    first_chunk = tile_id * (TILE // T)
+    last_chunk = tl.minimum(first_chunk + TILE // T, n_chunks) - 1
+    bc = ((batch * groups + group) * n_state) * L
+    rows_local = tl.arange(0, BLOCK_D)
+    # B and C rows as (BLOCK_D, TILE) tiles (every row the same), in the layout of the others.
+    along = rows_local[:, None] * 0 + t[None, :]
+    # Two (BLOCK_D, TILE) slots of scratch, used by turns: one barrier per state suffices.
+    program = tile_id.to(tl.int64) * tl.num_programs(0) + pid
+    slot = scratch_ptr + program * (2 * BLOCK_D * TILE) + rows_local[:, None] * TILE
+    part = (pid.to(tl.int64) * n_state) * L + t  # this split's rows of the dB, dC partials
     for block in range(split, blocks, splits):
-        local = block * BLOCK_D + tl.arange(0, BLOCK_D)
+        local = block * BLOCK_D + rows_local
         d_mask = local < per_group
         d = group * per_group + local
         mask = d_mask[:, None] & t_mask[None, :]
@@ -290,62 +306,78 @@ def _gradient_kernel(
         skip = 0.0
         if HAS_D:
             skip = tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[:, None]
-        dt, raw = _delta_tile(delta_ptr + tile, mask, bias, HAS_BIAS, SOFTPLUS)
-        next_mask = d_mask[:, None] & t_next_mask[None, :]
-        dt_next, _ = _delta_tile(delta_ptr + tile + 1, next_mask, bias, HAS_BIAS, SOFTPLUS)
-        u = tl.load(u_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(gout_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-        dy = g
+        dt, _ = _delta_tile(delta_ptr + tile, mask, bias, HAS_BIAS, SOFTPLUS)
+        dtu = dt * tl.load(u_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(gout_ptr + tile, mask=mask, other=0.0).to(tl.float32)
         if HAS_Z:
             zt = tl.load(z_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-            gate = tl.sigmoid(zt)
-            dy = g * (zt * gate)
-        dtu = dt * u
-        cell = (batch * channels + d) * n_chunks + chunk
-        adj_b = tl.zeros((BLOCK_D, T), dtype=tl.float32)  # sum_n adj B
-        q_a = tl.zeros((BLOCK_D, T), dtype=tl.float32)  # sum_n q A
-        y = tl.zeros((BLOCK_D, T), dtype=tl.float32)  # sum_n C x
+            dy *= zt * tl.sigmoid(zt)
+        # The adjoint's inputs, last step first (loaded in order and flipped: a load in reverse
+        # gets a layout of its own, and the scans with it).
+        next_mask = mask & (t + 1 < L)[None, :] & (steps < TILE - 1)[None, :]
+        dt_next, _ = _delta_tile(delta_ptr + tile + 1, next_mask, bias, HAS_BIAS, SOFTPLUS)
+        dt_next = tl.flip(dt_next, 1)
+        dy_back = tl.flip(dy, 1)
+        cell = (batch * channels + d) * n_chunks
+        tile_cell = (batch * channels + d) * n_tiles + tile_id
+        adj_b = tl.zeros((BLOCK_D, TILE), dtype=tl.float32)  # sum_n adj B
+        q_a = tl.zeros((BLOCK_D, TILE), dtype=tl.float32)  # sum_n q A
+        y = tl.zeros((BLOCK_D, TILE), dtype=tl.float32)  # sum_n C x
         for n in range(n_state):
             a_n = tl.load(A_ptr + d * n_state + n, mask=d_mask, other=0.0).to(tl.float32)
             a2 = a_n * LOG2E
-            b_n = tl.load(B_ptr + bc + n * L, mask=t_mask, other=0.0).to(tl.float32)
-            c_n = tl.load(C_ptr + bc + n * L, mask=t_mask, other=0.0).to(tl.float32)
-            inp = dtu * b_n[None, :]
+            b_n = tl.load(B_ptr + bc + n * L + along, mask=t_mask[None, :], other=0.0)
+            b_n = b_n.to(tl.float32)
+            c_n = tl.load(C_ptr + bc + n * L + along, mask=t_mask[None, :], other=0.0)
+            c_n = c_n.to(tl.float32)
+            c_back = tl.load(C_ptr + bc + n * L + r, mask=r_mask, other=0.0).to(tl.float32)
+            inp = dtu * b_n
             decay, x = tl.associative_scan((tl.exp2(dt * a2[:, None]), inp), 1, _compose)
-            entering = tl.load(ckpt_ptr + cell * n_state + n, mask=d_mask, other=0.0)
+            entering = tl.load(ckpt_ptr + (cell + first_chunk) * n_state + n, mask=d_mask)
             x += decay * entering[:, None]
-            back, adj = tl.associative_scan(
-                (tl.exp2(dt_next * a2[:, None]), dy * c_n[None, :]), 1, _compose, reverse=True
+            back_decay, adj_back = tl.associative_scan(
+                (tl.exp2(dt_next * a2[:, None]), dy_back * c_back[None, :]), 1, _compose
             )
-            carry = tl.load(carries_ptr + cell * n_state + n, mask=d_mask, other=0.0)
-            adj += back * carry[:, None]
-            adj_b += adj * b_n[None, :]
+            carry = tl.load(carries_ptr + (cell + last_chunk) * n_state + n, mask=d_mask)
+            adj_back += back_decay * carry[:, None]
+            turn = slot + (n % 2) * (BLOCK_D * TILE)
+            tl.store(turn + (TILE - 1 - steps)[None, :], adj_back)
+            tl.debug_barrier()
+            adj = tl.load(turn + steps[None, :])
+            adj_b += adj * b_n
             q = adj * (x - inp)  # = adj_t a_t x_{t-1}
             q_a += q * a_n[:, None]
-            tl.store(carries_ptr + cell * n_state + n, tl.sum(q * dt, axis=1), mask=d_mask)
+            tl.store(dA_ptr + tile_cell * n_state + n, tl.sum(q * dt, axis=1), mask=d_mask)
             if HAS_Z:
-                y += x * c_n[None, :]
-            row = (states == n)[:, None]
-            dB += tl.where(row, tl.sum(adj * dtu, axis=0)[None, :], 0.0)
-            dC += tl.where(row, tl.sum(dy * x, axis=0)[None, :], 0.0)
+                y += x * c_n
+            # This split's dB and dC rows, summed over its blocks in order.
+            db = tl.sum(adj * dtu, axis=0)
+            dc = tl.sum(dy * x, axis=0)
+            if block != split:
+                db += tl.load(dB_ptr + part + n * L, mask=t_mask, other=0.0)
+                dc += tl.load(dC_ptr + part + n * L, mask=t_mask, other=0.0)
+            tl.store(dB_ptr + part + n * L, db, mask=t_mask)
+            tl.store(dC_ptr + part + n * L, dc, mask=t_mask)
+        # What only the last steps need is loaded again (from cache), not kept in registers.
+        u = tl.load(u_ptr + tile, mask=mask, other=0.0).to(tl.float32)
         ddt = q_a + u * adj_b
         if SOFTPLUS:
+            _, raw = _delta_tile(delta_ptr + tile, mask, bias, HAS_BIAS, SOFTPLUS)
             ddt *= tl.sigmoid(raw)
         # Past the end, adj holds the last state's gradient and q need not vanish.
         ddt = tl.where(mask, ddt, 0.0)
         tl.store(du_ptr + tile, (dt * adj_b + skip * dy).to(du_ptr.dtype.element_ty), mask=mask)
         tl.store(ddelta_ptr + tile, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
         if HAS_Z:
+            g = tl.load(gout_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+            zt = tl.load(z_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+            gate = tl.sigmoid(zt)
             dz = g * (y + skip * u) * gate * (1.0 + zt * (1.0 - gate))
             tl.store(dz_ptr + tile, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         if HAS_D:
-            tl.store(dD_ptr + cell, tl.sum(dy * u, axis=1), mask=d_mask)
+            tl.store(dD_ptr + tile_cell, tl.sum(dy * u, axis=1), mask=d_mask)
         if HAS_BIAS:
-            tl.store(dbias_ptr + cell, tl.sum(ddt, axis=1), mask=d_mask)
-    part = (pid.to(tl.int64) * n_state + states[:, None]) * L + t[None, :]
-    keep = (states < n_state)[:, None] & t_mask[None, :]
-    tl.store(dB_ptr + part, dB, mask=keep)
-    tl.store(dC_ptr + part, dC, mask=keep)
+            tl.store(dbias_ptr + tile_cell, tl.sum(ddt, axis=1), mask=d_mask)
 
 
 def _grouped(bc: torch.Tensor) -> torch.Tensor:
@@ -362,6 +394,18 @@ def _channel_block(per_group: int, block_d: int | None, default: int, device) ->
     return default
 
 
+def _tile_steps(chunk: int, length: int, device: torch.device, tile: int | None) -> int:
+    """Steps per program of the gradient kernel: ``_TILE_CHUNKS`` chunks (on the CPU two, so
+    that tests cover tiles of several chunks), no more than the sequence needs."""
+    if tile is None:
+        tile = chunk * (_TILE_CHUNKS if device.type == "cuda" else 2)
+        tile = max(chunk, min(tile, next_power_of_2(length)))
+    if tile % chunk:
+        raise ValueError(f"tile must be a multiple of chunk ({chunk}), got {tile}")
+    _check_powers_of_two(tile=tile)
+    return tile
+
+
 def _warps(num_warps: int | None, default: int) -> int:
     return default if num_warps is None else num_warps
 
@@ -370,7 +414,7 @@ def _splits(programs: int, blocks: int, device: torch.device, splits: int | None
     """How many programs share a group's channel blocks in the gradient kernel.
 
     As few as fill the GPU (``_PROGRAMS_PER_SM`` programs per SM, counting ``programs``, the
-    batch x groups x chunks there are already), since each split costs a (N, L) partial of dB
+    batch x groups x tiles there are already), since each split costs a (N, L) partial of dB
     and of dC; on the CPU, two, so that tests cover both a split and a walk over blocks.
     """
     if splits is None:
@@ -469,12 +513,14 @@ def backward(
     block_d: int | None = None,
     num_warps: int | None = None,
     splits: int | None = None,
+    tile: int | None = None,
 ) -> ScanGrads:
     """The gradients, each in its input's dtype, from the forward's ``checkpoints``.
 
     ``dlast`` may be None (no gradient flows from the last state). ``block_d`` and
     ``num_warps`` override the launch defaults as in the forward (they need not match the
-    forward's), ``splits`` the number of programs that share a group's channels.
+    forward's), ``splits`` the number of programs that share a group's channels, ``tile`` the
+    steps of one program of the gradient kernel (a power-of-two multiple of ``chunk``).
     """
     _check_powers_of_two(chunk=chunk, block_d=block_d or 1)
     u = x.u
@@ -494,16 +540,21 @@ def backward(
     block = _channel_block(per_group, block_d, _BWD_LAUNCH[0], device)
     warps = _warps(num_warps, _BWD_LAUNCH[1])
     fwd_blocks, blocks = triton.cdiv(per_group, fwd_block), triton.cdiv(per_group, block)
-    split = _splits(batch * groups * n_chunks, blocks, device, splits)
+    tile = _tile_steps(chunk, length, device, tile)
+    n_tiles = triton.cdiv(length, tile)
+    split = _splits(batch * groups * n_tiles, blocks, device, splits)
     du = new_empty(u.shape, u.dtype, device)
     ddelta = new_empty(u.shape, x.delta.dtype, device)
     dz = new_empty(u.shape, x.z.dtype, device) if x.z is not None else None
     carries = new_empty((batch, channels, n_chunks, n_state), torch.float32, device)
     sums = new_empty((batch, channels, n_chunks), torch.float32, device)
-    dD = new_empty((batch, channels, n_chunks), torch.float32, device)
-    dbias = new_empty((batch, channels, n_chunks), torch.float32, device)
+    dA = new_empty((batch, channels, n_tiles, n_state), torch.float32, device)
+    dD = new_empty((batch, channels, n_tiles), torch.float32, device)
+    dbias = new_empty((batch, channels, n_tiles), torch.float32, device)
     dB = new_empty((batch, groups, split, n_state, length), torch.float32, device)
     dC = new_empty((batch, groups, split, n_state, length), torch.float32, device)
+    programs = batch * groups * split * n_tiles
+    scratch = new_empty((programs, 2, block, tile), torch.float32, device)
     u_, delta, A, gout = u.contiguous(), x.delta.contiguous(), x.A.contiguous(), dout.contiguous()
     D, z, bias = _optional(x, u_)
     sizes = (length, channels, per_group)
@@ -516,17 +567,17 @@ def backward(
             )  # fmt: skip
         _chain(carries, sums, A, None if dlast is None else dlast.contiguous(), None, reverse=True)
         if n_chunks:
-            _gradient_kernel[(batch * groups * split, n_chunks)](
+            _gradient_kernel[(batch * groups * split, n_tiles)](
                 gout, u_, delta, A, Bg, Cg, D, z, bias, checkpoints.contiguous(), carries,
-                du, ddelta, du if dz is None else dz, dD, dbias, dB, dC,
-                *sizes, blocks, split, n_state, n_chunks,
-                HAS_D=x.D is not None, BLOCK_D=block, BLOCK_N=next_power_of_2(n_state), T=chunk,
-                num_warps=warps, **has,
+                scratch, du, ddelta, du if dz is None else dz, dA, dD, dbias, dB, dC,
+                *sizes, blocks, split, n_state, n_chunks, n_tiles,
+                HAS_D=x.D is not None, BLOCK_D=block, T=chunk, TILE=tile, num_warps=warps,
+                **has,
             )  # fmt: skip
     return ScanGrads(
         du,
         ddelta,
-        carries.sum((0, 2)).to(x.A.dtype),
+        dA.sum((0, 2)).to(x.A.dtype),
         _reduce_bc(dB, x.B),
         _reduce_bc(dC, x.C),
         None if x.D is None else dD.sum((0, 2)).to(x.D.dtype),

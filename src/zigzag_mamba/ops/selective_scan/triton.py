@@ -59,7 +59,7 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(v) = exp2(v * LOG2
 _FWD_LAUNCH = (16, 4)  # the forward's chunk kernels and the backward's first pass
 _BWD_LAUNCH = (4, 4)  # the backward's gradient kernel (with tiles of _TILE_CHUNKS chunks)
 # The chains: (state rows per program, chunks per step of the chain).
-_CHAIN_ROWS, _CHAIN_CHUNKS = 32, 64
+_CHAIN_ROWS, _CHAIN_CHUNKS = 32, 32
 # Chunks per program of the gradient kernel.
 _TILE_CHUNKS = 4
 # Programs the gradient kernel aims at per SM when it picks the number of splits.

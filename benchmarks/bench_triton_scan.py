@@ -197,7 +197,7 @@ def speed(args: argparse.Namespace) -> Iterator[str]:
 # The forward's steps per program are its chunk (the checkpoints' spacing), the backward's
 # gradient kernel takes tiles of whole chunks (of CHUNK steps).
 FWD_SHAPES = [(None, None, None), (8, 4, None), (32, 4, None), (16, 8, 128)]
-BWD_SHAPES = [(None, None, None), (4, 4, 128), (8, 4, 128), (4, 2, 256), (8, 8, 256)]
+BWD_SHAPES = [(None, None, None), (4, 4, 128), (8, 4, 128), (2, 2, 256), (8, 8, 256)]
 
 
 def launch_shapes(args: argparse.Namespace) -> Iterator[str]:

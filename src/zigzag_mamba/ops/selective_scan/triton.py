@@ -29,20 +29,21 @@ backward (the symbols adj, carry, q, adj_b, dy are those derived in
        carry, ``sum_t exp(A * (dt_first + ... + dt_t)) * dy_t C_t``, and its total dt;
     2. ``_chain_kernel`` in reverse: the carry entering each chunk from the one after it
        (starting from the last state's gradient);
-    3. ``_gradient_kernel``: per chunk, the states by a forward scan from the checkpoint and adj
-       by a reverse scan from the carry, then every gradient. The reverse scan decays by
-       a_{t+1}: dt is loaded a second time, one step later. q_t = adj_t a_t x_{t-1} is
-       evaluated as adj_t (x_t - dt_t u_t B_t), as mamba-ssm's kernel does, so no state has to
-       be shifted by a step.
+    3. ``_gradient_kernel``: per tile of a few chunks, the states by a forward scan from the
+       checkpoint, adj by a second forward scan over the tile's inputs taken last step first
+       (Triton's reverse scan flips its operands across lanes with shuffles), put back in time
+       order through a small scratch, then every gradient. adj decays by a_{t+1}: dt is loaded
+       a second time, one step later. q_t = adj_t a_t x_{t-1} is evaluated as
+       adj_t (x_t - dt_t u_t B_t), as mamba-ssm's kernel does, so no state has to be shifted.
 
 Reductions without atomics, and bit-identical from run to run: dB and dC (sums over the
 channels of a group) are summed over channel blocks inside a program, which walks all the
-channel blocks of one *split* of its group; a launch has a few splits (just enough programs to
-fill the GPU), and torch adds their (B, G, splits, N, L) partials. dA, dD and d(delta_bias) are
-written per chunk ((B, D, n_chunks, N) and (B, D, n_chunks), the first in the carries' buffer,
-which is read just before) and summed by torch. The backward's extra memory is thus the carries
-(as large as the checkpoints) and a few small buffers; none grows with the number of channel
-blocks.
+channel blocks of one *split* of its group, adding into its own rows of a (B, G, splits, N, L)
+partial; a launch has just enough splits to fill the GPU, and torch adds them. dA, dD and
+d(delta_bias) are written per tile ((B, D, n_tiles, N) and (B, D, n_tiles)) and summed by
+torch. The backward's extra memory is thus the carries (as large as the checkpoints) and small
+buffers; none grows with the number of channel blocks. docs/triton_scan.md has the design, the
+alternatives compiled and counted against it, and its distance to the hardware's floor.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def _delta_tile(ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr
 @triton.jit
 def _compose(a1, b1, a2, b2):
     """The affine map x -> a1 x + b1, then x -> a2 x + b2: one step of the recurrence after
-    another (in the reverse scan, (a1, b1) is the later steps', so the same rule serves)."""
+    another (in a scan backward in time, (a1, b1) is the later steps', so the same rule
+    serves)."""
     return a1 * a2, a2 * b1 + b2
 
 
@@ -340,7 +342,8 @@ def _gradient_kernel(
             )
             carry = tl.load(carries_ptr + (cell + last_chunk) * n_state + n, mask=d_mask)
             adj_back += back_decay * carry[:, None]
-            turn = slot + (n % 2) * (BLOCK_D * TILE)
+            # Uses alternate slots (across blocks too, whatever the parity of n_state).
+            turn = slot + (((block - split) // splits * n_state + n) % 2) * (BLOCK_D * TILE)
             tl.store(turn + (TILE - 1 - steps)[None, :], adj_back)
             tl.debug_barrier()
             adj = tl.load(turn + steps[None, :])

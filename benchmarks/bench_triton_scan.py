@@ -1,14 +1,18 @@
 """Triton selective scan on a GPU: correctness at real sizes, then speed against two baselines.
 
-1. Correctness (B=2, D=1536, N=16, L=4096 by default; bf16 and fp32 inputs): the output, last
-   state and every gradient against the sequential reference in float64 on the same inputs, held
-   to at most twice the error of the same reference run in fp32 (the bound the tests use).
+The defaults are the shapes of a ZigMa block of width 768: batch 1, d_inner D = 1536 scan
+channels, N = 16 states, with z, D, delta_bias and softplus.
+
+1. Correctness (L=4096 by default; bf16 and fp32 inputs): the output, last state and every
+   gradient against the sequential reference in float64 on the same inputs, held to at most
+   twice the error of the same reference run in fp32 (the bound the tests use).
 2. Speed, forward and forward+backward, at each --lengths: the Triton scan, the chunked PyTorch
    scan (``use_backend(selective_scan="torch")``) and flash attention (SDPA, bf16, heads of 64
-   over the same width), medians over repeats timed with CUDA events.
-3. Launch shapes: forward and backward kernel times at --sweep-length for several channel
-   blocks (channels per program) and numbers of steps stored together, against the defaults,
-   to guide them.
+   over the block's width, --attention-width), medians over repeats timed with CUDA events.
+3. Memory: the peak the scan's backward allocates beyond what exists before it, against the
+   bytes of the scan's inputs, at each --memory-lengths.
+4. Launch shapes: forward and backward times at --sweep-length for several channels per
+   program, warps and steps per program, against the defaults, to guide them.
 
 Writes a Markdown report to --out, row by row (a run cut short keeps what it measured), and
 prints it. Usage on a CUDA machine::
@@ -130,8 +134,9 @@ def scan_step(fn: Callable, inputs: dict, backward: bool) -> Callable[[], object
 def attention_step(
     batch: int, width: int, length: int, device: str, backward: bool
 ) -> Callable[[], object]:
+    """Flash attention over ``width`` channels in heads of 64 (the DiT block's attention)."""
     q, k, v = (
-        torch.randn(batch, width // 64, length, 64, device=device, dtype=torch.bfloat16,
+        torch.randn(batch, max(1, width // 64), length, 64, device=device, dtype=torch.bfloat16,
                     requires_grad=backward)
         for _ in range(3)
     )  # fmt: skip
@@ -175,7 +180,9 @@ def speed(args: argparse.Namespace) -> Iterator[str]:
         for backward in (False, True):
             time_it = lambda step: median_ms(step, args)
             ours = time_it(scan_step(triton_scan, inputs, backward))
-            attn = time_it(attention_step(args.batch, args.width, length, args.device, backward))
+            attn = time_it(
+                attention_step(args.batch, args.attention_width, length, args.device, backward)
+            )
             ref = time_it(scan_step(baseline, inputs, backward))
             yield (
                 f"| {length} | {'fwd+bwd' if backward else 'fwd'} | {ours:.3f} | {ref:.3f} | "
@@ -185,13 +192,15 @@ def speed(args: argparse.Namespace) -> Iterator[str]:
                 torch.cuda.empty_cache()
 
 
-# (channels per program, steps stored together) of each kernel; None: the launcher's default.
-FWD_SHAPES = [(None, None), (2, 16), (8, 16), (4, 8), (8, 8), (4, 4)]
-BWD_SHAPES = [(None, None), (1, 16), (2, 16), (4, 8), (2, 4), (4, 4)]
+# (channels per program, warps, steps per program) of each pass; None: the launcher's default.
+# The forward's steps per program are its chunk (the checkpoints' spacing), the backward's
+# gradient kernel takes tiles of whole chunks (of CHUNK steps).
+FWD_SHAPES = [(None, None, None), (8, 4, None), (32, 4, None), (16, 8, 128)]
+BWD_SHAPES = [(None, None, None), (4, 4, 128), (8, 4, 128), (2, 2, 256), (8, 8, 256)]
 
 
 def launch_shapes(args: argparse.Namespace) -> Iterator[str]:
-    """Forward and backward kernel times per (channels per program, steps stored together)."""
+    """Forward and backward times per (channels per program, warps, steps per program)."""
     inputs = mamba_inputs(
         args.batch, args.width, args.state, args.sweep_length, torch.bfloat16, args.device
     )
@@ -199,29 +208,62 @@ def launch_shapes(args: argparse.Namespace) -> Iterator[str]:
     grad = torch.randn_like(inputs["u"])
     ckpt = kernels.forward(x, CHUNK)[2]
     time_it = lambda fn: median_ms(fn, args)
-    yield "| kernel | channels per program | steps stored together | ms |"
-    yield "|---|---:|---:|---:|"
+    yield "| pass | channels per program | warps | steps per program | ms |"
+    yield "|---|---:|---:|---:|---:|"
     for kernel, shapes in (("fwd", FWD_SHAPES), ("bwd", BWD_SHAPES)):
-        for block_d, steps in shapes:
-            overrides = {"block_d": block_d} | ({} if steps is None else {"steps": steps})
+        for block_d, warps, steps in shapes:
+            overrides = {"block_d": block_d, "num_warps": warps}
             if kernel == "fwd":
-                fn = functools.partial(kernels.forward, x, CHUNK, **overrides)
+                fn = functools.partial(kernels.forward, x, steps or CHUNK, **overrides)
             else:
-                fn = functools.partial(kernels.backward, x, ckpt, grad, None, CHUNK, **overrides)
-            shown = ("default", "default") if block_d is None else (block_d, steps)
-            yield f"| {kernel} | {shown[0]} | {shown[1]} | {time_it(fn):.3f} |"
+                fn = functools.partial(
+                    kernels.backward, x, ckpt, grad, None, CHUNK, tile=steps, **overrides
+                )
+            shown = [("default" if v is None else v) for v in (block_d, warps, steps)]
+            yield f"| {kernel} | {shown[0]} | {shown[1]} | {shown[2]} | {time_it(fn):.3f} |"
+
+
+def input_bytes(inputs: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in inputs.values())
+
+
+def backward_memory(args: argparse.Namespace) -> Iterator[str]:
+    """Peak memory the scan's backward allocates beyond what exists before it, against the
+    bytes of the scan's inputs (the block's shapes: batch 1, bf16, with z, D, delta_bias)."""
+    yield "| L | inputs MiB | backward peak extra MiB | ratio |"
+    yield "|---:|---:|---:|---:|"
+    if args.device != "cuda":
+        yield "| - | - | (needs CUDA memory statistics) | - |"
+        return
+    for length in args.memory_lengths:
+        inputs = mamba_inputs(1, args.width, args.state, length, torch.bfloat16, args.device)
+        leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}
+        out = triton_scan(**leaves, delta_softplus=True)
+        grad = torch.randn_like(out)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        grads = torch.autograd.grad(out, list(leaves.values()), grad)
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - before
+        size = input_bytes(inputs)
+        yield f"| {length} | {size / 2**20:.1f} | {extra / 2**20:.1f} | {extra / size:.2f}x |"
+        del leaves, out, grad, grads
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="Markdown report path")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--width", type=int, default=1536, help="scan channels D")
+    parser.add_argument("--attention-width", type=int, default=768, help="SDPA's channels")
     parser.add_argument("--state", type=int, default=16)
     parser.add_argument("--check-length", type=int, default=4096)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--sweep-length", type=int, default=4096)
+    parser.add_argument("--memory-lengths", type=int, nargs="+", default=[16384])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--budget", type=float, default=1.0, help="seconds per measurement")
     args = parser.parse_args()
@@ -234,7 +276,7 @@ def main() -> None:
         "",
         f"{card}; torch {torch.__version__}, triton {triton.__version__}; B={args.batch}, "
         f"D={args.width}, N={args.state}; scan inputs bf16 with A, D, delta_bias fp32; "
-        f"SDPA: {args.width // 64} heads of 64, bf16, non-causal.",
+        f"SDPA: {max(1, args.attention_width // 64)} heads of 64, bf16, non-causal.",
         "",
         f"## Correctness at L={args.check_length} (vs float64 reference; bound: 2x PyTorch fp32)",
         "",
@@ -246,7 +288,15 @@ def main() -> None:
         report.add(line)
     report.add(
         "",
-        "Targets: >= 10x the PyTorch scan at L=4096 fwd+bwd; faster than SDPA at L >= 8192.",
+        "Targets (B=1, D=1536): fwd+bwd <= 0.6 ms at L=4096 and <= 2.3 ms at L=16384; faster "
+        "than SDPA from L=4096 on.",
+        "",
+        "## Backward memory (B=1, bf16; target: peak extra <= 2x the inputs at L=16384)",
+        "",
+    )
+    for line in backward_memory(args):
+        report.add(line)
+    report.add(
         "",
         f"## Launch shapes at L={args.sweep_length} (bf16, with z, D, delta_bias, softplus)",
         "",

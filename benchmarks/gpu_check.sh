@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for zigzag-mamba: tests that need CUDA, then benchmarks. At most 9 minutes.
+# GPU check for zigzag-mamba: tests that need CUDA, then benchmarks. At most 8 minutes.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh      (default OUT: ./gpu_results)
 #
@@ -7,7 +7,7 @@
 # under $OUT and its log to $OUT/<section>.log; a failing section is recorded and the remaining
 # ones still run (device time is scarce), and the script exits non-zero at the end if any failed.
 # Each section has a time limit, and all of them together at most $GPU_CHECK_SECONDS (default
-# 540), so that the summary and the archive are always written, even when a slow section is cut
+# 480), so that the summary and the archive are always written, even when a slow section is cut
 # short (its status then reads "timed out").
 # $OUT/summary.md collects the card, the status of every section and each section's Markdown;
 # everything else (logs, CSV, JSON, plots) ends up in $OUT/gpu_check_results.tar.gz.
@@ -19,7 +19,7 @@ set -uo pipefail
 
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu_results}"
-BUDGET="${GPU_CHECK_SECONDS:-540}"
+BUDGET="${GPU_CHECK_SECONDS:-480}"
 RESERVE=20 # seconds kept for the summary and the archive
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
@@ -62,11 +62,11 @@ PY
 
 # --- Triton kernels: the interpreter tests of tests/triton, run on the GPU, and the ops and a
 # ZigMa block end to end on CUDA (tests/triton/test_cuda.py) --------------------------------
-# Compiling the kernels' variants takes most of the time: spread it over 4 processes when
-# pytest-xdist is there.
+# Compiling the kernels' variants (every flag combination of the scan's six kernels) takes most
+# of the time: spread it over 8 processes when pytest-xdist is there.
 section_triton_tests() {
     local workers=()
-    "$PY" -c "import xdist" 2>/dev/null && workers=(-n 4)
+    "$PY" -c "import xdist" 2>/dev/null && workers=(-n 8)
     ZIGZAG_MAMBA_CUDA_TESTS=1 "$PY" -m pytest tests/triton "${workers[@]}" --maxfail=10 -q \
         -p no:cacheprovider --junitxml="$OUT/triton_tests.xml"
 }
@@ -76,8 +76,9 @@ section_bench_permute() {
     "$PY" benchmarks/bench_permute.py --out "$OUT/bench_permute.md"
 }
 
-# --- Triton selective scan: correctness at real sizes, speed against torch and SDPA, and a
-# sweep of launch shapes --------------------------------------------------------------------
+# --- Triton selective scan: correctness at real sizes, speed against torch and SDPA, the
+# backward's peak memory against the inputs, and a sweep of launch shapes (a compile per shape)
+# ---------------------------------------------------------------------------------------------
 section_bench_triton_scan() {
     "$PY" benchmarks/bench_triton_scan.py --out "$OUT/bench_triton_scan.md"
 }
@@ -99,12 +100,12 @@ section_bench_blocks() {
         cp "$OUT"/bench_blocks/*-quick/summary.md "$OUT/bench_blocks.md"
 }
 
-run_section environment "Environment" 60
+run_section environment "Environment" 30
 run_section triton_tests "Triton kernel tests on CUDA" 150
-run_section bench_permute "permute_tokens bandwidth" 60
+run_section bench_permute "permute_tokens bandwidth" 30
 run_section bench_triton_scan "Triton selective scan" 150
-run_section bench_scan_cost "The zigzag scan's cost in a block" 60
-run_section bench_blocks "Blocks, backbones and ops against attention" 240
+run_section bench_scan_cost "The zigzag scan's cost in a block" 45
+run_section bench_blocks "Blocks, backbones and ops against attention" 180
 
 {
     cat "$OUT/environment.md" 2>/dev/null || true

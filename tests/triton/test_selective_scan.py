@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import os
 from collections.abc import Iterator
 from unittest import mock
@@ -48,6 +49,13 @@ def _poison():
 def checkpoint_every(chunk: int) -> Iterator[None]:
     """Run the op with a short chunk, so that short sequences span several chunks."""
     with mock.patch.object(scan_module, "CHUNK", chunk):
+        yield
+
+
+@contextlib.contextmanager
+def chain_steps_of(chunks: int) -> Iterator[None]:
+    """Join at most ``chunks`` chunks per step of the chains, so that few chunks take several."""
+    with mock.patch.object(kernels, "_CHAIN_CHUNKS", chunks):
         yield
 
 
@@ -120,7 +128,7 @@ def check_against_reference(
     *,
     grad_last: bool = True,
     grad_out: bool = True,
-    chunk_size: int = 8,
+    chunk_size: int = 4,
     **flags,
 ) -> None:
     """Forward outputs and all gradients within 2x PyTorch's own error (or the dtype floor)."""
@@ -150,12 +158,16 @@ def check_against_reference(
         assert rel_err(got, want) <= tol, (name, rel_err(got, want), tol)
 
 
-FEATURES = {
-    "plain": dict(D=False, z=False, delta_bias=False, delta_softplus=False),
-    "all": dict(D=True, z=True, delta_bias=True, delta_softplus=True),
-    "D-softplus": dict(D=True, z=False, delta_bias=False, delta_softplus=True),
-    "z-bias": dict(D=False, z=True, delta_bias=True, delta_softplus=False),
+FLAGS = ("D", "z", "delta_bias", "delta_softplus")
+# Every combination of the optional inputs and softplus, named by the ones that are on.
+ALL_FEATURES = {
+    "-".join(k for k, on in zip(FLAGS, bits, strict=True) if on) or "plain": dict(
+        zip(FLAGS, bits, strict=True)
+    )
+    for bits in itertools.product((False, True), repeat=len(FLAGS))
 }
+ALL_ON = ALL_FEATURES["D-z-delta_bias-delta_softplus"]
+FEATURES = {k: ALL_FEATURES[k] for k in ("plain", "D-z-delta_bias-delta_softplus", "z")}
 
 
 def _select(inputs: dict, features: dict[str, bool]) -> tuple[dict, dict]:
@@ -164,39 +176,50 @@ def _select(inputs: dict, features: dict[str, bool]) -> tuple[dict, dict]:
     return chosen, {"delta_softplus": features["delta_softplus"]}
 
 
-@pytest.mark.parametrize("groups", [None, 2], ids=["ungrouped", "grouped"])
-@pytest.mark.parametrize("features", list(FEATURES), ids=list(FEATURES))
-def test_forward_and_gradients_match_reference(features: str, groups: int | None) -> None:
-    inputs, flags = _select(make_inputs(groups=groups), FEATURES[features])
+@pytest.mark.parametrize("features", list(ALL_FEATURES), ids=list(ALL_FEATURES))
+def test_every_flag_combination_matches_reference(features: str) -> None:
+    inputs, flags = _select(make_inputs(), ALL_FEATURES[features])
     check_against_reference(inputs, **flags)
 
 
-@pytest.mark.parametrize("length", [1, 8, 16, 21])
+@pytest.mark.parametrize("features", list(FEATURES), ids=list(FEATURES))
+def test_grouped_b_and_c(features: str) -> None:
+    inputs, flags = _select(make_inputs(groups=2, seed=1), FEATURES[features])
+    check_against_reference(inputs, **flags)
+
+
+# With chunks of 8: one step, a prime below one chunk, exactly one chunk, one chunk and a step,
+# a prime over a few chunks, and many chunks (9, joined 4 at a time by the chains, so that they
+# take three steps, the last one partial).
+@pytest.mark.parametrize("length", [1, 7, 8, 9, 29, 67])
 def test_lengths_around_the_chunk(length: int) -> None:
-    inputs, flags = _select(make_inputs(length=length, seed=2), FEATURES["all"])
-    check_against_reference(inputs, chunk_size=8, **flags)
+    inputs, flags = _select(make_inputs(length=length, seed=2), ALL_FEATURES["z-delta_softplus"])
+    with chain_steps_of(4):
+        check_against_reference(inputs, chunk_size=8, **flags)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_low_precision_inputs(dtype: torch.dtype) -> None:
-    inputs, flags = _select(make_inputs(dtype=dtype, seed=3), FEATURES["all"])
+@pytest.mark.parametrize("groups", [None, 2], ids=["ungrouped", "grouped"])
+def test_low_precision_inputs(dtype: torch.dtype, groups: int | None) -> None:
+    inputs, flags = _select(make_inputs(dtype=dtype, groups=groups, seed=3), ALL_ON)
     check_against_reference(inputs, **flags)
 
 
 def test_several_channel_blocks_and_odd_state_size() -> None:
-    # 40 channels of 16 states make three channel blocks per batch element (the last one
-    # partly masked); 3 states exercise the masked state lanes.
-    for n_state, channels in ((16, 40), (3, 5)):
+    # 33 channels of 16 states make three channel blocks per batch element (the last one
+    # almost all masked), shared by two splits in the backward, so that one program walks two
+    # of them; 3 states exercise masked state rows.
+    for n_state, channels in ((16, 33), (3, 5)):
         inputs, flags = _select(
-            make_inputs(batch=1, channels=channels, n_state=n_state, length=11, seed=4),
-            FEATURES["all"],
+            make_inputs(batch=1, channels=channels, n_state=n_state, length=9, seed=4),
+            ALL_ON,
         )
         check_against_reference(inputs, **flags)
 
 
 @pytest.mark.parametrize("which", ["last_state", "out"])
 def test_gradient_from_one_output_only(which: str) -> None:
-    inputs, flags = _select(make_inputs(seed=5), FEATURES["all"])
+    inputs, flags = _select(make_inputs(seed=5), ALL_ON)
     check_against_reference(
         inputs, grad_out=which == "out", grad_last=which == "last_state", **flags
     )
@@ -207,7 +230,7 @@ def _scan_inputs(inputs: dict, softplus: bool = True) -> ScanInputs:
 
 
 def test_checkpoints_are_the_states_entering_each_chunk() -> None:
-    inputs, _ = _select(make_inputs(length=21, seed=6), FEATURES["all"])
+    inputs, _ = _select(make_inputs(length=21, seed=6), ALL_ON)
     x = _scan_inputs(inputs)
     _, last, ckpt = kernels.forward(x, 8)
     assert ckpt.shape == (2, 6, 3, 4) and ckpt.dtype == last.dtype == torch.float32
@@ -219,7 +242,7 @@ def test_checkpoints_are_the_states_entering_each_chunk() -> None:
 
 
 def test_non_contiguous_inputs() -> None:
-    inputs, flags = _select(make_inputs(seed=7), FEATURES["all"])
+    inputs, flags = _select(make_inputs(seed=7), ALL_ON)
     # The same values, laid out (B, L, D) underneath, as a mixer's projections leave them.
     strided = {
         k: v.detach().transpose(1, 2).contiguous().transpose(1, 2) if k in ("u", "z") else v
@@ -238,41 +261,82 @@ def test_backward_without_optional_inputs_or_last_state_gradient() -> None:
     assert [g.shape for g in grads[:5]] == [t.shape for t in x.tensors[:5]]
 
 
-@pytest.mark.parametrize(("block_d", "steps"), [(2, 4), (None, 1), (4, 2)])
-def test_launch_overrides_give_the_same_results(block_d: int | None, steps: int) -> None:
-    # make_inputs' N = 4 caps the default steps per store at 4; chunk 8 over L = 21 leaves a
-    # partial chunk and partial groups of steps.
-    inputs, _ = _select(make_inputs(length=21, seed=9), FEATURES["all"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"block_d": 2, "splits": 1},
+        {"block_d": 4, "splits": 3, "tile": 8},
+        {"block_d": 8, "num_warps": 2, "tile": 32},
+    ],
+    ids=["blocks2-splits1", "blocks4-splits3-tile8", "blocks8-tile32"],
+)
+def test_launch_overrides_give_the_same_results(overrides: dict) -> None:
+    # 12 channels in 2 groups; chunks of 8 over L = 13 leave a partial chunk.
+    inputs, _ = _select(make_inputs(channels=12, length=13, groups=2, seed=9), ALL_ON)
     x = _scan_inputs(inputs)
     grad = torch.randn_like(x.u)
     runs = []
-    for overrides in ({}, {"block_d": block_d, "steps": steps}):
-        fwd = kernels.forward(x, 8, **overrides)
-        bwd = kernels.backward(x, fwd[2], grad, None, 8, **overrides)
+    for kwargs in ({}, overrides):
+        forward_only = {k: v for k, v in kwargs.items() if k not in ("splits", "tile")}
+        fwd = kernels.forward(x, 8, **forward_only)
+        bwd = kernels.backward(x, fwd[2], grad, None, 8, **kwargs)
         runs.append((*fwd, *bwd))
     for default, other in zip(*runs, strict=True):
-        # Channels never interact in the forward; dB, dC and dA sum over channels or batch in
-        # another order when the blocks change.
+        # Channels never interact in the forward; dB and dC sum over channels in another order
+        # when the blocks or splits change.
         torch.testing.assert_close(other, default, rtol=1e-6, atol=1e-6)
 
 
+def test_backward_scratch_does_not_grow_with_channel_blocks() -> None:
+    # Every buffer the backward allocates besides the gradients of u, delta and z: the carries
+    # (as large as the checkpoints), per-chunk and per-tile sums, a (N, L) partial of dB and of
+    # dC per split, and a scratch tile per program. Whether a group's 16 channels make 8
+    # blocks or 2, only the scratch changes, with the channels per program.
+    inputs, _ = _select(make_inputs(batch=1, channels=16, length=13, seed=12), ALL_ON)
+    x = _scan_inputs(inputs)
+    out, _, ckpt = kernels.forward(x, 8)
+    batch, channels, n_chunks, n_state = ckpt.shape
+    length = x.u.shape[2]
+    totals = []
+    for block_d in (2, 8):
+        sizes = []
+        real = kernels.new_empty
+
+        def recording(shape, dtype, device, sizes=sizes, real=real):
+            buffer = real(shape, dtype, device)
+            if tuple(shape) != tuple(x.u.shape):
+                sizes.append(buffer.numel() * buffer.element_size())
+            return buffer
+
+        with mock.patch.object(kernels, "new_empty", recording):
+            kernels.backward(
+                x, ckpt, torch.ones_like(out), None, 8, block_d=block_d, splits=2, tile=16
+            )
+        n_tiles = -(-length // 16)
+        scratch = batch * 2 * n_tiles * 2 * block_d * 16 * 4
+        totals.append(sum(sizes) - scratch)
+    per_chunk = batch * channels * n_chunks * 4
+    partials = 2 * batch * 2 * n_state * length * 4
+    assert totals[0] == totals[1] <= 2 * ckpt.numel() * 4 + 3 * per_chunk + partials
+
+
 def test_two_runs_are_bit_identical() -> None:
-    inputs, flags = _select(make_inputs(length=21, groups=2, seed=10), FEATURES["all"])
+    inputs, flags = _select(make_inputs(length=21, groups=2, seed=10), ALL_ON)
     grad = torch.randn(inputs["u"].shape, generator=torch.Generator().manual_seed(3))
 
     def run() -> list[torch.Tensor]:
         leaves = _leaves(inputs, None)
         with checkpoint_every(8):
-            out = triton_scan(**leaves, **flags)
-            out.backward(grad.to(DEVICE))
-        return [out.detach()] + [leaves[k].grad for k in NAMES]
+            out, last = triton_scan(**leaves, **flags, return_last_state=True)
+            torch.autograd.backward([out, last], [grad.to(DEVICE), torch.ones_like(last)])
+        return [out.detach(), last.detach()] + [leaves[k].grad for k in NAMES]
 
     for first, second in zip(run(), run(), strict=True):
         assert torch.equal(first, second)
 
 
 def test_float64_inputs_run_the_portable_scan() -> None:
-    inputs, flags = _select(make_inputs(seed=11), FEATURES["all"])
+    inputs, flags = _select(make_inputs(seed=11), ALL_ON)
     leaves = _leaves(inputs, torch.float64)
     with zigzag_mamba.use_backend(selective_scan="triton"):
         assert implementation("selective_scan", DEVICE, leaves["u"]) == "torch"
@@ -289,3 +353,6 @@ def test_rejects_bad_arguments() -> None:
         kernels.forward(x, 12)
     with pytest.raises(ValueError, match="block_d must be a power of two"):
         kernels.forward(x, 8, block_d=3)
+    out, _, ckpt = kernels.forward(x, 8)
+    with pytest.raises(ValueError, match="do not fit chunks of 16"):
+        kernels.backward(x, ckpt, torch.ones_like(out), None, 16)

@@ -1,27 +1,49 @@
-"""The ``triton`` backend: Triton forward and backward kernels for the selective scan.
+"""The ``triton`` backend: the selective scan as Triton kernels, parallel over time.
 
 Semantics and layouts are those of
 :func:`zigzag_mamba.ops.selective_scan.selective_scan_reference`: u, delta, z (B, D, L);
 A (D, N); B, C (B, N, L) or grouped (B, G, N, L); D, delta_bias (D,); last state (B, D, N).
-Inputs may be fp32, fp16 or bf16; every value is converted to fp32 on load, the state and all
-sums are fp32, and results are stored in their tensor's dtype (the output in u's).
+Inputs may be fp32, fp16 or bf16; every value is converted to fp32 on load, every state and sum
+is fp32, and results are stored in their tensor's dtype (the output in u's).
 
-Work split: one program owns ``BLOCK_D`` channels of one batch element (and one group of B/C,
-so ungrouped B/C are the case G = 1) and keeps their whole state as a (BLOCK_D, N) tile in
-registers while it walks the sequence one step at a time, storing the results of every
-``STEPS`` steps together. The sequence is cut into chunks of
-``CHUNK`` steps; the forward stores the state entering every chunk (the *checkpoints*,
-(B, D, n_chunks, N) fp32), so the backward never needs all L states: it walks the chunks last to
-first, replays the chunk forward from its checkpoint into a per-program scratch buffer
-(``CHUNK`` states, small enough to stay in L2), then runs the adjoint recurrence backward over
-the chunk, carrying dL/dx across chunk boundaries in registers. The backward's symbols (adj,
-carry, q, adj_b) are those derived in :mod:`zigzag_mamba.ops.selective_scan`.
+The sequence is cut into chunks of ``chunk`` (:data:`~zigzag_mamba.ops.selective_scan.CHUNK`)
+steps, and every kernel but the two short chains runs one program per chunk and block of
+channels, so the work is parallel over time as well as over channels. Per chunk, a program holds
+(channels, steps) tiles of u, dt, ... in registers and loops over the N states; for each state
+it runs the recurrence over the chunk's steps as a scan (``tl.associative_scan`` over the pairs
+(decay a_t, input b_t), composed as affine maps x -> a x + b), so no step waits on the one
+before it in a serial loop. The chunks are joined through the state entering each one:
 
-Reductions across programs are deterministic (no atomics): each program writes its share of
-dB and dC (summed over its own channels) to a (B, G, n_blocks, L, N) fp32 buffer, and of dA,
-dD and d(delta_bias) to (B, D, ...) buffers; torch sums those afterwards. The dB/dC partials
-cost ``2 * n_blocks * L * N * 4`` bytes per batch element and group, about as much traffic as
-the scan's own inputs and outputs; the scan is bound by its steps' latency, not by bandwidth.
+forward
+    1. ``_chunk_end_kernel``: each chunk's end state from a zero start,
+       ``sum_t exp(A * (dt_{t+1} + ... + dt_last)) * dt_t u_t B_t`` (a sum, no scan), and its
+       total dt;
+    2. ``_chain_kernel``: the states entering the chunks, ``x <- exp(A * sum dt) * x + end``,
+       chunk after chunk (a scan over blocks of chunks): the *checkpoints*, (B, D, n_chunks, N)
+       fp32, and the last state;
+    3. ``_output_kernel``: each chunk's states from its checkpoint, the readout and the gate.
+
+backward (the symbols adj, carry, q, adj_b, dy are those derived in
+:mod:`zigzag_mamba.ops.selective_scan`)
+    1. ``_chunk_carry_kernel``: what each chunk passes back to the one before it from a zero
+       carry, ``sum_t exp(A * (dt_first + ... + dt_t)) * dy_t C_t``, and its total dt;
+    2. ``_chain_kernel`` in reverse: the carry entering each chunk from the one after it
+       (starting from the last state's gradient);
+    3. ``_gradient_kernel``: per tile of a few chunks, the states by a forward scan from the
+       checkpoint, adj by a second forward scan over the tile's inputs taken last step first
+       (Triton's reverse scan flips its operands across lanes with shuffles), put back in time
+       order through a small scratch, then every gradient. adj decays by a_{t+1}: dt is loaded
+       a second time, one step later. q_t = adj_t a_t x_{t-1} is evaluated as
+       adj_t (x_t - dt_t u_t B_t), as mamba-ssm's kernel does, so no state has to be shifted.
+
+Reductions without atomics, and bit-identical from run to run: dB and dC (sums over the
+channels of a group) are summed over channel blocks inside a program, which walks all the
+channel blocks of one *split* of its group, adding into its own rows of a (B, G, splits, N, L)
+partial; a launch has just enough splits to fill the GPU, and torch adds them. dA, dD and
+d(delta_bias) are written per tile ((B, D, n_tiles, N) and (B, D, n_tiles)) and summed by
+torch. The backward's extra memory is thus the carries (as large as the checkpoints) and small
+buffers; none grows with the number of channel blocks. docs/triton_scan.md has the design, the
+alternatives compiled and counted against it, and its distance to the hardware's floor.
 """
 
 from __future__ import annotations
@@ -33,11 +55,16 @@ import triton.language as tl
 from zigzag_mamba.ops.selective_scan.inputs import ScanGrads, ScanInputs
 from zigzag_mamba.ops.utils import launch_device, new_empty, next_power_of_2
 
-# State elements per program, and steps whose results are stored together: the fastest of the
-# launch sweep in benchmarks/bench_triton_scan.py on an H100 (docs/triton_scan.md has the
-# numbers); 8 channels x 16 steps spill registers in the backward.
-_TILE_FWD, _STEPS_FWD = 64, 4
-_TILE_BWD, _STEPS_BWD = 64, 4
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(v) = exp2(v * LOG2E)
+# Launch defaults on a GPU, (channels per program, warps): see docs/triton_scan.md.
+_FWD_LAUNCH = (16, 4)  # the forward's chunk kernels and the backward's first pass
+_BWD_LAUNCH = (4, 4)  # the backward's gradient kernel (with tiles of _TILE_CHUNKS chunks)
+# The chains: (state rows per program, chunks per step of the chain).
+_CHAIN_ROWS, _CHAIN_CHUNKS = 32, 32
+# Chunks per program of the gradient kernel.
+_TILE_CHUNKS = 4
+# Programs the gradient kernel aims at per SM when it picks the number of splits.
+_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -49,11 +76,11 @@ def _log1p(e):
 
 
 @triton.jit
-def _delta_at(delta_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """(dt, pre-softplus value) for one step; dt is 0 on masked lanes, so they never move."""
-    raw = tl.load(delta_ptrs, mask=mask, other=0.0).to(tl.float32)
+def _delta_tile(ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(dt, pre-softplus value) of a tile; dt is 0 on masked elements, so they never move."""
+    raw = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        raw += bias
+        raw += bias[:, None]
     dt = raw
     if SOFTPLUS:
         # Above 20, softplus(x) == x in fp32 (torch's threshold too); clamping avoids exp overflow.
@@ -62,194 +89,298 @@ def _delta_at(delta_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.const
 
 
 @triton.jit
-def _program_tile(channels, channels_per_group, blocks_per_group, n_state, BLOCK_D, BLOCK_N):
-    """Batch, group, channel indices and masks of this program's (BLOCK_D, BLOCK_N) tile."""
+def _compose(a1, b1, a2, b2):
+    """The affine map x -> a1 x + b1, then x -> a2 x + b2: one step of the recurrence after
+    another (in a scan backward in time, (a1, b1) is the later steps', so the same rule
+    serves)."""
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _chunk_tile(L, channels, per_group, blocks, BLOCK_D: tl.constexpr, T: tl.constexpr):
+    """Indices of this program's (BLOCK_D, T) tile: program (batch, group, block), chunk."""
     pid = tl.program_id(0)
-    groups_blocks = (channels // channels_per_group) * blocks_per_group
-    batch = (pid // groups_blocks).to(tl.int64)
-    group = (pid % groups_blocks) // blocks_per_group
-    local = (pid % blocks_per_group) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = local < channels_per_group
-    states = tl.arange(0, BLOCK_N)
-    n_mask = states < n_state
-    return batch, group, group * channels_per_group + local, d_mask, states, n_mask
+    chunk = tl.program_id(1)
+    groups = channels // per_group
+    batch = (pid // (groups * blocks)).to(tl.int64)
+    group = (pid // blocks) % groups
+    local = (pid % blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d = group * per_group + local
+    t = chunk * T + tl.arange(0, T)
+    mask = (local < per_group)[:, None] & (t < L)[None, :]
+    return batch, group, chunk, d, local < per_group, t, mask
 
 
 @triton.jit
-def _scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
-    out_ptr, last_ptr, ckpt_ptr,
-    L, channels, channels_per_group, blocks_per_group, n_state, n_chunks,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, STEPS: tl.constexpr,
+def _chunk_end_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, ends_ptr, sums_ptr,
+    L, channels, per_group, blocks, n_state, n_chunks,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr,
 ):  # fmt: skip
-    batch, group, d, d_mask, n, n_mask = _program_tile(
-        channels, channels_per_group, blocks_per_group, n_state, BLOCK_D, BLOCK_N
+    batch, group, chunk, d, d_mask, t, mask = _chunk_tile(
+        L, channels, per_group, blocks, BLOCK_D, T
     )
-    tile_mask = d_mask[:, None] & n_mask[None, :]
-    A = tl.load(A_ptr + d[:, None] * n_state + n[None, :], mask=tile_mask, other=0.0)
-    A = A.to(tl.float32)
-    bias = tl.load(bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    skip = tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_D else 0.0
-    rows = (batch * channels + d) * L  # (BLOCK_D,) offsets of row t = 0 in u, delta, z, out
-    bc_row = ((batch * (channels // channels_per_group) + group) * n_state + n) * L
-    ckpt = ckpt_ptr + ((batch * channels + d[:, None]) * n_chunks) * n_state + n[None, :]
-    steps = tl.arange(0, STEPS)
-    x = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    for c in range(n_chunks):
-        tl.store(ckpt + c * n_state, x, mask=tile_mask)
-        for t0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, L), STEPS):
-            # The outputs of STEPS steps are stored together after them, one (BLOCK_D, STEPS)
-            # tile, so that no store (which the next step's loads might alias) sits between two
-            # steps.
-            ys = tl.zeros((BLOCK_D, STEPS), dtype=tl.float32)
-            for j in tl.static_range(STEPS):
-                t = t0 + j
-                # Past the end, dt = u = B = 0 leave the state as it is. (tl.where: `mask & scalar`
-                # loses the boolean dtype in the interpreter.)
-                live_d = tl.where(t < L, d_mask, False)
-                live_n = tl.where(t < L, n_mask, False)
-                dt, _ = _delta_at(delta_ptr + rows + t, live_d, bias, HAS_BIAS, SOFTPLUS)
-                u = tl.load(u_ptr + rows + t, mask=live_d, other=0.0).to(tl.float32)
-                b_t = tl.load(B_ptr + bc_row + t, mask=live_n, other=0.0).to(tl.float32)
-                c_t = tl.load(C_ptr + bc_row + t, mask=live_n, other=0.0).to(tl.float32)
-                x = tl.exp(dt[:, None] * A) * x + (dt * u)[:, None] * b_t[None, :]
-                y = tl.sum(x * c_t[None, :], axis=1) + skip * u
-                if HAS_Z:
-                    g = tl.load(z_ptr + rows + t, mask=live_d, other=0.0).to(tl.float32)
-                    y *= g * tl.sigmoid(g)
-                ys = tl.where(steps[None, :] == j, y[:, None], ys)
-            ts = t0 + steps
-            out = out_ptr + rows[:, None] + ts[None, :]
-            tl.store(out, ys.to(out_ptr.dtype.element_ty), mask=d_mask[:, None] & (ts < L)[None, :])
-    last = last_ptr + (batch * channels + d[:, None]) * n_state + n[None, :]
-    tl.store(last, x, mask=tile_mask)
-
-
-@triton.jit
-def _scan_bwd_kernel(
-    gout_ptr, glast_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
-    ckpt_ptr, scratch_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
-    L, channels, channels_per_group, blocks_per_group, n_state, n_chunks,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_GLAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    STEPS: tl.constexpr,
-):  # fmt: skip
-    batch, group, d, d_mask, n, n_mask = _program_tile(
-        channels, channels_per_group, blocks_per_group, n_state, BLOCK_D, BLOCK_N
-    )
-    tile_mask = d_mask[:, None] & n_mask[None, :]
-    tile = d[:, None] * n_state + n[None, :]
-    A = tl.load(A_ptr + tile, mask=tile_mask, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    skip = tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_D else 0.0
     rows = (batch * channels + d) * L
-    bc_row = ((batch * (channels // channels_per_group) + group) * n_state + n) * L
-    state = batch * channels * n_state + tile  # (B, D, N) offsets
-    ckpt = ckpt_ptr + ((batch * channels + d[:, None]) * n_chunks) * n_state + n[None, :]
-    # Partial dB / dC of this program: (B, G, blocks_per_group, L, N), one N-vector per step.
-    part = (tl.program_id(0).to(tl.int64) * L) * n_state + n
-    # Each program replays its chunk into its own CHUNK x (BLOCK_D, BLOCK_N) slice of scratch.
-    slots = scratch_ptr + tl.program_id(0).to(tl.int64) * (CHUNK * BLOCK_D * BLOCK_N)
-    slots += tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + n[None, :]
-    # carry = a_{t+1} adj_{t+1}, what the steps after t pass back to x_t; the last state's
-    # gradient at t = L - 1.
-    if HAS_GLAST:
-        carry = tl.load(glast_ptr + state, mask=tile_mask, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    dt, _ = _delta_tile(delta_ptr + rows[:, None] + t[None, :], mask, bias, HAS_BIAS, SOFTPLUS)
+    u = tl.load(u_ptr + rows[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
+    dtu = dt * u
+    # dt summed over the steps after t, to the chunk's end: the decay from step t to the end.
+    after = tl.cumsum(dt, axis=1, reverse=True) - dt
+    cell = (batch * channels + d) * n_chunks + chunk  # (B, D, n_chunks) offsets
+    tl.store(sums_ptr + cell, tl.sum(dt, axis=1), mask=d_mask)
+    bc = ((batch * (channels // per_group) + group) * n_state) * L + t
+    for n in range(n_state):
+        a2 = tl.load(A_ptr + d * n_state + n, mask=d_mask, other=0.0).to(tl.float32) * LOG2E
+        b_n = tl.load(B_ptr + bc + n * L, mask=t < L, other=0.0).to(tl.float32)
+        end = tl.sum(tl.exp2(after * a2[:, None]) * (dtu * b_n[None, :]), axis=1)
+        tl.store(ends_ptr + cell * n_state + n, end, mask=d_mask)
+
+
+@triton.jit
+def _chunk_carry_kernel(
+    gout_ptr, delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, carries_ptr, sums_ptr,
+    L, channels, per_group, blocks, n_state, n_chunks,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, T: tl.constexpr,
+):  # fmt: skip
+    batch, group, chunk, d, d_mask, t, mask = _chunk_tile(
+        L, channels, per_group, blocks, BLOCK_D, T
+    )
+    rows = (batch * channels + d) * L
+    bias = tl.load(bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    dt, _ = _delta_tile(delta_ptr + rows[:, None] + t[None, :], mask, bias, HAS_BIAS, SOFTPLUS)
+    dy = tl.load(gout_ptr + rows[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zt = tl.load(z_ptr + rows[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy *= zt * tl.sigmoid(zt)
+    # dt summed from the chunk's start through step t: the decay from step t to the chunk's
+    # start, including a_start (the carry is what the chunk passes to the step before it).
+    through = tl.cumsum(dt, axis=1)
+    cell = (batch * channels + d) * n_chunks + chunk
+    tl.store(sums_ptr + cell, tl.sum(dt, axis=1), mask=d_mask)
+    bc = ((batch * (channels // per_group) + group) * n_state) * L + t
+    for n in range(n_state):
+        a2 = tl.load(A_ptr + d * n_state + n, mask=d_mask, other=0.0).to(tl.float32) * LOG2E
+        c_n = tl.load(C_ptr + bc + n * L, mask=t < L, other=0.0).to(tl.float32)
+        carry = tl.sum(tl.exp2(through * a2[:, None]) * (dy * c_n[None, :]), axis=1)
+        tl.store(carries_ptr + cell * n_state + n, carry, mask=d_mask)
+
+
+@triton.jit
+def _chain_kernel(
+    values_ptr, sums_ptr, A_ptr, init_ptr, last_ptr,
+    rows, channels, n_state, n_chunks,
+    REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_LAST: tl.constexpr,
+    ROWS: tl.constexpr, K: tl.constexpr,
+):  # fmt: skip
+    """Join the chunks: s <- exp(A * sums[c]) * s + values[c], chunk after chunk (last to first
+    when REVERSE), from ``init`` (or zero). Each values[c] is replaced by the s entering chunk
+    c; the final s goes to ``last`` (with STORE_LAST). One row is one (batch, channel, state),
+    and the chunks are taken K at a time, as a scan over a (ROWS, K) tile."""
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = row < rows
+    cell = row // n_state  # batch * channels + channel
+    n = row % n_state
+    a2 = tl.load(A_ptr + (cell % channels) * n_state + n, mask=row_mask, other=0.0)
+    a2 = a2.to(tl.float32) * LOG2E
+    if HAS_INIT:
+        s = tl.load(init_ptr + row, mask=row_mask, other=0.0).to(tl.float32)
     else:
-        carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    steps = tl.arange(0, STEPS)
-    for k in range(n_chunks):
-        start = (n_chunks - 1 - k) * CHUNK
-        stop = tl.minimum(start + CHUNK, L)
-        # Replay: slot s holds the state entering step start + s. Each step's inputs are loaded
-        # one step ahead, before the slot store that would otherwise hold their loads back.
-        x = tl.load(ckpt + (start // CHUNK) * n_state, mask=tile_mask, other=0.0)
-        next_dt, _ = _delta_at(delta_ptr + rows + start, d_mask, bias, HAS_BIAS, SOFTPLUS)
-        next_u = tl.load(u_ptr + rows + start, mask=d_mask, other=0.0).to(tl.float32)
-        next_b = tl.load(B_ptr + bc_row + start, mask=n_mask, other=0.0).to(tl.float32)
-        for t in range(start, stop):
-            dt, u, b_t = next_dt, next_u, next_b
-            more = tl.where(t + 1 < stop, d_mask, False)
-            next_dt, _ = _delta_at(delta_ptr + rows + t + 1, more, bias, HAS_BIAS, SOFTPLUS)
-            next_u = tl.load(u_ptr + rows + t + 1, mask=more, other=0.0).to(tl.float32)
-            next_b = tl.load(B_ptr + bc_row + t + 1, mask=tl.where(t + 1 < stop, n_mask, False))
-            next_b = next_b.to(tl.float32)
-            tl.store(slots + (t - start) * (BLOCK_D * BLOCK_N), x)
-            x = tl.exp(dt[:, None] * A) * x + (dt * u)[:, None] * b_t[None, :]
-        # The reverse walk may read slots written by other threads of the program.
-        tl.debug_barrier()
-        # The reverse walk, STEPS steps at a time (the latest first); as in the forward, their
-        # results are stored together after them. Steps before `start` (the chunk's first group
-        # may be partial) load zeros, which leave the carry and every sum unchanged.
-        for r0 in range(0, stop - start, STEPS):
-            top = stop - 1 - r0
-            du_s = tl.zeros((BLOCK_D, STEPS), dtype=tl.float32)
-            ddt_s = tl.zeros((BLOCK_D, STEPS), dtype=tl.float32)
-            dz_s = tl.zeros((BLOCK_D, STEPS), dtype=tl.float32)
-            db_s = tl.zeros((STEPS, BLOCK_N), dtype=tl.float32)
-            dc_s = tl.zeros((STEPS, BLOCK_N), dtype=tl.float32)
-            for j in tl.static_range(STEPS):
-                t = top - j
-                live_d = tl.where(t >= start, d_mask, False)
-                live_n = tl.where(t >= start, n_mask, False)
-                live = live_d[:, None] & live_n[None, :]
-                x_prev = tl.load(slots + (t - start) * (BLOCK_D * BLOCK_N), mask=live, other=0.0)
-                dt, raw = _delta_at(delta_ptr + rows + t, live_d, bias, HAS_BIAS, SOFTPLUS)
-                u = tl.load(u_ptr + rows + t, mask=live_d, other=0.0).to(tl.float32)
-                b_t = tl.load(B_ptr + bc_row + t, mask=live_n, other=0.0).to(tl.float32)
-                c_t = tl.load(C_ptr + bc_row + t, mask=live_n, other=0.0).to(tl.float32)
-                g = tl.load(gout_ptr + rows + t, mask=live_d, other=0.0).to(tl.float32)
-                decay = tl.exp(dt[:, None] * A)
-                x = decay * x_prev + (dt * u)[:, None] * b_t[None, :]
-                dy = g
-                if HAS_Z:
-                    zt = tl.load(z_ptr + rows + t, mask=live_d, other=0.0).to(tl.float32)
-                    gate = tl.sigmoid(zt)
-                    y = tl.sum(x * c_t[None, :], axis=1) + skip * u
-                    dz = g * y * gate * (1.0 + zt * (1.0 - gate))
-                    dz_s = tl.where(steps[None, :] == j, dz[:, None], dz_s)
-                    dy = g * (zt * gate)
-                adj = carry + dy[:, None] * c_t[None, :]
-                adj_b = tl.sum(adj * b_t[None, :], axis=1)
-                carry = adj * decay
-                # ddt = sum_n q A + u adj_b, with q = carry * x_prev (= adj * decay * x_prev).
-                ddt = tl.sum(carry * x_prev * A, axis=1) + u * adj_b
-                dA += dt[:, None] * carry * x_prev
-                if SOFTPLUS:
-                    ddt *= tl.sigmoid(raw)
-                dD += dy * u
-                dbias += ddt
-                du = dt * adj_b + skip * dy
-                du_s = tl.where(steps[None, :] == j, du[:, None], du_s)
-                ddt_s = tl.where(steps[None, :] == j, ddt[:, None], ddt_s)
-                db = tl.sum(adj * (dt * u)[:, None], axis=0)
-                dc = tl.sum(x * dy[:, None], axis=0)
-                db_s = tl.where(steps[:, None] == j, db[None, :], db_s)
-                dc_s = tl.where(steps[:, None] == j, dc[None, :], dc_s)
-            ts = top - steps
-            keep = ts >= start
-            per_d = rows[:, None] + ts[None, :]
-            d_keep = d_mask[:, None] & keep[None, :]
-            tl.store(du_ptr + per_d, du_s.to(du_ptr.dtype.element_ty), mask=d_keep)
-            tl.store(ddelta_ptr + per_d, ddt_s.to(ddelta_ptr.dtype.element_ty), mask=d_keep)
-            if HAS_Z:
-                tl.store(dz_ptr + per_d, dz_s.to(dz_ptr.dtype.element_ty), mask=d_keep)
-            per_n = part[None, :] + ts[:, None] * n_state
-            n_keep = keep[:, None] & n_mask[None, :]
-            tl.store(dB_ptr + per_n, db_s, mask=n_keep)
-            tl.store(dC_ptr + per_n, dc_s, mask=n_keep)
-        # The next chunk's replay overwrites slots that other threads may still be reading.
-        tl.debug_barrier()
-    tl.store(dA_ptr + state, dA, mask=tile_mask)
+        s = tl.zeros((ROWS,), dtype=tl.float32)
+    j = tl.arange(0, K)
+    for k0 in range(0, n_chunks, K):
+        # Column j is the j-th chunk of this step in the chain's order; `prev` the one before it
+        # in that order (none for column 0: the identity map, so the scan yields what enters
+        # each chunk from the step's start).
+        if REVERSE:
+            c = n_chunks - 1 - k0 - j
+            prev = c + 1
+        else:
+            c = k0 + j
+            prev = c - 1
+        live = row_mask[:, None] & ((c >= 0) & (c < n_chunks))[None, :]
+        has_prev = live & (j > 0)[None, :]
+        at = cell[:, None] * n_chunks
+        sums = tl.load(sums_ptr + at + c[None, :], mask=live, other=0.0)
+        vals = tl.load(values_ptr + (at + c[None, :]) * n_state + n[:, None], mask=live, other=0.0)
+        prev_sums = tl.load(sums_ptr + at + prev[None, :], mask=has_prev, other=0.0)
+        prev_vals = tl.load(
+            values_ptr + (at + prev[None, :]) * n_state + n[:, None], mask=has_prev, other=0.0
+        )
+        decay, offset = tl.associative_scan(
+            (tl.exp2(prev_sums * a2[:, None]), prev_vals), 1, _compose
+        )
+        entering = offset + decay * s[:, None]
+        tl.store(values_ptr + (at + c[None, :]) * n_state + n[:, None], entering, mask=live)
+        # Past the step's last chunk: s through it (padding columns are identity maps).
+        total_decay, total = tl.associative_scan((tl.exp2(sums * a2[:, None]), vals), 1, _compose)
+        is_last = (j == K - 1)[None, :]
+        s = tl.sum(tl.where(is_last, total + total_decay * s[:, None], 0.0), axis=1)
+    if STORE_LAST:
+        tl.store(last_ptr + row, s, mask=row_mask)
+
+
+@triton.jit
+def _output_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, out_ptr,
+    L, channels, per_group, blocks, n_state, n_chunks,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, T: tl.constexpr,
+):  # fmt: skip
+    batch, group, chunk, d, d_mask, t, mask = _chunk_tile(
+        L, channels, per_group, blocks, BLOCK_D, T
+    )
+    rows = (batch * channels + d) * L
+    tile = rows[:, None] + t[None, :]
+    bias = tl.load(bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    dt, _ = _delta_tile(delta_ptr + tile, mask, bias, HAS_BIAS, SOFTPLUS)
+    u = tl.load(u_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+    dtu = dt * u
+    cell = (batch * channels + d) * n_chunks + chunk
+    bc = ((batch * (channels // per_group) + group) * n_state) * L + t
+    y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+    for n in range(n_state):
+        a2 = tl.load(A_ptr + d * n_state + n, mask=d_mask, other=0.0).to(tl.float32) * LOG2E
+        b_n = tl.load(B_ptr + bc + n * L, mask=t < L, other=0.0).to(tl.float32)
+        c_n = tl.load(C_ptr + bc + n * L, mask=t < L, other=0.0).to(tl.float32)
+        decay, x = tl.associative_scan((tl.exp2(dt * a2[:, None]), dtu * b_n[None, :]), 1, _compose)
+        entering = tl.load(ckpt_ptr + cell * n_state + n, mask=d_mask, other=0.0)
+        x += decay * entering[:, None]
+        y += x * c_n[None, :]
     if HAS_D:
-        tl.store(dD_ptr + batch * channels + d, dD, mask=d_mask)
-    if HAS_BIAS:
-        tl.store(dbias_ptr + batch * channels + d, dbias, mask=d_mask)
+        y += tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[:, None] * u
+    if HAS_Z:
+        zt = tl.load(z_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        y *= zt * tl.sigmoid(zt)
+    tl.store(out_ptr + tile, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gradient_kernel(
+    gout_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+    ckpt_ptr, carries_ptr, scratch_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
+    L, channels, per_group, blocks, splits, n_state, n_chunks, n_tiles,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, T: tl.constexpr, TILE: tl.constexpr,
+):  # fmt: skip
+    """Program (batch, group, split), tile of TILE steps (a whole number of chunks): every
+    gradient of the tile for the channel blocks split, split + splits, ... of the group.
+
+    Per state n, the states come from a forward scan from the tile's checkpoint. adj runs
+    backward in time: it is scanned forward over the tile's inputs last step first, from the
+    carry entering the tile's last chunk, then stored to this program's scratch last step first
+    and loaded back in time order. (``tl.associative_scan(..., reverse=True)`` flips both
+    operands and both results across the warp's lanes, five shuffles per value and flip in
+    Triton 3.6.) Its decay is a_{t+1}, from dt one step later; the tile's last step decays by 1
+    into the carry, which holds a_{t+1} already.
+    """
+    pid = tl.program_id(0)
+    tile_id = tl.program_id(1)
+    groups = channels // per_group
+    batch = (pid // (groups * splits)).to(tl.int64)
+    group = (pid // splits) % groups
+    split = pid % splits
+    start = tile_id * TILE
+    steps = tl.arange(0, TILE)
+    t = start + steps
+    t_mask = t < L
+    r = start + TILE - 1 - steps  # the tile's steps, last first
+    r_mask = r < L
+    first_chunk = tile_id * (TILE // T)
+    last_chunk = tl.minimum(first_chunk + TILE // T, n_chunks) - 1
+    bc = ((batch * groups + group) * n_state) * L
+    rows_local = tl.arange(0, BLOCK_D)
+    # B and C rows as (BLOCK_D, TILE) tiles (every row the same), in the layout of the others.
+    along = rows_local[:, None] * 0 + t[None, :]
+    # Two (BLOCK_D, TILE) slots of scratch, used by turns: one barrier per state suffices.
+    program = tile_id.to(tl.int64) * tl.num_programs(0) + pid
+    slot = scratch_ptr + program * (2 * BLOCK_D * TILE) + rows_local[:, None] * TILE
+    part = (pid.to(tl.int64) * n_state) * L + t  # this split's rows of the dB, dC partials
+    for block in range(split, blocks, splits):
+        local = block * BLOCK_D + rows_local
+        d_mask = local < per_group
+        d = group * per_group + local
+        mask = d_mask[:, None] & t_mask[None, :]
+        tile = ((batch * channels + d) * L)[:, None] + t[None, :]
+        bias = tl.load(bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+        skip = 0.0
+        if HAS_D:
+            skip = tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[:, None]
+        dt, _ = _delta_tile(delta_ptr + tile, mask, bias, HAS_BIAS, SOFTPLUS)
+        dtu = dt * tl.load(u_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(gout_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zt = tl.load(z_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+            dy *= zt * tl.sigmoid(zt)
+        # The adjoint's inputs, last step first (loaded in order and flipped: a load in reverse
+        # gets a layout of its own, and the scans with it).
+        next_mask = mask & (t + 1 < L)[None, :] & (steps < TILE - 1)[None, :]
+        dt_next, _ = _delta_tile(delta_ptr + tile + 1, next_mask, bias, HAS_BIAS, SOFTPLUS)
+        dt_next = tl.flip(dt_next, 1)
+        dy_back = tl.flip(dy, 1)
+        cell = (batch * channels + d) * n_chunks
+        tile_cell = (batch * channels + d) * n_tiles + tile_id
+        adj_b = tl.zeros((BLOCK_D, TILE), dtype=tl.float32)  # sum_n adj B
+        q_a = tl.zeros((BLOCK_D, TILE), dtype=tl.float32)  # sum_n q A
+        y = tl.zeros((BLOCK_D, TILE), dtype=tl.float32)  # sum_n C x
+        for n in range(n_state):
+            a_n = tl.load(A_ptr + d * n_state + n, mask=d_mask, other=0.0).to(tl.float32)
+            a2 = a_n * LOG2E
+            b_n = tl.load(B_ptr + bc + n * L + along, mask=t_mask[None, :], other=0.0)
+            b_n = b_n.to(tl.float32)
+            c_n = tl.load(C_ptr + bc + n * L + along, mask=t_mask[None, :], other=0.0)
+            c_n = c_n.to(tl.float32)
+            c_back = tl.load(C_ptr + bc + n * L + r, mask=r_mask, other=0.0).to(tl.float32)
+            inp = dtu * b_n
+            decay, x = tl.associative_scan((tl.exp2(dt * a2[:, None]), inp), 1, _compose)
+            entering = tl.load(ckpt_ptr + (cell + first_chunk) * n_state + n, mask=d_mask)
+            x += decay * entering[:, None]
+            back_decay, adj_back = tl.associative_scan(
+                (tl.exp2(dt_next * a2[:, None]), dy_back * c_back[None, :]), 1, _compose
+            )
+            carry = tl.load(carries_ptr + (cell + last_chunk) * n_state + n, mask=d_mask)
+            adj_back += back_decay * carry[:, None]
+            # Uses alternate slots (across blocks too, whatever the parity of n_state).
+            turn = slot + (((block - split) // splits * n_state + n) % 2) * (BLOCK_D * TILE)
+            tl.store(turn + (TILE - 1 - steps)[None, :], adj_back)
+            tl.debug_barrier()
+            adj = tl.load(turn + steps[None, :])
+            adj_b += adj * b_n
+            q = adj * (x - inp)  # = adj_t a_t x_{t-1}
+            q_a += q * a_n[:, None]
+            tl.store(dA_ptr + tile_cell * n_state + n, tl.sum(q * dt, axis=1), mask=d_mask)
+            if HAS_Z:
+                y += x * c_n
+            # This split's dB and dC rows, summed over its blocks in order.
+            db = tl.sum(adj * dtu, axis=0)
+            dc = tl.sum(dy * x, axis=0)
+            if block != split:
+                db += tl.load(dB_ptr + part + n * L, mask=t_mask, other=0.0)
+                dc += tl.load(dC_ptr + part + n * L, mask=t_mask, other=0.0)
+            tl.store(dB_ptr + part + n * L, db, mask=t_mask)
+            tl.store(dC_ptr + part + n * L, dc, mask=t_mask)
+        # What only the last steps need is loaded again (from cache), not kept in registers.
+        u = tl.load(u_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        ddt = q_a + u * adj_b
+        if SOFTPLUS:
+            _, raw = _delta_tile(delta_ptr + tile, mask, bias, HAS_BIAS, SOFTPLUS)
+            ddt *= tl.sigmoid(raw)
+        # Past the end, adj holds the last state's gradient and q need not vanish.
+        ddt = tl.where(mask, ddt, 0.0)
+        tl.store(du_ptr + tile, (dt * adj_b + skip * dy).to(du_ptr.dtype.element_ty), mask=mask)
+        tl.store(ddelta_ptr + tile, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
+        if HAS_Z:
+            g = tl.load(gout_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+            zt = tl.load(z_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+            gate = tl.sigmoid(zt)
+            dz = g * (y + skip * u) * gate * (1.0 + zt * (1.0 - gate))
+            tl.store(dz_ptr + tile, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        if HAS_D:
+            tl.store(dD_ptr + tile_cell, tl.sum(dy * u, axis=1), mask=d_mask)
+        if HAS_BIAS:
+            tl.store(dbias_ptr + tile_cell, tl.sum(ddt, axis=1), mask=d_mask)
 
 
 def _grouped(bc: torch.Tensor) -> torch.Tensor:
@@ -257,38 +388,49 @@ def _grouped(bc: torch.Tensor) -> torch.Tensor:
     return (bc.unsqueeze(1) if bc.dim() == 3 else bc).contiguous()
 
 
-def _launch_shape(
-    sequences: int,
-    channels_per_group: int,
-    n_state: int,
-    device: torch.device,
-    block_d: int | None,
-    tile: int,
-) -> tuple[int, int, int]:
-    """(BLOCK_D, BLOCK_N, blocks_per_group): whole states per program, enough programs per SM.
-
-    Each program is one sequential walk over L, so the GPU is latency-bound unless every SM gets
-    several programs; halve the channel block (down to 4) until there are about two per SM.
-    ``sequences`` is batch x groups, the number of channel groups to split.
-    """
-    block_n = next_power_of_2(n_state)
+def _channel_block(per_group: int, block_d: int | None, default: int, device) -> int:
+    """Channels per program: the override, else the default (on the CPU, at most the group)."""
     if block_d is not None:
-        return block_d, block_n, triton.cdiv(channels_per_group, block_d)
-    block_d = min(max(1, tile // block_n), next_power_of_2(channels_per_group))
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        while block_d > 4 and sequences * triton.cdiv(channels_per_group, block_d) < 2 * sms:
-            block_d //= 2
-    return block_d, block_n, triton.cdiv(channels_per_group, block_d)
+        return block_d
+    if device.type != "cuda":
+        return min(default, next_power_of_2(per_group))
+    return default
+
+
+def _tile_steps(chunk: int, length: int, device: torch.device, tile: int | None) -> int:
+    """Steps per program of the gradient kernel: ``_TILE_CHUNKS`` chunks (on the CPU two, so
+    that tests cover tiles of several chunks), no more than the sequence needs."""
+    if tile is None:
+        tile = chunk * (_TILE_CHUNKS if device.type == "cuda" else 2)
+        tile = max(chunk, min(tile, next_power_of_2(length)))
+    if tile % chunk:
+        raise ValueError(f"tile must be a multiple of chunk ({chunk}), got {tile}")
+    _check_powers_of_two(tile=tile)
+    return tile
+
+
+def _warps(num_warps: int | None, default: int) -> int:
+    return default if num_warps is None else num_warps
+
+
+def _splits(programs: int, blocks: int, device: torch.device, splits: int | None) -> int:
+    """How many programs share a group's channel blocks in the gradient kernel.
+
+    As few as fill the GPU (``_PROGRAMS_PER_SM`` programs per SM, counting ``programs``, the
+    batch x groups x tiles there are already), since each split costs a (N, L) partial of dB
+    and of dC; on the CPU, two, so that tests cover both a split and a walk over blocks.
+    """
+    if splits is None:
+        if device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            splits = triton.cdiv(_PROGRAMS_PER_SM * sms, max(programs, 1))
+        else:
+            splits = 2
+    return max(1, min(splits, blocks))
 
 
 def _flags(x: ScanInputs) -> dict[str, bool]:
-    return {
-        "HAS_D": x.D is not None,
-        "HAS_Z": x.z is not None,
-        "HAS_BIAS": x.delta_bias is not None,
-        "SOFTPLUS": x.delta_softplus,
-    }
+    return {"HAS_BIAS": x.delta_bias is not None, "SOFTPLUS": x.delta_softplus}
 
 
 def _optional(x: ScanInputs, placeholder: torch.Tensor) -> list[torch.Tensor]:
@@ -302,43 +444,65 @@ def _check_powers_of_two(**sizes: int) -> None:
             raise ValueError(f"{name} must be a power of two, got {value}")
 
 
+def _chain(values, sums, A, init, last, reverse: bool) -> None:
+    """Run ``_chain_kernel`` over every (batch, channel, state) row of ``values``."""
+    batch, channels, n_chunks, n_state = values.shape
+    rows = batch * channels * n_state
+    # Short sequences take fewer chunks per step (in the interpreter, every element costs).
+    block_rows = min(_CHAIN_ROWS, next_power_of_2(rows))
+    _chain_kernel[(triton.cdiv(rows, block_rows),)](
+        values, sums, A, values if init is None else init, values if last is None else last,
+        rows, channels, n_state, n_chunks,
+        REVERSE=reverse, HAS_INIT=init is not None, STORE_LAST=last is not None,
+        ROWS=block_rows, K=min(_CHAIN_CHUNKS, next_power_of_2(n_chunks)), num_warps=4,
+    )  # fmt: skip
+
+
 def forward(
     x: ScanInputs,
     chunk: int,
     *,
     block_d: int | None = None,
-    steps: int = _STEPS_FWD,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the scan; return ``(out, last_state, checkpoints)``.
 
     ``out`` (B, D, L) has u's dtype; ``last_state`` (B, D, N) and ``checkpoints``
     (B, D, ceil(L / chunk), N), the state entering each chunk, are fp32. ``chunk`` (a power of
-    two) trades checkpoint memory against the backward's scratch. ``block_d`` (channels per
-    program) and ``steps`` (steps whose outputs are stored together, capped at N and the
-    chunk), both powers of two, override the launch defaults, for benchmarking.
+    two) is also the number of steps one program scans. ``block_d`` (channels per program, a
+    power of two) and ``num_warps`` override the launch defaults, for benchmarking.
     """
-    _check_powers_of_two(chunk=chunk, block_d=block_d or 1, steps=steps)
+    _check_powers_of_two(chunk=chunk, block_d=block_d or 1)
     u = x.u
     batch, channels, length = u.shape
     n_state = x.A.shape[1]
     Bg, Cg = _grouped(x.B), _grouped(x.C)
     per_group = channels // x.groups
     n_chunks = triton.cdiv(length, chunk)
+    block_d = _channel_block(per_group, block_d, _FWD_LAUNCH[0], u.device)
+    warps = _warps(num_warps, _FWD_LAUNCH[1])
+    blocks = triton.cdiv(per_group, block_d)
     out = new_empty((batch, channels, length), u.dtype, u.device)
     last = new_empty((batch, channels, n_state), torch.float32, u.device)
     ckpt = new_empty((batch, channels, n_chunks, n_state), torch.float32, u.device)
-    block_d, block_n, blocks = _launch_shape(
-        batch * x.groups, per_group, n_state, u.device, block_d, _TILE_FWD
-    )
-    u_ = u.contiguous()
+    sums = new_empty((batch, channels, n_chunks), torch.float32, u.device)
+    u_, delta, A = u.contiguous(), x.delta.contiguous(), x.A.contiguous()
+    D, z, bias = _optional(x, u_)
+    grid = (batch * x.groups * blocks, n_chunks)
+    sizes = (length, channels, per_group, blocks, n_state, n_chunks)
     with launch_device(u):
-        _scan_fwd_kernel[(batch * x.groups * blocks,)](
-            u_, x.delta.contiguous(), x.A.contiguous(), Bg, Cg, *_optional(x, u_),
-            out, last, ckpt,
-            length, channels, per_group, blocks, n_state, n_chunks,
-            BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk,
-            STEPS=min(steps, block_n, chunk), num_warps=1, **_flags(x),
-        )  # fmt: skip
+        if n_chunks:
+            _chunk_end_kernel[grid](
+                u_, delta, A, Bg, bias, ckpt, sums, *sizes,
+                BLOCK_D=block_d, T=chunk, num_warps=warps, **_flags(x),
+            )  # fmt: skip
+        _chain(ckpt, sums, A, None, last, reverse=False)
+        if n_chunks:
+            _output_kernel[grid](
+                u_, delta, A, Bg, Cg, D, z, bias, ckpt, out, *sizes,
+                HAS_D=x.D is not None, HAS_Z=x.z is not None,
+                BLOCK_D=block_d, T=chunk, num_warps=warps, **_flags(x),
+            )  # fmt: skip
     return out, last, ckpt
 
 
@@ -350,63 +514,82 @@ def backward(
     chunk: int,
     *,
     block_d: int | None = None,
-    steps: int = _STEPS_BWD,
+    num_warps: int | None = None,
+    splits: int | None = None,
+    tile: int | None = None,
 ) -> ScanGrads:
     """The gradients, each in its input's dtype, from the forward's ``checkpoints``.
 
-    ``dlast`` may be None (no gradient flows from the last state). ``block_d`` and ``steps``
-    override the launch defaults as in the forward (they need not match the forward's).
+    ``dlast`` may be None (no gradient flows from the last state). ``block_d`` and
+    ``num_warps`` override the launch defaults as in the forward (they need not match the
+    forward's), ``splits`` the number of programs that share a group's channels, ``tile`` the
+    steps of one program of the gradient kernel (a power-of-two multiple of ``chunk``).
     """
-    _check_powers_of_two(block_d=block_d or 1, steps=steps)
+    _check_powers_of_two(chunk=chunk, block_d=block_d or 1)
     u = x.u
     batch, channels, length = u.shape
     n_state = x.A.shape[1]
+    n_chunks = triton.cdiv(length, chunk)
+    if checkpoints.shape != (batch, channels, n_chunks, n_state):
+        raise ValueError(
+            f"checkpoints of shape {tuple(checkpoints.shape)} do not fit chunks of {chunk} "
+            f"over {length} steps"
+        )
     Bg, Cg = _grouped(x.B), _grouped(x.C)
     groups = x.groups
     per_group = channels // groups
-    n_chunks = checkpoints.shape[2]
-    # One chunk of replayed states per program; a single chunk needs only the next power of
-    # two above L, which keeps the scratch small for short sequences.
-    chunk = min(chunk, next_power_of_2(length))
-    block_d, block_n, blocks = _launch_shape(
-        batch * groups, per_group, n_state, u.device, block_d, _TILE_BWD
-    )
-    programs = batch * groups * blocks
     device = u.device
+    fwd_block = _channel_block(per_group, block_d, _FWD_LAUNCH[0], device)
+    block = _channel_block(per_group, block_d, _BWD_LAUNCH[0], device)
+    warps = _warps(num_warps, _BWD_LAUNCH[1])
+    fwd_blocks, blocks = triton.cdiv(per_group, fwd_block), triton.cdiv(per_group, block)
+    tile = _tile_steps(chunk, length, device, tile)
+    n_tiles = triton.cdiv(length, tile)
+    split = _splits(batch * groups * n_tiles, blocks, device, splits)
     du = new_empty(u.shape, u.dtype, device)
     ddelta = new_empty(u.shape, x.delta.dtype, device)
     dz = new_empty(u.shape, x.z.dtype, device) if x.z is not None else None
-    dA = new_empty((batch, channels, n_state), torch.float32, device)
-    dD = new_empty((batch, channels), torch.float32, device)
-    dbias = new_empty((batch, channels), torch.float32, device)
-    dB = new_empty((batch, groups, blocks, length, n_state), torch.float32, device)
-    dC = new_empty((batch, groups, blocks, length, n_state), torch.float32, device)
-    scratch = torch.empty(programs * chunk * block_d * block_n, dtype=torch.float32, device=device)
-    u_ = u.contiguous()
+    carries = new_empty((batch, channels, n_chunks, n_state), torch.float32, device)
+    sums = new_empty((batch, channels, n_chunks), torch.float32, device)
+    dA = new_empty((batch, channels, n_tiles, n_state), torch.float32, device)
+    dD = new_empty((batch, channels, n_tiles), torch.float32, device)
+    dbias = new_empty((batch, channels, n_tiles), torch.float32, device)
+    dB = new_empty((batch, groups, split, n_state, length), torch.float32, device)
+    dC = new_empty((batch, groups, split, n_state, length), torch.float32, device)
+    programs = batch * groups * split * n_tiles
+    scratch = new_empty((programs, 2, block, tile), torch.float32, device)
+    u_, delta, A, gout = u.contiguous(), x.delta.contiguous(), x.A.contiguous(), dout.contiguous()
+    D, z, bias = _optional(x, u_)
+    sizes = (length, channels, per_group)
+    has = {"HAS_Z": x.z is not None, **_flags(x)}
     with launch_device(u):
-        _scan_bwd_kernel[(programs,)](
-            dout.contiguous(), u_ if dlast is None else dlast.contiguous(),
-            u_, x.delta.contiguous(), x.A.contiguous(), Bg, Cg, *_optional(x, u_),
-            checkpoints.contiguous(), scratch,
-            du, ddelta, du if dz is None else dz, dA, dD, dbias, dB, dC,
-            length, channels, per_group, blocks, n_state, n_chunks,
-            HAS_GLAST=dlast is not None,
-            BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk, STEPS=min(steps, block_n, chunk),
-            num_warps=1, **_flags(x),
-        )  # fmt: skip
+        if n_chunks:
+            _chunk_carry_kernel[(batch * groups * fwd_blocks, n_chunks)](
+                gout, delta, A, Cg, z, bias, carries, sums, *sizes, fwd_blocks, n_state, n_chunks,
+                BLOCK_D=fwd_block, T=chunk, num_warps=_warps(num_warps, _FWD_LAUNCH[1]), **has,
+            )  # fmt: skip
+        _chain(carries, sums, A, None if dlast is None else dlast.contiguous(), None, reverse=True)
+        if n_chunks:
+            _gradient_kernel[(batch * groups * split, n_tiles)](
+                gout, u_, delta, A, Bg, Cg, D, z, bias, checkpoints.contiguous(), carries,
+                scratch, du, ddelta, du if dz is None else dz, dA, dD, dbias, dB, dC,
+                *sizes, blocks, split, n_state, n_chunks, n_tiles,
+                HAS_D=x.D is not None, BLOCK_D=block, T=chunk, TILE=tile, num_warps=warps,
+                **has,
+            )  # fmt: skip
     return ScanGrads(
         du,
         ddelta,
-        dA.sum(0).to(x.A.dtype),
+        dA.sum((0, 2)).to(x.A.dtype),
         _reduce_bc(dB, x.B),
         _reduce_bc(dC, x.C),
-        None if x.D is None else dD.sum(0).to(x.D.dtype),
+        None if x.D is None else dD.sum((0, 2)).to(x.D.dtype),
         dz,
-        None if x.delta_bias is None else dbias.sum(0).to(x.delta_bias.dtype),
+        None if x.delta_bias is None else dbias.sum((0, 2)).to(x.delta_bias.dtype),
     )
 
 
 def _reduce_bc(partial: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B, G, blocks, L, N) per-program sums -> the layout and dtype of B or C."""
-    total = partial.sum(2).transpose(-1, -2).to(like.dtype)
+    """(B, G, splits, N, L) partial sums -> the layout and dtype of B or C."""
+    total = partial.sum(2).to(like.dtype)
     return (total.squeeze(1) if like.dim() == 3 else total).contiguous()

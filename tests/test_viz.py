@@ -28,12 +28,47 @@ def test_cli_lists_patterns(capsys):
     assert "zigzag8" in names and "hilbert8" in names
 
 
-def test_video_grids_are_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"\(H, W\)"):
-        draw_scans("video_st", (2, 4, 4), tmp_path / "v.png")
+def test_video_patterns_draw_one_panel_per_layer(tmp_path, monkeypatch):
+    import zigzag_mamba.viz as viz
+
+    drawn = []
+    real = viz._draw_order
+    monkeypatch.setattr(
+        viz, "_draw_order", lambda ax, order, H, W: drawn.append((order.tolist(), H, W))
+    )
+    path = draw_scans("video_sst", (3, 4, 5), tmp_path / "v.png")
+    assert path.stat().st_size > 0
+    assert len(drawn) == 12  # s layers cycle through 8 orders, t layers through 2
+    spatial = [d for d in drawn if (d[1], d[2]) == (4, 5)]
+    temporal = [d[0] for d in drawn if (d[1], d[2]) == (1, 3)]
+    assert len(spatial) == 8 and all(sorted(order) == list(range(20)) for order, _, _ in spatial)
+    assert temporal == [[0, 1, 2], [2, 1, 0], [0, 1, 2], [2, 1, 0]]
+    monkeypatch.setattr(viz, "_draw_order", real)
+    image = np.asarray(Image.open(draw_scans("video_t", (4, 3, 3), tmp_path / "t.png")))
+    assert image.std() > 10
+
+
+def test_cli_scans_takes_a_video_grid(tmp_path, capsys):
+    out = tmp_path / "v.png"
+    argv = ["scans", "--pattern", "video_st", "--grid", "2", "4", "4", "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert out.stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("pattern", "grid", "message"),
+    [
+        ("video_st", ["4", "4"], r"needs a video grid .* \(pass --grid T H W\)"),
+        ("zigzag8", ["2", "4", "4"], r"is for \(H, W\) grids.* \(pass --grid H W\)"),
+        ("zigzag8", ["4"], "--grid takes H W or T H W, got 1 numbers"),
+    ],
+)
+def test_cli_scans_names_the_grid_a_pattern_needs(tmp_path, pattern, grid, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["scans", "--pattern", pattern, "--grid", *grid, "--out", str(tmp_path / "x.png")])
 
 
 def test_missing_matplotlib_gives_install_hint(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(ImportError, match=r"zigzag-mamba\[viz\]"):
+    with pytest.raises(ImportError, match=r"pip install matplotlib .*-e '\.\[viz\]'"):
         draw_scans("zigzag8", (4, 4), tmp_path / "x.png")

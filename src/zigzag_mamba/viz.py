@@ -17,7 +17,8 @@ def _figure_class():
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise ImportError(
-            "drawing scans needs matplotlib: pip install 'zigzag-mamba[viz]'"
+            "drawing scans needs matplotlib: pip install matplotlib (the viz extra: pip "
+            "install -e '.[viz]' in a clone, or 'zigzag-mamba[viz]' from an index)"
         ) from exc
     return Figure
 
@@ -29,35 +30,60 @@ def draw_scans(
     *,
     columns: int = 4,
 ) -> Path:
-    """Draw every order of ``pattern``'s family on an (H, W) ``grid`` and save a PNG to ``path``.
+    """Draw every order of ``pattern``'s family on an (H, W) or (T, H, W) ``grid`` and save a
+    PNG to ``path``.
 
     Each panel shows the path through the cell centres, coloured from start (dark) to end
-    (light), with the start marked by a circle and the end by a square.
+    (light), with the start marked by a circle and the end by a square. On a video grid each
+    panel is one layer of the pattern's period: an ``s`` layer shows the order every frame is
+    read in (H x W), a ``t`` layer the order in which every pixel's sequence reads the T frames
+    (a 1 x T strip, forward or backward).
 
     Example::
 
         >>> draw_scans("zigzag8", (8, 8), "scans.png")
         PosixPath('scans.png')
+        >>> draw_scans("video_sst", (4, 6, 6), "video.png")
+        PosixPath('video.png')
     """
     grid = as_grid(grid)
-    if len(grid) != 2:
-        raise ValueError(f"draw_scans draws (H, W) grids, got {grid}")
-    H, W = grid
     family = pattern_family(pattern, grid)
     name = pattern if isinstance(pattern, str) else "custom"
+    panels = [_panel(order, k, grid) for k, order in enumerate(family)]
+    H, W = grid[-2:]
     columns = min(columns, len(family))
     rows = math.ceil(len(family) / columns)
     cell = 2.4 * max(1.0, min(W / H, 2.0)), 2.4 * max(1.0, min(H / W, 2.0))
     fig = _figure_class()(figsize=(cell[0] * columns, cell[1] * rows + 0.4), layout="constrained")
-    fig.suptitle(f"{name} on a {H}x{W} grid (layer i uses order i % {len(family)})")
-    for k, order in enumerate(family):
+    where = f"{H}x{W} grid" if len(grid) == 2 else f"{grid[0]}x{H}x{W} video grid (T x H x W)"
+    fig.suptitle(f"{name} on a {where} (layer i uses order i % {len(family)})")
+    for k, (title, order, height, width) in enumerate(panels):
         ax = fig.add_subplot(rows, columns, k + 1)
-        _draw_order(ax, order.reshape(-1), H, W)
-        ax.set_title(f"order {k}", fontsize=9)
+        _draw_order(ax, order, height, width)
+        ax.set_title(title, fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
+
+
+def _panel(
+    order: torch.Tensor, k: int, grid: tuple[int, ...]
+) -> tuple[str, torch.Tensor, int, int]:
+    """(title, a 1-D order to draw, its grid's height and width) for layer ``k``'s order."""
+    if len(grid) == 2:
+        return f"order {k}", order.reshape(-1), *grid
+    T, H, W = grid
+    if order.dim() != 2 or order.shape not in ((T, H * W), (H * W, T)):
+        raise ValueError(
+            "draw_scans draws video orders split per frame (T, H*W) or per pixel (H*W, T), as "
+            f"the video_* patterns make them; got one of shape {tuple(order.shape)}"
+        )
+    first = order[0]
+    if order.shape == (T, H * W) and bool(first.max() < H * W):  # frame 0 reads only itself
+        return f"layer {k}: s (every frame)", first, H, W
+    frames = first // (H * W)  # the frames pixel 0 reads, in order
+    return f"layer {k}: t, frames {int(frames[0])}..{int(frames[-1])}", frames, 1, T
 
 
 def _draw_order(ax, order: torch.Tensor, H: int, W: int) -> None:
@@ -82,11 +108,23 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "scans",
         help="draw a scan pattern's orders to a PNG",
-        description="Draw every order of a scan pattern's family over an H x W grid.",
+        description=(
+            "Draw every order of a scan pattern's family over an H x W grid, or, for the "
+            "video_* patterns, every layer's order over a T x H x W grid."
+        ),
     )
-    parser.add_argument("--pattern", default="zigzag8", help="pattern name (see --list)")
-    parser.add_argument("--grid", type=int, nargs=2, default=(8, 8), metavar=("H", "W"))
-    parser.add_argument("--out", default="scans.png", help="PNG file to write")
+    parser.add_argument(
+        "--pattern", default="zigzag8", help="pattern name (see --list; default: zigzag8)"
+    )
+    parser.add_argument(
+        "--grid",
+        type=int,
+        nargs="+",
+        default=[8, 8],
+        metavar="N",
+        help="H W, or T H W for the video_* patterns (default: 8 8)",
+    )
+    parser.add_argument("--out", default="scans.png", help="PNG file to write (default: scans.png)")
     parser.add_argument("--list", action="store_true", help="print the pattern names and exit")
     parser.set_defaults(func=_run)
 
@@ -95,6 +133,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.list:
         print("\n".join(list_patterns()))
         return 0
-    path = draw_scans(args.pattern, tuple(args.grid), args.out)
+    if len(args.grid) not in (2, 3):
+        raise SystemExit(f"zigma scans: --grid takes H W or T H W, got {len(args.grid)} numbers")
+    try:
+        path = draw_scans(args.pattern, tuple(args.grid), args.out)
+    except ValueError as exc:
+        hint = ""
+        if args.pattern.startswith("video_") != (len(args.grid) == 3):
+            hint = " (pass --grid T H W)" if len(args.grid) == 2 else " (pass --grid H W)"
+        raise SystemExit(f"zigma scans: {exc}{hint}") from exc
     print(f"wrote {path}")
     return 0

@@ -172,6 +172,11 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
             ["--quick"],
             ["| numba vs torch | 1024 |", "| torch vs materialised loop | 256 |"],
         ),
+        (
+            "bench_threads.py",
+            ["--quick", "--loads", "1"],
+            ["| 1 thread | 1 | ", "| default, OMP_WAIT_POLICY=passive | ", "| 1 busy process |"],
+        ),
     ],
 )
 def test_benchmark_scripts_print_their_tables(tmp_path, script, args, expected):

@@ -70,7 +70,9 @@ def test_folder_errors_are_clear(tmp_path):
     mixed = tmp_path / "mixed"
     _write(mixed / "a.png", (6, 4))
     _write(mixed / "b.png", (5, 5))
-    with pytest.raises(ValueError, match=r"different sizes.*pass size="):
+    with pytest.raises(
+        ValueError, match=r"different sizes.*pass --image-size \(or size= in Python\)"
+    ):
         ImageFolder(mixed)
     assert ImageFolder(mixed, size=4)[1][0].shape == (3, 4, 4)
 

@@ -250,3 +250,16 @@ def test_resuming_past_the_last_step_warns(tmp_path):
     with pytest.warns(RuntimeWarning, match=r"at step 4, past steps=2: there is nothing to train"):
         trainer = _train(tmp_path, 2, resume="auto")
     assert trainer.step == 4
+
+
+def test_resuming_another_models_checkpoint_names_the_difference(tmp_path):
+    def trainer(width, steps, spec=True):
+        config = tiny_config(tmp_path, steps=steps)
+        spec = {"name": "tiny", "width": width} if spec else None
+        return Trainer(TinyNet(width=width), TinyData(), config, model_config=spec)
+
+    trainer(8, 1).fit()
+    with pytest.raises(CheckpointError, match=r"another model \(width: 8 there, 4 here\)"):
+        trainer(4, 2).fit(resume="auto")
+    with pytest.raises(CheckpointError, match=r"another model \(Error\(s\) in loading state_dict"):
+        trainer(4, 2, spec=False).fit(resume="auto")

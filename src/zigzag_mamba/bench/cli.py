@@ -14,6 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_OUT = Path("benchmarks") / "results"
+DESCRIPTION = (
+    "Time and memory of ZigMa blocks, backbones and ops against attention. Defaults are the "
+    "standard sweep for the device; every option overrides one part of it. Results go to "
+    "OUT/MACHINE/ (OUT/MACHINE-quick for --quick, so that a quick run never overwrites a full "
+    "one)."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--min-repeats", type=int, help="repeats per point, at least")
     add("--max-call", type=float, help="skip sizes at which a call would take longer (s)")
     add("--op-max-call", type=float, help="the same for the op-level sweep")
-    add("--threads", type=int, help="torch threads (default: torch's choice)")
+    add(
+        "--threads",
+        type=_positive_int,
+        metavar="N",
+        help="CPU threads for PyTorch and the numba kernels (default: PyTorch's choice, one per "
+        "core)",
+    )
     add("--compile", action="store_true", help="also time torch.compile'd blocks, backbones")
     add("--no-isolate", action="store_true", help="measure every point in this process")
     add("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
@@ -47,12 +59,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``zigma bench`` to the ``zigma`` command."""
     parser = subparsers.add_parser(
         "bench",
         help="time and memory of ZigMa blocks, backbones and ops against attention",
-        description=__doc__.split("\n\n", 1)[1],
+        description=DESCRIPTION,
     )
     add_arguments(parser)
     parser.set_defaults(func=run)
@@ -157,6 +176,6 @@ def _profiles(names: list[str], settings, out_dir: Path) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``benchmarks/bench_blocks.py``: the same command without ``zigma``."""
-    parser = argparse.ArgumentParser(prog="bench_blocks.py", description=__doc__)
+    parser = argparse.ArgumentParser(prog="bench_blocks.py", description=DESCRIPTION)
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -241,6 +243,9 @@ class ZigMaBackbone(nn.Module):
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        # safetensors writes through a private temporary file (mode 0600); give the weights
+        # the permissions open() gave config.json (0666 less the umask).
+        os.chmod(directory / WEIGHTS_NAME, stat.S_IMODE((directory / CONFIG_NAME).stat().st_mode))
 
     @classmethod
     def from_pretrained(

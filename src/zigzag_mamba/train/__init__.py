@@ -9,7 +9,8 @@ Example::
     >>> itp = Interpolant()                      # linear path, velocity target x_data - noise
     >>> x = sample_ode(lambda x, t: -x, torch.randn(4, 2), num_steps=10, method="heun")
 
-Optional dependencies (``pip install 'zigzag-mamba[train]'``) load only when used: tqdm for
+Optional dependencies (the train extra: ``pip install -e '.[train]'`` in a clone, or
+``pip install 'zigzag-mamba[train]'`` from an index) load only when used: tqdm for
 progress bars, Pillow for images, scikit-learn for the digits, PyYAML for YAML configs,
 safetensors for latent files, torchdiffeq for adaptive ODE solvers.
 """

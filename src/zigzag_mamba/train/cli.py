@@ -2,8 +2,9 @@
 
 Options come from flags, optionally on top of a YAML or JSON file (``--config``) whose keys
 are the flag names with underscores, plus ``data``, ``image_size``, ``random_flip`` and
-``model`` (a preset name, or a mapping with ``name`` and ZigMaBackbone arguments).
-Heavy imports happen inside the handlers.
+``model`` (a preset name, or a mapping with ``name`` and ZigMaBackbone arguments). With
+``--resume``, the run's own ``config.json`` (or its checkpoint's config) takes the defaults'
+place. Heavy imports happen inside the handlers.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,61 @@ from zigzag_mamba.train.ablate.cli import register as register_ablate
 from zigzag_mamba.train.config import TrainConfig, read_config_file
 
 DEFAULT_MODEL = "ZigMa-T/1"
+DEFAULT_DATA = "digits"
+# Options besides TrainConfig's that config.json records.
+RUN_KEYS = ("data", "image_size", "random_flip")
+# What a resumed run may change: when checkpoints, logs and samples are written, where and how
+# long it runs, and how it samples. The weights it goes on to learn are those one run would.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "out_dir", "steps", "max_seconds", "device", "num_workers", "compile",
+        "grad_checkpointing", "log_every", "ckpt_every", "sample_every", "sample_steps",
+        "sample_method", "sample_eps", "cfg_scale", "grid_columns", "grid_rows", "eval_samples",
+        "progress",
+    }
+)  # fmt: skip
+# What it may change too, although the run then learns differently from that step on.
+RESUME_CHANGES_LEARNING = frozenset(
+    {"lr", "weight_decay", "beta1", "beta2", "warmup_steps", "grad_clip", "ema_decay", "precision"}
+)
+# Everything else (the data, the model, batch_size, grad_accum, seed, the interpolant's path,
+# prediction, weighting and train_eps, cfg_dropout) must stay as the run had it.
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default unless it is None or the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default is None or "default" in help_text:
+            return help_text
+        return super()._get_help_string(action)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: the CPU threads of PyTorch and of the numba kernels, which follow it."""
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        metavar="N",
+        help="CPU threads for PyTorch and the numba kernels (default: PyTorch's choice, one "
+        "per core; on a busy machine 1 can be several times faster, see docs/training.md)",
+    )
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    threads = getattr(args, "threads", None)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def register(subparsers) -> None:
@@ -43,11 +100,24 @@ def _register_train(subparsers) -> None:
     )
     parser.add_argument("--config", help="YAML or JSON file of options; flags override it")
     parser.add_argument(
-        "--data", help="'digits', a folder of images, or a .pt/.safetensors latent file"
+        "--data",
+        help="'digits', a folder of images, or a .pt/.safetensors latent file "
+        f"(default: {DEFAULT_DATA})",
     )
-    parser.add_argument("--image-size", type=int, help="resize and centre-crop images to this")
-    parser.add_argument("--random-flip", action=argparse.BooleanOptionalAction)
-    parser.add_argument("--model", help=f"a ZigMa preset, e.g. {DEFAULT_MODEL} or ZigMa-B/2")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="resize and centre-crop images to this (default: keep their size, which must be "
+        "the same for all)",
+    )
+    parser.add_argument(
+        "--random-flip",
+        action=argparse.BooleanOptionalAction,
+        help="flip images left-right at random (image folders only; default: no)",
+    )
+    parser.add_argument(
+        "--model", help=f"a ZigMa preset, e.g. ZigMa-B/2 (default: {DEFAULT_MODEL})"
+    )
     parser.add_argument(
         "--model-arg",
         action="append",
@@ -58,8 +128,10 @@ def _register_train(subparsers) -> None:
         "--resume",
         nargs="?",
         const="auto",
-        help="continue from a checkpoint (no value: OUT_DIR/checkpoints/last.pt if present)",
+        help="continue from a checkpoint (no value: OUT_DIR/checkpoints/last.pt if present), "
+        "with the options of the run's config.json as defaults",
     )
+    add_threads_argument(parser)
     _add_config_flags(parser)
     parser.set_defaults(func=_train)
 
@@ -78,31 +150,171 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_train_options(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]]:
-    """Merge defaults, the ``--config`` file and flags into a TrainConfig and run options."""
-    values = read_config_file(args.config) if getattr(args, "config", None) else {}
-    model = values.pop("model", DEFAULT_MODEL)
-    model = {"name": model} if isinstance(model, str) else dict(model)
-    run = {
-        "data": values.pop("data", "digits"),
-        "image_size": values.pop("image_size", None),
-        "random_flip": values.pop("random_flip", False),
-        "resume": getattr(args, "resume", None),
-    }
-    for key in ("data", "image_size", "random_flip"):
+    """Merge defaults, the ``--config`` file and flags into a TrainConfig and run options.
+
+    With ``--resume`` and a checkpoint to resume, the run's saved options replace the defaults,
+    and an option given that differs from them is refused (:data:`RESUME_MAY_CHANGE` and
+    :data:`RESUME_CHANGES_LEARNING` may change; they are reported).
+    """
+    options, model, origins = _given_options(args)
+    resume = getattr(args, "resume", None)
+    out_dir = Path(options.get("out_dir", TrainConfig().out_dir))
+    saved = _saved_run(resume, out_dir) if resume is not None else None
+    base: dict[str, Any] = {"data": DEFAULT_DATA, "image_size": None, "random_flip": False}
+    base_model: dict[str, Any] = {"name": DEFAULT_MODEL}
+    if saved is not None:
+        _check_resume(options, model, origins, saved, out_dir)
+        base.update(saved["options"])
+        base_model = dict(saved["model"]) or base_model
+    values = {**base, **options}
+    run = {key: values.pop(key) for key in RUN_KEYS}
+    run["resume"] = resume
+    run["model"] = {**base_model, **model}
+    return TrainConfig.from_dict(values), run
+
+
+def _given_options(
+    args: argparse.Namespace,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, tuple[str, str]]]:
+    """What the ``--config`` file and the flags set (flags win): training and run options,
+    model entries, and where each came from (``("flag", "--lr")`` or ``("file", path)``)."""
+    options: dict[str, Any] = {}
+    model: dict[str, Any] = {}
+    origins: dict[str, tuple[str, str]] = {}
+    path = getattr(args, "config", None)
+    if path:
+        values = read_config_file(path)
+        file_model = values.pop("model", None)
+        if file_model is not None:
+            file_model = {"name": file_model} if isinstance(file_model, str) else dict(file_model)
+            for key, value in file_model.items():
+                model[key] = value
+                origins["model." + key] = ("file", str(path))
+        for key, value in values.items():
+            options[key] = value
+            origins[key] = ("file", str(path))
+    for key in (*RUN_KEYS, *(f.name for f in dataclasses.fields(TrainConfig))):
         if hasattr(args, key):
-            run[key] = getattr(args, key)
+            options[key] = getattr(args, key)
+            origins[key] = ("flag", "--" + key.replace("_", "-"))
     if hasattr(args, "model"):
         model["name"] = args.model
+        origins["model.name"] = ("flag", "--model")
     for item in getattr(args, "model_arg", None) or []:
         key, sep, text = item.partition("=")
         if not sep:
             raise SystemExit(f"--model-arg expects KEY=VALUE, got {item!r}")
-        model[key.replace("-", "_")] = _parse_value(text)
-    run["model"] = model
-    for field in dataclasses.fields(TrainConfig):
-        if hasattr(args, field.name):
-            values[field.name] = getattr(args, field.name)
-    return TrainConfig.from_dict(values), run
+        key = key.replace("-", "_")
+        model[key] = _parse_value(text)
+        origins["model." + key] = ("flag", "--model-arg")
+    return options, model, origins
+
+
+def _saved_run(resume: str, out_dir: Path) -> dict[str, Any] | None:
+    """The options of the run a ``--resume`` continues: from ``OUT_DIR/config.json``, else from
+    the checkpoint's own config. None when there is no checkpoint to resume (or it cannot be
+    read: the trainer then says why)."""
+    from zigzag_mamba.train.checkpoint import (
+        CHECKPOINT_KEYS,
+        CheckpointError,
+        load_checkpoint_or_previous,
+        previous_path,
+    )
+
+    checkpoint = out_dir / "checkpoints" / "last.pt" if resume == "auto" else Path(resume)
+    if not (checkpoint.is_file() or previous_path(checkpoint).is_file()):
+        return None
+    known = {f.name for f in dataclasses.fields(TrainConfig)} | set(RUN_KEYS)
+    config_file = out_dir / "config.json"
+    if config_file.is_file():
+        values = json.loads(config_file.read_text())
+        source = str(config_file)
+    else:
+        try:
+            with warnings.catch_warnings():  # the trainer warns when it loads it
+                warnings.simplefilter("ignore")
+                state, used = load_checkpoint_or_previous(checkpoint, required=CHECKPOINT_KEYS)
+        except (CheckpointError, FileNotFoundError):
+            return None
+        config = state["config"] if isinstance(state["config"], dict) else {}
+        values = {**config.get("train", {}), "model": config.get("model") or {}}
+        source = f"the config stored in {used}"
+    model = values.pop("model", None) or {}
+    options = {k: v for k, v in values.items() if k in known and k != "out_dir"}
+    return {"options": options, "model": model, "source": source}
+
+
+def _check_resume(
+    options: dict[str, Any],
+    model: dict[str, Any],
+    origins: dict[str, tuple[str, str]],
+    saved: dict[str, Any],
+    out_dir: Path,
+) -> None:
+    """Refuse options that differ from the resumed run's, naming each; report allowed changes."""
+    refused, changed = [], []
+    for key, value in options.items():
+        if key == "out_dir" or key not in saved["options"]:
+            continue
+        before = saved["options"][key]
+        if _same(value, before):
+            continue
+        item = _difference(origins[key], key, value, before)
+        allowed = key in RESUME_MAY_CHANGE or key in RESUME_CHANGES_LEARNING
+        (changed if allowed else refused).append(item)
+    if saved["model"]:
+        for key, value in model.items():
+            before = _saved_model_value(saved["model"], key)
+            if not _same(value, before):
+                name = "model" if key == "name" else key
+                refused.append(_difference(origins["model." + key], name, value, before))
+    if refused:
+        raise SystemExit(
+            f"zigma train: --resume continues the run in {out_dir} as {saved['source']} "
+            f"describes it, but these options differ from it: {'; '.join(refused)}. Drop them "
+            "to continue the run, or start a new run in another --out-dir."
+        )
+    if changed:
+        print(
+            f"zigma train: resuming {out_dir} with options changed from {saved['source']}: "
+            + "; ".join(changed),
+            file=sys.stderr,
+        )
+
+
+def _difference(origin: tuple[str, str], name: str, value: Any, before: Any) -> str:
+    """One option that differs from the run's, named as it was given: ``--lr 0.01 (the run:
+    0.001)``, ``--model-arg depth=4 (the run: depth=2)``, ``lr: 0.01 in run.yaml (...)``."""
+    kind, where = origin
+    if kind == "file":
+        return f"{name}: {_show(value)} in {where} (the run: {_show(before)})"
+    if where == "--model-arg":
+        return f"--model-arg {name}={_show(value)} (the run: {name}={_show(before)})"
+    return f"{where} {_show(value)} (the run: {_show(before)})"
+
+
+def _saved_model_value(spec: dict[str, Any], key: str) -> Any:
+    """What ``key`` was in the model a saved spec builds: the spec's entry, else the preset's,
+    else ZigMaBackbone's default."""
+    if key in spec:
+        return spec[key]
+    from zigzag_mamba.models.backbone import CONFIGS
+    from zigzag_mamba.models.config import ZigMaConfig
+
+    preset = CONFIGS.get(spec.get("name"), {})
+    if key in preset:
+        return preset[key]
+    defaults = {f.name: f.default for f in dataclasses.fields(ZigMaConfig)}
+    return defaults.get(key)
+
+
+def _same(a: Any, b: Any) -> bool:
+    normal = lambda v: [normal(x) for x in v] if isinstance(v, list | tuple) else v
+    return normal(a) == normal(b)
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, list | tuple | dict) else str(value)
 
 
 def _parse_value(text: str) -> Any:
@@ -126,6 +338,7 @@ def _train(args: argparse.Namespace) -> int:
     from zigzag_mamba.train.data import open_dataset
     from zigzag_mamba.train.trainer import NonFiniteLossError, Trainer
 
+    set_threads(args)
     config, run = resolve_train_options(args)
     try:
         dataset = open_dataset(
@@ -136,14 +349,17 @@ def _train(args: argparse.Namespace) -> int:
         )
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"zigma train: {exc}") from exc
-    overrides = dict(run["model"])
+    overrides = dict(run["model"])  # a resumed run's: the whole spec, sizes included
+    data_shape = tuple(dataset[0][0].shape)
+    num_classes = int(getattr(dataset, "num_classes", 0))
     spec = model_spec(
         overrides.pop("name"),
-        data_shape=tuple(dataset[0][0].shape),
-        num_classes=int(getattr(dataset, "num_classes", 0)),
+        data_shape=data_shape,
+        num_classes=overrides.pop("num_classes", num_classes),
         cfg_dropout=config.cfg_dropout,
         **overrides,
     )
+    _check_data_fits(run["data"], data_shape, num_classes, spec)
     torch.manual_seed(config.seed)  # every process starts from the same weights
     trainer = Trainer(build_model(spec), dataset, config, model_config=spec)
     try:
@@ -164,6 +380,21 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_data_fits(
+    data: str, shape: tuple[int, ...], num_classes: int, spec: dict[str, Any]
+) -> None:
+    size = spec["input_size"]
+    size = [size, size] if isinstance(size, int) else list(size)
+    if [spec["in_channels"], *size] == list(shape) and spec["num_classes"] == num_classes:
+        return
+    describe = lambda s, k: f"{'x'.join(map(str, s))}, {k} classes"
+    raise SystemExit(
+        f"zigma train: the data {data!r} ({describe(shape, num_classes)}) does not fit the "
+        f"model ({describe([spec['in_channels'], *size], spec['num_classes'])}); a resumed run "
+        "needs the data it was trained on (--data, --image-size)"
+    )
+
+
 def _write_run_config(config: TrainConfig, run: dict[str, Any], spec: dict[str, Any]) -> None:
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,14 +411,21 @@ def _register_sample(subparsers) -> None:
         "sample",
         help="draw samples from a trained checkpoint into a PNG grid",
         description="Sample a checkpoint written by `zigma train` (EMA weights by default).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--ckpt", required=True, help="checkpoint file (…/checkpoints/last.pt)")
     parser.add_argument("--out", default="samples.png", help="PNG grid to write")
-    parser.add_argument("--num", type=int, default=64, help="number of samples")
-    parser.add_argument("--columns", type=int, default=8, help="images per grid row")
     parser.add_argument(
-        "--labels", type=int, nargs="+", help="class ids, cycled (default: one class per row)"
+        "--num",
+        type=_positive_int,
+        help="number of samples (default: a row of --columns per class, or 64 unconditionally)",
+    )
+    parser.add_argument("--columns", type=_positive_int, default=8, help="images per grid row")
+    parser.add_argument(
+        "--labels",
+        type=int,
+        nargs="+",
+        help="class ids, cycled over the samples (default: one class per row, row i class i)",
     )
     parser.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale (1: none)")
     parser.add_argument(
@@ -195,15 +433,30 @@ def _register_sample(subparsers) -> None:
         default="all",
         help="'all', or k to guide channels 0..k-1 only (3: DiT/SiT parity)",
     )
-    parser.add_argument("--sampler", choices=["ode", "sde"], default="ode")
+    parser.add_argument(
+        "--sampler",
+        choices=["ode", "sde"],
+        default="ode",
+        help="ode: deterministic (--method); sde: Euler-Maruyama, fresh noise every step",
+    )
     parser.add_argument(
         "--method", default="heun", help="ODE method: euler, heun, dopri5 (torchdiffeq), ..."
     )
     parser.add_argument("--steps", type=int, default=50, help="sampler steps")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--weights", choices=["ema", "model"], default="ema")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seeds the starting noise (and the SDE's noise)"
+    )
+    parser.add_argument(
+        "--weights",
+        choices=["ema", "model"],
+        default="ema",
+        help="the EMA of the weights, or the weights of the last step",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda:1, ..."
+    )
     parser.add_argument("--save-tensor", help="also save the raw samples (and labels) to a .pt")
+    add_threads_argument(parser)
     parser.set_defaults(func=_sample)
 
 
@@ -216,6 +469,7 @@ def _sample(args: argparse.Namespace) -> int:
     from zigzag_mamba.train.interpolant import Interpolant
     from zigzag_mamba.train.samplers import generate
 
+    set_threads(args)
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
@@ -236,6 +490,8 @@ def _sample(args: argparse.Namespace) -> int:
     )
     generator = torch.Generator(device).manual_seed(args.seed)
     shape = (spec["in_channels"], *spec["input_size"])
+    if args.num is None:
+        args.num = args.columns * spec["num_classes"] if spec["num_classes"] else 64
     noise = torch.randn((args.num, *shape), generator=generator, device=device)
     labels = _sample_labels(args, spec["num_classes"], device)
     samples = generate(
@@ -288,7 +544,7 @@ def _register_demo(subparsers) -> None:
             "classifier-free guidance, and score it with a digit classifier trained on the "
             "spot. Writes samples.png, scans.png, loss.csv and metrics.json."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     defaults = DemoConfig()
     for field in dataclasses.fields(DemoConfig):

@@ -57,14 +57,18 @@ class TrainConfig:
     sample_steps: int = _opt(50, "sampler steps for sample grids")
     sample_method: str = _opt("heun", "ODE method for sample grids: euler, heun, dopri5, ...")
     cfg_scale: float = _opt(4.0, "classifier-free guidance scale for sample grids")
-    grid_columns: int = _opt(8, "images per row of a sample grid (rows = classes if labelled)")
-    grid_rows: int = _opt(8, "rows of a sample grid")
+    grid_columns: int = _opt(8, "images per row of a sample grid")
+    grid_rows: int = _opt(
+        0, "rows of a sample grid, row i showing class i (0: one per class up to 16, or 8 rows)"
+    )
     eval_samples: int = _opt(0, "samples generated for the metric hooks at each sample grid")
     progress: bool = _opt(True, "show a progress bar")
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1 or self.steps < 0:
             raise ValueError("batch_size and grad_accum must be positive and steps >= 0")
+        if self.grid_columns < 1 or self.grid_rows < 0:
+            raise ValueError("grid_columns must be positive and grid_rows >= 0 (0: automatic)")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
 

@@ -23,7 +23,10 @@ def _pillow():
     try:
         from PIL import Image
     except ImportError as exc:
-        raise ImportError("image folders need Pillow: pip install 'zigzag-mamba[train]'") from exc
+        raise ImportError(
+            "image folders need Pillow: pip install pillow (or the train extra, "
+            "pip install -e '.[train]' in a clone)"
+        ) from exc
     return Image
 
 
@@ -84,7 +87,8 @@ class ImageFolder(Dataset):
             (a, file_a), (b, file_b) = list(sizes.items())[:2]
             raise ValueError(
                 f"images under {self.root} have different sizes ({a[0]}x{a[1]} in {file_a}, "
-                f"{b[0]}x{b[1]} in {file_b}); pass size= to resize and centre-crop them"
+                f"{b[0]}x{b[1]} in {file_b}); pass --image-size (or size= in Python) to "
+                "resize and centre-crop them"
             )
 
     def set_epoch(self, epoch: int) -> None:
@@ -186,7 +190,8 @@ def load_digits_tensors(size: int = 8) -> tuple[Tensor, Tensor]:
         from sklearn.datasets import load_digits
     except ImportError as exc:
         raise ImportError(
-            "the digits data set needs scikit-learn: pip install 'zigzag-mamba[train]'"
+            "the digits data set needs scikit-learn: pip install scikit-learn (or the train "
+            "extra, pip install -e '.[train]' in a clone)"
         ) from exc
     digits = load_digits()
     images = torch.from_numpy(digits.images).float()[:, None] / 8.0 - 1.0  # pixels are 0..16

@@ -48,7 +48,9 @@ class DemoConfig:
     eval_per_class: int = _opt(50, "samples per digit for the scores")
     seed: int = _opt(0, "seed for everything")
     threads: int = _opt(
-        1, "CPU threads for PyTorch (a second thread slowed this small model on 2 shared cores)"
+        1,
+        "CPU threads for PyTorch and the numba kernels (a second thread slowed this small "
+        "model on 2 shared cores)",
     )
     progress: bool = _opt(True, "show progress bars")
 

@@ -16,8 +16,32 @@ def to_uint8(images: Tensor) -> np.ndarray:
     return pixels.to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def channel_panels(images: Tensor, *, pad: int = 1) -> Tensor:
+    """Lay each channel of (N, C, H, W) images out as its own grey panel, side by side:
+    (N, 1, H, C * W + (C - 1) * pad), the panels ``pad`` pixels apart, on mid-grey (0), so that
+    they stand apart from the black lines between images in a grid.
+
+    Example::
+
+        >>> channel_panels(torch.zeros(2, 4, 8, 8)).shape
+        torch.Size([2, 1, 8, 35])
+    """
+    n, channels, height, width = images.shape
+    gap = images.new_zeros((n, channels, height, pad))
+    panels = torch.cat([images, gap], dim=3)
+    row = panels.permute(0, 2, 1, 3).reshape(n, height, channels * (width + pad))
+    return row[..., : channels * (width + pad) - pad].unsqueeze(1)
+
+
 def image_grid(images: Tensor, columns: int | None = None, *, pad: int = 1) -> np.ndarray:
-    """Tile (N, C, H, W) images in ``[-1, 1]`` into one uint8 array, row by row."""
+    """Tile (N, C, H, W) images in ``[-1, 1]`` into one uint8 array, row by row.
+
+    One channel is grey and three are RGB; any other number (4-channel latents, say) is shown
+    channel by channel, each as a grey panel (:func:`channel_panels`), so that no channel is
+    lost or read as transparency.
+    """
+    if images.shape[1] not in (1, 3):
+        images = channel_panels(images, pad=pad)
     n, channels, height, width = images.shape
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
@@ -35,7 +59,9 @@ def save_grid(
 ) -> Path:
     """Write ``images`` (N, C, H, W) in ``[-1, 1]`` as a PNG grid, enlarged ``scale`` times.
 
-    Enlarging uses nearest-neighbour so small images keep their true pixels.
+    Enlarging uses nearest-neighbour so small images keep their true pixels. The PNG is grey
+    (C = 1) or RGB (C = 3); with any other C, each image is a row of C grey panels, one per
+    channel (:func:`image_grid`), never RGBA.
 
     Example::
 

@@ -24,7 +24,8 @@ def load_photos(scale: int = 4) -> Tensor:
         from sklearn.datasets import load_sample_images
     except ImportError as exc:
         raise ImportError(
-            "the photos need scikit-learn: pip install 'zigzag-mamba[train]'"
+            "the photos need scikit-learn: pip install scikit-learn (or the train extra, "
+            "pip install -e '.[train]' in a clone)"
         ) from exc
     if scale < 1:
         raise ValueError(f"scale must be >= 1, got {scale}")

@@ -138,7 +138,8 @@ def _torchdiffeq(
     except ImportError as exc:
         raise ImportError(
             f"ODE method {method!r} needs torchdiffeq (built in: 'euler', 'heun'); "
-            "install it with: pip install torchdiffeq  (or: pip install 'zigzag-mamba[train]')"
+            "install it with: pip install torchdiffeq  (or the train extra, pip install -e "
+            "'.[train]' in a clone)"
         ) from exc
     span = torch.tensor([t_start, t_end], dtype=time_dtype(x0), device=x0.device)
     options = {"step_size": (t_end - t_start) / num_steps} if method in _FIXED_GRID else None

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from zigzag_mamba.train.checkpoint import (
     CHECKPOINT_KEYS,
+    CheckpointError,
     load_checkpoint_or_previous,
     previous_path,
     remove_checkpoint,
@@ -42,6 +43,8 @@ from zigzag_mamba.train.runlog import LossLog, Meter, progress_bar
 from zigzag_mamba.train.samplers import generate
 
 Metric = Callable[[Tensor, Tensor | None], dict[str, float]]
+#: Sample grids of labelled data show one class a row, for at most this many classes.
+MAX_CLASS_ROWS = 16
 
 
 class NonFiniteLossError(RuntimeError):
@@ -81,6 +84,22 @@ def _setup_distributed(device: str) -> tuple[Shard, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return Shard(rank, world), chosen
+
+
+def _another_model(
+    path: Path, saved: dict[str, Any] | None, ours: dict[str, Any], exc: Exception
+) -> str:
+    """Why the weights in ``path`` do not fit this model, in the terms of the model specs."""
+    saved, ours = saved or {}, ours or {}
+    differ = [k for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]
+    if saved and ours and differ:
+        what = "; ".join(f"{k}: {saved.get(k)!r} there, {ours.get(k)!r} here" for k in differ)
+    else:
+        what = str(exc).strip().splitlines()[0]
+    return (
+        f"checkpoint {path} holds the weights of another model ({what}); resume it with the "
+        "model it was trained with (zigma train reads it from the run's config.json)"
+    )
 
 
 def _same_file(a: Path | None, b: Path) -> bool:
@@ -315,8 +334,16 @@ class Trainer:
 
     # -- sampling and evaluation ------------------------------------------------------------
 
+    def grid_rows(self) -> int:
+        """Rows of the sample grids: ``config.grid_rows``, or when that is 0, one per class of
+        labelled data (at most :data:`MAX_CLASS_ROWS`), else 8."""
+        if self.config.grid_rows:
+            return self.config.grid_rows
+        return min(self.num_classes, MAX_CLASS_ROWS) if self.num_classes else 8
+
     def sample(self, count: int, *, seed: int | None = None) -> tuple[Tensor, Tensor | None]:
-        """Draw ``count`` EMA samples (classes cycle row by row of ``grid_columns``)."""
+        """Draw ``count`` EMA samples; on labelled data, row i of ``grid_columns`` samples has
+        class ``i % num_classes``, so a grid of :meth:`grid_rows` rows shows one class a row."""
         cfg = self.config
         shape = self._sample_shape()
         g = torch.Generator(self.device).manual_seed(cfg.seed + 1 if seed is None else seed)
@@ -346,7 +373,7 @@ class Trainer:
         if not self.main:
             return None
         cfg = self.config
-        samples, _ = self.sample(cfg.grid_rows * cfg.grid_columns)
+        samples, _ = self.sample(self.grid_rows() * cfg.grid_columns)
         scale = max(1, 64 // samples.shape[-1])
         path = self.out_dir / "samples" / f"step_{self.step:07d}.png"
         return save_grid(samples, path, cfg.grid_columns, scale=scale)
@@ -399,8 +426,12 @@ class Trainer:
             return
         # On the CPU: RNG states must stay there.
         state, used = load_checkpoint_or_previous(path, required=CHECKPOINT_KEYS)
-        self.model.load_state_dict(state["model"])
-        self.ema.module.load_state_dict(state["ema"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.ema.module.load_state_dict(state["ema"])
+        except RuntimeError as exc:
+            saved = state["config"].get("model") if isinstance(state["config"], dict) else None
+            raise CheckpointError(_another_model(used, saved, self.model_config, exc)) from exc
         self.optimizer.load_state_dict(state["optimizer"])
         self.batches.load_state_dict(state["data"])
         restore_rng_states(state["rng"], self.generator)

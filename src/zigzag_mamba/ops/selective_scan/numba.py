@@ -30,6 +30,7 @@ only disables this backend.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import numba
@@ -287,19 +288,31 @@ def selective_scan_backward(
             )  # fmt: skip
 
 
+# One numba kernel at a time in this process. numba's workqueue threading layer (the one left
+# where neither OpenMP nor TBB loads) aborts the process when two threads launch parallel
+# kernels at once, and under the other layers every concurrent launch would start a team of
+# torch's thread count on the same cores. A kernel already keeps every thread busy, so waiting
+# for the one running costs no throughput.
+_LAUNCH = threading.Lock()
+
+
 @contextlib.contextmanager
 def _torch_thread_count() -> Iterator[int]:
-    """Run numba with torch's thread count, and give torch its count back afterwards.
+    """Run a numba kernel alone (:data:`_LAUNCH`) with torch's thread count, and give torch its
+    count back afterwards.
 
-    numba's OpenMP layer shares the OpenMP runtime with torch and resets its thread count when
-    numba sets its own, so a user's ``torch.set_num_threads`` would otherwise be lost.
+    The kernels' parallel loops call only serial functions and never call back into torch, so
+    no parallel region ever runs inside another. numba's OpenMP layer shares the OpenMP runtime,
+    and so the thread pool, with torch; it resets the runtime's thread count when numba sets its
+    own, so a user's ``torch.set_num_threads`` would otherwise be lost.
     """
-    count = torch.get_num_threads()
-    numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
-    try:
-        yield count
-    finally:
-        torch.set_num_threads(count)
+    with _LAUNCH:
+        count = torch.get_num_threads()
+        numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
+        try:
+            yield count
+        finally:
+            torch.set_num_threads(count)
 
 
 def _state_last(bc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -8,5 +8,5 @@ workloads), :mod:`~zigzag_mamba.bench.sweep` (the sweeps over token counts),
 :mod:`~zigzag_mamba.bench.cli` (the command).
 
 ``import zigzag_mamba`` does not import this package; plotting needs matplotlib
-(``pip install 'zigzag-mamba[bench]'``).
+(the bench extra: ``pip install -e '.[bench]'`` in a clone).
 """

@@ -16,7 +16,8 @@ def _figure(panels: int):
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise ImportError(
-            "benchmark plots need matplotlib: pip install 'zigzag-mamba[bench]'"
+            "benchmark plots need matplotlib: install the bench extra "
+            "(pip install -e '.[bench]' in a clone)"
         ) from exc
     return Figure(figsize=(5.2 * panels, 4.8), layout="constrained")
 

@@ -226,7 +226,7 @@ class ZigMaBackbone(nn.Module):
         """Write ``config.json`` (the constructor's arguments) and ``model.safetensors``.
 
         The folder has the layout of huggingface_hub's ``PyTorchModelHubMixin``; load it with
-        :meth:`from_pretrained`. Needs ``safetensors`` (``pip install zigzag-mamba[hub]``).
+        :meth:`from_pretrained`. Needs ``safetensors`` (the hub extra: ``pip install -e '.[hub]'``).
 
         Example::
 
@@ -401,6 +401,6 @@ def _safetensors():
     except ImportError as exc:
         raise ImportError(
             "saving and loading pretrained folders needs safetensors: "
-            "pip install 'zigzag-mamba[hub]'"
+            "install the hub extra (pip install -e '.[hub]' in a clone)"
         ) from exc
     return safetensors.torch

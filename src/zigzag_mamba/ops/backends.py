@@ -105,7 +105,10 @@ def triton_probe(module: str) -> Probe:
         try:
             import triton
         except ImportError as exc:
-            return f"triton is not installed ({exc}); pip install 'zigzag-mamba[triton]'"
+            return (
+                f"triton is not installed ({exc}); install the triton extra "
+                "(pip install -e '.[triton]' in a clone)"
+            )
         try:
             triton.runtime.driver.active.get_current_target()
         except Exception as exc:  # no driver, or a Triton built for another platform

@@ -209,3 +209,22 @@ def test_bf16_autocast(x):
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     ref = block(x, c, context)
     assert (out - ref).norm() / ref.norm() < 0.02
+
+
+@pytest.mark.parametrize("mixer", ["mamba", "bidirectional"])
+def test_compiles_without_graph_breaks_forward_and_backward(mixer):
+    block = ZigMaBlock(DIM, (4, 6), "zigzag8", layer_idx=1, mixer=mixer)
+    randomise(block, 11)
+    x, c = torch.randn(2, 24, DIM), torch.randn(2, DIM)
+    explanation = torch._dynamo.explain(block)(x, c)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    # aot_eager: traces every op through its fake rule and autograd rule, without inductor.
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, block):
+        leaf = x.clone().requires_grad_()
+        out = fn(leaf, c)
+        grads = torch.autograd.grad(out.square().sum(), [leaf, *block.parameters()])
+        results.append([out.detach(), *grads])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want)

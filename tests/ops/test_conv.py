@@ -142,3 +142,13 @@ def test_backends_are_listed_and_forced():
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="not available"):
             zigzag_mamba.use_backend(causal_conv1d="triton")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 0), (0, 3, 7)], ids=["L0", "B0"])
+def test_empty_sequences_and_batches(shape):
+    x = torch.randn(shape, requires_grad=True)
+    weight, bias = torch.randn(3, 4, requires_grad=True), torch.randn(3, requires_grad=True)
+    out = causal_conv1d(x, weight, bias, "silu")
+    out.sum().backward()
+    assert out.shape == x.grad.shape == shape
+    assert torch.equal(weight.grad, torch.zeros(3, 4)) and torch.equal(bias.grad, torch.zeros(3))

@@ -177,3 +177,14 @@ def test_float64_goes_to_the_torch_backend():
     with zigzag_mamba.use_backend(causal_conv1d="triton"):
         out = causal_conv1d(x, weight, activation="silu")
     torch.testing.assert_close(out, causal_conv1d_reference(x, weight, activation="silu"))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 0), (0, 5, 9)], ids=["L0", "B0"])
+def test_empty_sequences_and_batches(shape):
+    gen = torch.Generator().manual_seed(0)
+    x, weight, bias = _randn(gen, *shape), _randn(gen, shape[1], 4), _randn(gen, shape[1])
+    with poisoned_outputs():
+        out = kernels.forward(x, weight, bias, True)
+        dx, dweight, dbias = kernels.backward(torch.ones_like(x), x, weight, bias, True)
+    assert out.shape == dx.shape == shape
+    assert torch.equal(dweight, torch.zeros_like(weight)) and torch.equal(dbias, torch.zeros(5))

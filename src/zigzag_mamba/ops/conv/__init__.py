@@ -47,9 +47,10 @@ register_backend(OP, "torch", f"{__name__}.reference", ("cpu", "cuda", "mps", "x
 
 
 def conv_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
-    """The backend that runs this convolution (the package's kernel only for 2 to 4 taps)."""
+    """The backend that runs this convolution (the package's kernel only for 2 to 4 taps and
+    non-empty sequences)."""
     name = implementation(OP, x.device.type, x, weight, bias)
-    if name == "causal_conv1d" and weight.shape[1] not in _PACKAGE_TAPS:
+    if name == "causal_conv1d" and (weight.shape[1] not in _PACKAGE_TAPS or x.shape[2] == 0):
         return PORTABLE
     return name
 

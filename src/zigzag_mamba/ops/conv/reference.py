@@ -15,7 +15,11 @@ def causal_conv1d_reference(
     activation: str | None = None,
 ) -> torch.Tensor:
     """A grouped ``F.conv1d`` over the sequence padded with K - 1 zeros on the left."""
-    out = F.conv1d(F.pad(x, (weight.shape[1] - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])
+    length = x.shape[2]
+    # An empty sequence gets one more zero on the right (conv1d needs K inputs); its one output
+    # is then cut off, which keeps the empty result attached to the graph.
+    padded = F.pad(x, (weight.shape[1] - 1, int(length == 0)))
+    out = F.conv1d(padded, weight.unsqueeze(1), bias, groups=x.shape[1])[..., :length]
     return out if activation is None else F.silu(out)
 
 
@@ -41,6 +45,9 @@ def backward(
     dtype = compute_dtype(x)
     channels, taps = weight.shape
     length = x.shape[2]
+    if length == 0:
+        dbias = None if bias is None else torch.zeros_like(bias)
+        return torch.zeros_like(x), torch.zeros_like(weight), dbias
     x_pad = F.pad(x.to(dtype), (taps - 1, 0))
     w = weight.to(dtype)
     g = dout.to(dtype)

@@ -165,10 +165,12 @@ def test_the_op_dispatches_to_the_kernels(dtype):
 
     if ON_GPU:
         assert zigzag_mamba.backends()["causal_conv1d"]["cuda"] == "triton"
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     for fast, slow in zip(run("triton"), run("torch"), strict=True):
-        assert fast.stride() == slow.stride()
-        torch.testing.assert_close(fast, slow, atol=tol, rtol=tol)
+        assert fast.stride() == slow.stride() and fast.dtype == slow.dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+        else:  # the torch backend, like autograd, rounds the SiLU gradient to bf16 first
+            assert (fast.float() - slow.float()).norm() <= 0.02 * slow.float().norm()
 
 
 def test_float64_goes_to_the_torch_backend():

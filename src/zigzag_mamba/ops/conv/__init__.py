@@ -9,7 +9,8 @@ backend -> the backend the registry picks (registry op ``"causal_conv1d"``), in 
 - ``causal_conv1d`` (CUDA): the causal-conv1d package's kernel (:mod:`.causal_conv1d`), 2 to 4
   taps (other widths run the ``torch`` backend);
 - ``torch`` (any device): ``F.conv1d`` with K - 1 zeros of left padding and one group per
-  channel (:mod:`.reference`), with an explicit backward that recomputes the pre-activation.
+  channel (:mod:`.reference`); its backward runs the kernels autograd would (SiLU's backward on
+  the recomputed pre-activation, then the convolution's), in x's dtype.
 
 Each backend module has ``forward(x, weight, bias, silu) -> out`` and ``backward(dout, x,
 weight, bias, silu) -> (dx, dweight, dbias)``. The output and x's gradient have x's layout

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from zigzag_mamba.ops.utils import compute_dtype
-
 
 def causal_conv1d_reference(
     x: torch.Tensor,
@@ -26,8 +24,14 @@ def causal_conv1d_reference(
 def forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool
 ) -> torch.Tensor:
-    """The torch backend's forward: the definition itself, in x's dtype."""
-    return causal_conv1d_reference(x, weight, bias, "silu" if silu else None)
+    """The torch backend's forward: the definition, with the padding done by ``F.conv1d`` (K - 1
+    zeros on both sides; the last K - 1 outputs are dropped), so x is not copied."""
+    channels, taps = weight.shape
+    length = x.shape[2]
+    if length == 0:
+        return x.new_empty(x.shape)
+    out = F.conv1d(x, weight.unsqueeze(1), bias, padding=taps - 1, groups=channels)[..., :length]
+    return F.silu(out) if silu else out
 
 
 def backward(
@@ -37,27 +41,29 @@ def backward(
     bias: torch.Tensor | None,
     silu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(dx, dweight, dbias) in their inputs' dtypes, computed in fp32 (float64 stays float64).
+    """(dx, dweight, dbias) by the kernels autograd runs for the definition, in x's dtype: SiLU's
+    backward on the recomputed pre-activation, then the convolution's.
 
-    With ``g`` the pre-activation's gradient: dx is the convolution of ``g`` with the reversed
-    taps, padded on the right; ``dweight[:, k]`` sums ``g`` times x shifted by ``K - 1 - k``.
+    The causal convolution is the first L outputs of the convolution padded with K - 1 zeros on
+    both sides, so its gradient is that convolution's, with a gradient of zero for the last K - 1
+    outputs. The pre-activation's gradient is written straight into that padded buffer.
     """
-    dtype = compute_dtype(x)
     channels, taps = weight.shape
     length = x.shape[2]
     if length == 0:
         dbias = None if bias is None else torch.zeros_like(bias)
         return torch.zeros_like(x), torch.zeros_like(weight), dbias
-    x_pad = F.pad(x.to(dtype), (taps - 1, 0))
-    w = weight.to(dtype)
-    g = dout.to(dtype)
-    if silu:  # recompute the pre-activation: silu'(p) = s (1 + p (1 - s)), s = sigmoid(p)
-        pre = F.conv1d(x_pad, w.unsqueeze(1), None if bias is None else bias.to(dtype),
-                       groups=channels)  # fmt: skip
-        sig = torch.sigmoid(pre)
-        g = g * sig * (1 + pre * (1 - sig))
-        del pre, sig
-    dx = F.conv1d(F.pad(g, (0, taps - 1)), w.flip(-1).unsqueeze(1), groups=channels)
-    dweight = torch.stack([(g * x_pad[..., k : k + length]).sum((0, 2)) for k in range(taps)], 1)
-    dbias = None if bias is None else g.sum((0, 2)).to(bias.dtype)
-    return dx.to(x.dtype), dweight.to(weight.dtype), dbias
+    w = weight.unsqueeze(1)
+    g = x.new_zeros((x.shape[0], channels, length + taps - 1))
+    if silu:
+        pre = F.conv1d(x, w, bias, padding=taps - 1, groups=channels)[..., :length]
+        torch.ops.aten.silu_backward.grad_input(dout, pre, grad_input=g[..., :length])
+        del pre
+    else:
+        g[..., :length] = dout
+    bias_sizes = None if bias is None else [channels]
+    mask = [True, True, bias is not None]
+    dx, dweight, dbias = torch.ops.aten.convolution_backward(
+        g, x, w, bias_sizes, [1], [taps - 1], [1], False, [0], channels, mask
+    )
+    return dx, dweight.squeeze(1), dbias

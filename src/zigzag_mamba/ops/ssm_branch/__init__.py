@@ -134,7 +134,7 @@ def _ssm_branch_bwd(
         dproj = torch.cat([d_dt, dB, dC], dim=1)  # (B, R + 2N, L)
         del d_dt, dB, dC
         d_x_proj_weight = (dproj @ u.transpose(1, 2)).sum(0)
-        du = du + x_proj_weight.T @ dproj
+        du = du.add_(x_proj_weight.T @ dproj)  # du is the scan's fresh output
         del dproj, u
         dx, d_conv_weight, d_conv_bias = backend_module("causal_conv1d", conv).backward(
             du, x, conv_weight, conv_bias, True

@@ -7,13 +7,13 @@ It is one block with one set of weights and inputs; only the mixer's ``recompute
 between calls, and the calls alternate (:func:`benchlib.time_interleaved`), so that a difference
 of a few percent is not drowned by the drift of a shared machine. Reported per L and mode: each
 path's median time, the median (and quartiles) of the per-repeat ratios recompute / autograd,
-and each path's peak memory during one call (the smaller of two measurements, taken in turns).
-On the CPU the peak is the rise of the resident set size (see
-:func:`zigzag_mamba.bench.timing.peak_memory`), which is steady enough on a busy machine; the
-times are not.
+and each path's peak memory during one call beyond the block and its inputs (see ``_peak``: on
+the CPU measured in a fresh process, reproducible to a fraction of a MiB even on a busy machine;
+the times are not).
 
-Targets (not asserted): forward+backward time within 5% of the autograd path on a CPU, lower
-peak memory everywhere.
+Targets (not asserted): lower peak memory everywhere; on a CPU, forward+backward within 5% of the
+block's time with plain autograd (the path the block had before, and the closest stand-in for it
+that runs in the same process).
 
 Usage::
 
@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,18 +51,41 @@ def _call(workload, mode: str, recompute: bool) -> None:
     workload.run(mode)
 
 
-def _peaks(calls: dict, device: torch.device) -> dict[str, float]:
-    """Peak MiB of one call of each, the smaller of two measurements taken in turns."""
-    peaks = {name: float("inf") for name in calls}
-    for _ in range(2):
-        for name, call in calls.items():
-            peaks[name] = min(peaks[name], peak_memory(call, device) / MIB)
-    return peaks
+def _peak_here(args: argparse.Namespace, length: int, mode: str, recompute: bool) -> float:
+    """Peak MiB of one call in this process (after a warm-up call), the smaller of two."""
+    device = torch.device(args.device)
+    workload = block_workload("zigma", args.dim, length, args.batch, device, DTYPES[args.dtype])
+    call = functools.partial(_call, workload, mode, recompute)
+    call()
+    return min(peak_memory(call, device) for _ in range(2)) / MIB
+
+
+def _peak(args: argparse.Namespace, length: int, mode: str, recompute: bool) -> float:
+    """Peak MiB of one call. On a GPU, from the allocator's statistics, here. On the CPU, in a
+    fresh process whose C allocator serves every block above 128 KiB with its own mapping
+    (``MALLOC_MMAP_THRESHOLD_``), so that freed tensors leave the resident set at once and the
+    peak resident size is that of the live tensors, reproducible to a fraction of a MiB (with
+    the allocator's default, moving threshold it varies by tens of MiB from run to run)."""
+    if args.device != "cpu":
+        return _peak_here(args, length, mode, recompute)
+    command = [sys.executable, __file__, "--peak", f"{length},{mode},{int(recompute)}"]
+    for key in ("device", "dim", "batch", "dtype", "threads"):
+        if getattr(args, key) is not None:
+            command += [f"--{key}", str(getattr(args, key))]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def measure(args: argparse.Namespace, device: torch.device) -> Iterator[str]:
     """The report's Markdown lines: what ran, then one table row per L and mode."""
     info = machine_info(device, DTYPES[args.dtype])
+    if args.threads:  # after machine_info: numba's OpenMP start-up resets the thread count
+        torch.set_num_threads(args.threads)
+        info["torch_threads"] = args.threads
+    method = info["memory_method"]
+    if device.type == "cpu":
+        method += ", MALLOC_MMAP_THRESHOLD_=131072"
     backends = {op: choice[device.type] for op, choice in info["backends"].items()}
     yield from (
         "# Recomputing in the mixer's backward",
@@ -68,7 +94,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> Iterator[str]:
         f"torch {info['torch']}; backends {backends}; ZigMa block (zigzag8), D = {args.dim}, "
         f"batch {args.batch}, {args.dtype}; {args.repeats} interleaved repeats per row. Ratio: "
         "median (and quartiles) of the per-repeat ratios recompute / autograd. Peak: memory "
-        f"during one call beyond the block and its inputs ({info['memory_method']}).",
+        f"during one call beyond the block and its inputs ({method}).",
         "",
         "| L | mode | recompute (ms) | autograd (ms) | ratio | quartiles "
         "| peak recompute (MiB) | peak autograd (MiB) |",
@@ -83,7 +109,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> Iterator[str]:
                 for name, recompute in PATHS.items()
             }
             timings = time_interleaved(calls, device, repeats=args.repeats, warmup=2)
-            peaks = _peaks(calls, device)
+            peaks = {name: _peak(args, length, mode, flag) for name, flag in PATHS.items()}
             ratio, low, high = paired_ratio(timings["recompute"], timings["autograd"])
             ours, plain = (1e3 * timings[name].median for name in PATHS)
             yield (
@@ -103,14 +129,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="interleaved calls of each path")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, help="also write the Markdown table here")
+    parser.add_argument("--peak", help=argparse.SUPPRESS)  # "L,mode,recompute": one peak
     args = parser.parse_args()
     for key, value in zip(
         ("lengths", "dim", "batch", "dtype", "repeats"), DEFAULTS[args.device], strict=True
     ):
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.peak:
+        length, mode, recompute = args.peak.split(",")
+        print(_peak_here(args, int(length), mode, recompute == "1"))
+        return
     report = LiveReport(args.out)
     for line in measure(args, torch.device(args.device)):
         report.add(line)

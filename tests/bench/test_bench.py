@@ -1,5 +1,6 @@
 """The benchmark code at tiny sizes: shapes, rows, files and plots (never speed itself)."""
 
+import argparse
 import csv
 import json
 import os
@@ -140,6 +141,33 @@ def test_cli_writes_every_output(tmp_path, capsys):
     assert {("permute_tokens", "torch"), ("selective_scan", "reference"), ("sdpa", "torch")} <= ops
     assert (out_dir / "blocks_time.png").read_bytes()[:4] == b"\x89PNG"
     assert "## Headline" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("mode", "suffix", "label"),
+    [("default", "-compiled", "(compiled)"),
+     ("reduce-overhead", "-compiled-reduce-overhead", "(compiled, reduce-overhead)")],
+)  # fmt: skip
+def test_compile_modes_reach_torch_compile_and_name_their_rows(monkeypatch, mode, suffix, label):
+    calls = []
+
+    def fake_compile(module, **kwargs):
+        calls.append(kwargs)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    argv = ["--device", "cpu", "--compile", "--compile-mode", mode, "--blocks", "dit"]
+    settings = cli.settings_from(parser.parse_args(argv))
+    assert settings.compile and settings.compile_mode == mode
+    spec = sweep._spec(tiny_settings(), "blocks", "dit", 16, ["fwd", "fwd+bwd"], compile=mode)
+    rows = sweep.run_point(spec)
+    assert calls == [{"mode": None if mode == "default" else mode, "dynamic": False}]
+    assert all(r["name"] == "dit" + suffix and r["label"].endswith(label) for r in rows)
+    assert all(r["status"] == "ok" and r["peak_mib"] is not None for r in rows)  # no graphs on CPU
+    workload = contenders.block_workload("dit", 16, 16, 1, CPU, torch.float32, compile=mode)
+    assert workload.cudagraphs == (mode == "reduce-overhead")
 
 
 def test_bench_is_a_zigma_command_and_not_imported_by_the_package():

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_OUT = Path("benchmarks") / "results"
+# torch.compile's modes (kept here so that --help needs no torch import).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--op-max-call", type=float, help="the same for the op-level sweep")
     add("--threads", type=int, help="torch threads (default: torch's choice)")
     add("--compile", action="store_true", help="also time torch.compile'd blocks, backbones")
+    add(
+        "--compile-mode",
+        default="default",
+        choices=list(COMPILE_MODES),
+        help="torch.compile mode of --compile (reduce-overhead: CUDA graphs; default: default)",
+    )
     add("--no-isolate", action="store_true", help="measure every point in this process")
     add("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     add("--out", type=Path, default=DEFAULT_OUT, help=f"results root (default {DEFAULT_OUT})")
@@ -93,6 +101,7 @@ def settings_from(args: argparse.Namespace):
     if args.modes is not None:
         settings.op_modes = list(args.modes)
     settings.compile, settings.isolate = args.compile, settings.isolate and not args.no_isolate
+    settings.compile_mode = args.compile_mode
     _check(settings.suites, sweep.SUITES, "suite")
     _check(settings.blocks, contenders.BLOCKS, "block")
     _check(args.profile or [], contenders.BLOCKS, "block")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -51,30 +52,36 @@ def _call(workload, mode: str, recompute: bool) -> None:
     workload.run(mode)
 
 
-def _peak_here(args: argparse.Namespace, length: int, mode: str, recompute: bool) -> float:
-    """Peak MiB of one call in this process (after a warm-up call), the smaller of two."""
+def _peaks_here(args: argparse.Namespace, length: int) -> dict[str, float]:
+    """Peak MiB of one call per "mode,path" in this process (each after a warm-up call; the
+    smaller of two)."""
     device = torch.device(args.device)
     workload = block_workload("zigma", args.dim, length, args.batch, device, DTYPES[args.dtype])
-    call = functools.partial(_call, workload, mode, recompute)
-    call()
-    return min(peak_memory(call, device) for _ in range(2)) / MIB
+    peaks = {}
+    for mode in MODES:
+        for name, recompute in PATHS.items():
+            call = functools.partial(_call, workload, mode, recompute)
+            call()
+            peaks[f"{mode},{name}"] = min(peak_memory(call, device) for _ in range(2)) / MIB
+    return peaks
 
 
-def _peak(args: argparse.Namespace, length: int, mode: str, recompute: bool) -> float:
-    """Peak MiB of one call. On a GPU, from the allocator's statistics, here. On the CPU, in a
-    fresh process whose C allocator serves every block above 128 KiB with its own mapping
-    (``MALLOC_MMAP_THRESHOLD_``), so that freed tensors leave the resident set at once and the
-    peak resident size is that of the live tensors, reproducible to a fraction of a MiB (with
-    the allocator's default, moving threshold it varies by tens of MiB from run to run)."""
+def _peaks(args: argparse.Namespace, length: int) -> dict[str, float]:
+    """Peak MiB of one call per "mode,path". On a GPU from the allocator's statistics, here. On
+    the CPU in a fresh process whose C allocator serves every block above 128 KiB with its own
+    mapping (``MALLOC_MMAP_THRESHOLD_``), so that a freed tensor leaves the resident set at once
+    and the peak resident size is that of the live tensors, reproducible to a fraction of a MiB
+    (with the allocator's default, moving threshold it varies by tens of MiB from run to run;
+    the timed calls run with the default)."""
     if args.device != "cpu":
-        return _peak_here(args, length, mode, recompute)
-    command = [sys.executable, __file__, "--peak", f"{length},{mode},{int(recompute)}"]
+        return _peaks_here(args, length)
+    command = [sys.executable, __file__, "--peaks", str(length)]
     for key in ("device", "dim", "batch", "dtype", "threads"):
         if getattr(args, key) is not None:
             command += [f"--{key}", str(getattr(args, key))]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-    return float(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def measure(args: argparse.Namespace, device: torch.device) -> Iterator[str]:
@@ -101,6 +108,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> Iterator[str]:
         "|---:|---|---:|---:|---:|---|---:|---:|",
     )
     for length in (int(v) for v in args.lengths.split(",")):
+        peaks = _peaks(args, length)
         workload = block_workload("zigma", args.dim, length, args.batch, device,
                                   DTYPES[args.dtype])  # fmt: skip
         for mode in MODES:
@@ -109,12 +117,12 @@ def measure(args: argparse.Namespace, device: torch.device) -> Iterator[str]:
                 for name, recompute in PATHS.items()
             }
             timings = time_interleaved(calls, device, repeats=args.repeats, warmup=2)
-            peaks = {name: _peak(args, length, mode, flag) for name, flag in PATHS.items()}
             ratio, low, high = paired_ratio(timings["recompute"], timings["autograd"])
             ours, plain = (1e3 * timings[name].median for name in PATHS)
             yield (
                 f"| {length} | {mode} | {ours:.2f} | {plain:.2f} | {ratio:.3f}x "
-                f"| {low:.3f}-{high:.3f} | {peaks['recompute']:.1f} | {peaks['autograd']:.1f} |"
+                f"| {low:.3f}-{high:.3f} | {peaks[mode + ',recompute']:.1f} "
+                f"| {peaks[mode + ',autograd']:.1f} |"
             )
         del workload
 
@@ -129,16 +137,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="interleaved calls of each path")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, help="also write the Markdown table here")
-    parser.add_argument("--peak", help=argparse.SUPPRESS)  # "L,mode,recompute": one peak
+    parser.add_argument("--peaks", type=int, help=argparse.SUPPRESS)  # L: print the peaks
     args = parser.parse_args()
     for key, value in zip(
         ("lengths", "dim", "batch", "dtype", "repeats"), DEFAULTS[args.device], strict=True
     ):
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.peak:
-        length, mode, recompute = args.peak.split(",")
-        print(_peak_here(args, int(length), mode, recompute == "1"))
+    if args.peaks:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(json.dumps(_peaks_here(args, args.peaks)))
         return
     report = LiveReport(args.out)
     for line in measure(args, torch.device(args.device)):

@@ -200,6 +200,16 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
             ["--quick"],
             ["| numba vs torch | 1024 |", "| torch vs materialised loop | 256 |"],
         ),
+        (
+            "bench_recompute.py",
+            ["--lengths", "64", "--dim", "16", "--repeats", "2", "--threads", "1"],
+            ["| 64 | fwd |", "| 64 | fwd+bwd |"],
+        ),
+        (
+            "bench_train_step.py",
+            ["--device", "cpu", "--tiny"],
+            ["| ZigMa-B/2 | 2 |", "| DiT-B/2 | 2 |", "ZigMa-B/2 / DiT-B/2: step time"],
+        ),
     ],
 )
 def test_benchmark_scripts_print_their_tables(tmp_path, script, args, expected):

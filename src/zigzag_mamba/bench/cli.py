@@ -23,7 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--quick", action="store_true", help="a few-minute subset of the sweep")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if present")
     add("--suites", nargs="+", metavar="SUITE", help="blocks, backbones and/or ops (default all)")
-    add("--blocks", nargs="+", metavar="NAME", help="zigma, zigma-noscan, vim, dit (default all)")
+    add(
+        "--blocks",
+        nargs="+",
+        metavar="NAME",
+        help="zigma, zigma-noscan, vim, dit (default: these), zigma-mamba-ssm (needs mamba-ssm)",
+    )
+    add("--backbones", nargs="+", metavar="NAME", help="zigma, dit (default both)")
     add("--lengths", nargs="+", type=int, metavar="L", help="token counts of blocks and ops")
     add("--images", nargs="+", type=int, metavar="PX", help="image sides of the backbone sweep")
     add("--dim", type=int, help="width of blocks and ops (cpu 384, cuda 768)")
@@ -75,6 +81,7 @@ _OVERRIDES = {
     "images": "images",
     "suites": "suites",
     "blocks": "blocks",
+    "backbones": "backbones",
     "modes": "block_modes",
     "backbone_modes": "backbone_modes",
     "min_time": "min_time_s",
@@ -104,6 +111,7 @@ def settings_from(args: argparse.Namespace):
     settings.compile_mode = args.compile_mode
     _check(settings.suites, sweep.SUITES, "suite")
     _check(settings.blocks, contenders.BLOCKS, "block")
+    _check(settings.backbones, contenders.BACKBONES, "backbone")
     _check(args.profile or [], contenders.BLOCKS, "block")
     return settings
 

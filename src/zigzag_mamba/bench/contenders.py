@@ -151,12 +151,14 @@ Builder = Callable[[int, int, torch.device, torch.dtype], nn.Module]
 class Contender:
     """A named module builder: ``build(width, size, device, dtype)``, where size is the token
     count for blocks and the latent side for backbones. ``stand_in`` names the block contender
-    that runs the same kernels, to load them at a tiny size before measuring."""
+    that runs the same kernels, to load them at a tiny size before measuring. An ``optional``
+    contender needs an optional package and runs only when named."""
 
     name: str
     label: str
     build: Builder
     stand_in: str
+    optional: bool = False
 
 
 def _zigma_block(scan: str | None, mixer: str = "mamba") -> Builder:
@@ -165,6 +167,17 @@ def _zigma_block(scan: str | None, mixer: str = "mamba") -> Builder:
         return ZigMaBlock(dim, grid, scan, LAYER_IDX, mixer=mixer, device=device, dtype=dtype)
 
     return build
+
+
+def _mamba_ssm_block(dim: int, length: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The zigzag8 block with mamba-ssm's own Mamba as the mixer (its fused path: one autograd
+    function from in_proj to out_proj, on the causal-conv1d package's kernel). Needs both
+    packages and a GPU."""
+    from mamba_ssm import Mamba as FusedMamba
+
+    block = _zigma_block("zigzag8")(dim, length, device, dtype)
+    block.mixer = FusedMamba(dim, layer_idx=LAYER_IDX, device=device, dtype=dtype)
+    return block
 
 
 def _dit_block(dim: int, length: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -187,8 +200,22 @@ BLOCKS: dict[str, Contender] = {
         Contender("zigma-noscan", "ZigMa block (pattern=None)", _zigma_block(None), "zigma-noscan"),
         Contender("vim", "Vim block (bidirectional)", _zigma_block(None, "bidirectional"), "vim"),
         Contender("dit", "DiT block (attention)", _dit_block, "dit"),
+        Contender(
+            "zigma-mamba-ssm",
+            "ZigMa block (mamba-ssm's fused Mamba)",
+            _mamba_ssm_block,
+            "zigma-mamba-ssm",
+            optional=True,
+        ),
     )
 }
+
+
+def default_names(table: dict[str, Contender]) -> list[str]:
+    """The contenders a sweep runs unless told otherwise: every one that is not optional."""
+    return [name for name, contender in table.items() if not contender.optional]
+
+
 BACKBONES: dict[str, Contender] = {
     c.name: c
     for c in (

@@ -50,7 +50,10 @@ class Settings:
     lengths: list[int] = field(default_factory=lambda: [2**k for k in range(8, 15)])
     images: list[int] = field(default_factory=lambda: [256, 1024])
     suites: list[str] = field(default_factory=lambda: list(SUITES))
-    blocks: list[str] = field(default_factory=lambda: list(contenders.BLOCKS))
+    blocks: list[str] = field(default_factory=lambda: contenders.default_names(contenders.BLOCKS))
+    backbones: list[str] = field(
+        default_factory=lambda: contenders.default_names(contenders.BACKBONES)
+    )
     block_modes: list[str] = field(default_factory=lambda: list(MODES))
     backbone_modes: list[str] = field(default_factory=lambda: ["fwd"])
     op_modes: list[str] = field(default_factory=lambda: list(MODES))
@@ -383,9 +386,8 @@ def sweep_blocks(settings: Settings, log: Log) -> list[dict]:
 
 
 def sweep_backbones(settings: Settings, log: Log) -> list[dict]:
-    names = list(contenders.BACKBONES)
     return _sweep_modules(
-        settings, "backbones", names, settings.images, settings.backbone_modes, log
+        settings, "backbones", settings.backbones, settings.images, settings.backbone_modes, log
     )
 
 

@@ -152,3 +152,11 @@ def test_empty_sequences_and_batches(shape):
     out.sum().backward()
     assert out.shape == x.grad.shape == shape
     assert torch.equal(weight.grad, torch.zeros(3, 4)) and torch.equal(bias.grad, torch.zeros(3))
+
+
+def test_autocast_does_not_reach_inside_the_op():
+    x, weight = torch.randn(2, 4, 9), torch.randn(4, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = causal_conv1d(x, weight, activation="silu")
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, causal_conv1d_reference(x, weight, activation="silu"))

@@ -31,7 +31,7 @@ from zigzag_mamba.ops.backends import (
 )
 from zigzag_mamba.ops.conv.layout import empty_in_layout, in_layout_of
 from zigzag_mamba.ops.conv.reference import causal_conv1d_reference
-from zigzag_mamba.ops.utils import or_empty
+from zigzag_mamba.ops.utils import no_autocast, or_empty
 
 __all__ = ["causal_conv1d", "causal_conv1d_reference"]
 
@@ -60,7 +60,8 @@ def conv_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def _causal_conv1d_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool
 ) -> torch.Tensor:
-    out = backend_module(OP, conv_backend(x, weight, bias)).forward(x, weight, bias, silu)
+    with no_autocast(x):
+        out = backend_module(OP, conv_backend(x, weight, bias)).forward(x, weight, bias, silu)
     return in_layout_of(x, out)
 
 
@@ -79,7 +80,8 @@ def _causal_conv1d_bwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx in x's layout, dweight, dbias; an empty tensor without bias)."""
-    dx, dweight, dbias = backend_module(OP, backend).backward(dout, x, weight, bias, silu)
+    with no_autocast(x):
+        dx, dweight, dbias = backend_module(OP, backend).backward(dout, x, weight, bias, silu)
     return in_layout_of(x, dx), dweight.contiguous(), *or_empty(x, dbias)
 
 

@@ -31,7 +31,7 @@ from zigzag_mamba.ops.backends import backend_module, implementation
 from zigzag_mamba.ops.conv import conv_backend
 from zigzag_mamba.ops.selective_scan import CHUNK, ScanInputs
 from zigzag_mamba.ops.ssm_branch.reference import ssm_branch_reference
-from zigzag_mamba.ops.utils import compute_dtype
+from zigzag_mamba.ops.utils import compute_dtype, no_autocast
 
 __all__ = ["ssm_branch", "ssm_branch_reference"]
 
@@ -42,10 +42,6 @@ def _backends(xz, conv_weight, conv_bias, A, D, delta_bias) -> list[str]:
     x = xz[..., : xz.shape[2] // 2].transpose(1, 2)
     scan = implementation("selective_scan", xz.device.type, xz, A, D, delta_bias)
     return [conv_backend(x, conv_weight, conv_bias), scan]
-
-
-def _no_autocast(x: torch.Tensor) -> torch.autocast:
-    return torch.autocast(x.device.type, enabled=False)
 
 
 def _recompute(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias,
@@ -78,7 +74,7 @@ def _ssm_branch_fwd(
         y, checkpoints = _fake_outputs(xz, A)
         return y.zero_(), checkpoints.zero_()
     conv, scan = _backends(xz, conv_weight, conv_bias, A, D, delta_bias)
-    with _no_autocast(xz):
+    with no_autocast(xz):
         xz = xz.flip(1) if reverse else xz
         *_, inputs = _recompute(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
                                 delta_bias, conv)  # fmt: skip
@@ -112,7 +108,7 @@ def _ssm_branch_bwd(
     xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias = inputs
     if xz.numel() == 0:
         return [xz.new_empty(0) if t is None else torch.zeros_like(t) for t in inputs]
-    with _no_autocast(xz):
+    with no_autocast(xz):
         if reverse:
             xz, dy = xz.flip(1), dy.flip(-1)
         x, dt, branch = _recompute(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A,

@@ -3,6 +3,12 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh      (default OUT: ./gpu_results)
 #
+# Optional, off by default: GPU_CHECK_MAMBA_SSM_SDISTS=<folder> first builds causal-conv1d and
+# mamba-ssm from the source distributions in that folder (for sm_90, no network needed; the
+# folder must also hold any of their Python dependencies the machine lacks, e.g. transformers),
+# then tests their backends and adds mamba-ssm's fused Mamba to a block sweep. The build alone
+# can take many minutes: raise GPU_CHECK_SECONDS with it (see section_build_mamba_ssm).
+#
 # Runs from a checkout without installing it (PYTHONPATH=src). Each section writes its results
 # under $OUT and its log to $OUT/<section>.log; a failing section is recorded and the remaining
 # ones still run (device time is scarce), and the script exits non-zero at the end if any failed.
@@ -19,7 +25,7 @@ set -uo pipefail
 
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu_results}"
-BUDGET="${GPU_CHECK_SECONDS:-480}"
+BUDGET="${GPU_CHECK_SECONDS:-540}"
 RESERVE=20 # seconds kept for the summary and the archive
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
@@ -89,6 +95,12 @@ section_bench_scan_cost() {
     "$PY" benchmarks/bench_scan_cost.py --device cuda --out "$OUT/bench_scan_cost.md"
 }
 
+# --- recomputing in the mixer's backward: Mamba.recompute on and off, interleaved calls, with
+# peak memory; L = 4096 and 16384, D = 768, bf16. Under a minute. ---------------------------
+section_bench_recompute() {
+    "$PY" benchmarks/bench_recompute.py --device cuda --out "$OUT/bench_recompute.md"
+}
+
 # --- zigma bench: blocks, backbones and ops against attention ------------------------------
 # The quick CUDA sweep of `zigma bench`: ZigMa (zigzag8), ZigMa (pattern=None), Vim and DiT blocks
 # at L = 1024 to 65536, D = 768, bf16, forward and forward+backward, with peak memory; ZigMa-B/2
@@ -100,12 +112,80 @@ section_bench_blocks() {
         cp "$OUT"/bench_blocks/*-quick/summary.md "$OUT/bench_blocks.md"
 }
 
+# --- a training step at the paper's scale: ZigMa-B/2 against DiT-B/2, 1024^2 latents (L = 4096),
+# batch 8 (halved until both fit), bf16 autocast, AdamW; time per step and peak memory --------
+section_bench_train_step() {
+    "$PY" benchmarks/bench_train_step.py --device cuda --out "$OUT/bench_train_step.md"
+}
+
+# --- launch overhead: the backbones at L = 256 and 4096 (256^2 and 1024^2 images), eager against
+# torch.compile. First sampling with CUDA graphs (mode reduce-overhead, forward only), then the
+# default mode forward and forward+backward; ZigMa-B/2 first, DiT-B/2 last (each compile of a
+# 24-block graph takes tens of seconds, so what the time limit cuts is the least needed). Each
+# run's rows are in this section's log as they are measured. ---------------------------------
+section_bench_compile() {
+    local common=(--device cuda --suites backbones --images 256 1024 --compile --min-time 0.2
+        --no-plots)
+    local runs=(
+        "reduce-overhead zigma fwd"
+        "default zigma fwd fwd+bwd"
+        "default dit fwd fwd+bwd"
+        "reduce-overhead dit fwd"
+    )
+    local run mode model modes status=0
+    for run in "${runs[@]}"; do
+        read -r mode model modes <<<"$run"
+        # shellcheck disable=SC2086  # $modes is a list of words
+        "$PY" benchmarks/bench_blocks.py "${common[@]}" --compile-mode "$mode" --backbones "$model" \
+            --backbone-modes $modes --out "$OUT/bench_compile/$mode-$model" >/dev/null || status=1
+        {
+            printf '\n## %s, compile mode %s\n\n' "$model" "$mode"
+            sed -n '/^## Backbones/,$p' "$OUT"/bench_compile/"$mode-$model"/*/summary.md
+        } >>"$OUT/bench_compile.md" 2>/dev/null
+    done
+    return $status
+}
+
+# --- optional: mamba-ssm and causal-conv1d built from source here (GPU_CHECK_MAMBA_SSM_SDISTS),
+# for sm_90 only, with 16 compile jobs; the log ends with the build's duration. ---------------
+section_build_mamba_ssm() {
+    local start=$SECONDS rc=0
+    TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 CAUSAL_CONV1D_FORCE_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
+        "$PY" -m pip install --no-build-isolation --no-index \
+        --find-links "$GPU_CHECK_MAMBA_SSM_SDISTS" --no-binary causal-conv1d,mamba-ssm \
+        causal-conv1d mamba-ssm || rc=$?
+    echo "build: $((SECONDS - start)) s, exit status $rc" | tee "$OUT/build_mamba_ssm.md"
+    return $rc
+}
+
+# --- optional, after the build: the mamba_ssm and causal_conv1d backends against the Triton
+# kernels on CUDA, and mamba-ssm's fused Mamba as a block contender at L = 4096 and 16384 ------
+section_mamba_ssm() {
+    ZIGZAG_MAMBA_CUDA_TESTS=1 "$PY" -m pytest tests/triton/test_cuda_packages.py -q \
+        -p no:cacheprovider -rs --junitxml="$OUT/mamba_ssm_tests.xml" &&
+        "$PY" benchmarks/bench_blocks.py --device cuda --suites blocks \
+            --blocks zigma zigma-mamba-ssm dit --lengths 4096 16384 --min-time 0.2 --no-plots \
+            --out "$OUT/bench_mamba_ssm" >/dev/null &&
+        cp "$OUT"/bench_mamba_ssm/*/summary.md "$OUT/bench_mamba_ssm.md"
+}
+
+# In order of what matters most now; the budget cuts the last ones when time runs out.
 run_section environment "Environment" 30
+if [[ -n ${GPU_CHECK_MAMBA_SSM_SDISTS:-} ]]; then
+    export GPU_CHECK_MAMBA_SSM_SDISTS
+    run_section build_mamba_ssm "Build mamba-ssm and causal-conv1d (optional)" 1200
+fi
 run_section triton_tests "Triton kernel tests on CUDA" 150
+if [[ -n ${GPU_CHECK_MAMBA_SSM_SDISTS:-} ]]; then
+    run_section mamba_ssm "mamba-ssm and causal-conv1d backends and block (optional)" 180
+fi
+run_section bench_triton_scan "Triton selective scan" 100
+run_section bench_blocks "Blocks, backbones and ops against attention" 120
+run_section bench_train_step "A training step at 1024^2: ZigMa-B/2 against DiT-B/2" 60
+run_section bench_compile "torch.compile and CUDA graphs: backbones at L = 256 and 4096" 100
+run_section bench_recompute "Recomputing in the mixer's backward" 40
+run_section bench_scan_cost "The zigzag scan's cost in a block" 40
 run_section bench_permute "permute_tokens bandwidth" 30
-run_section bench_triton_scan "Triton selective scan" 150
-run_section bench_scan_cost "The zigzag scan's cost in a block" 45
-run_section bench_blocks "Blocks, backbones and ops against attention" 180
 
 {
     cat "$OUT/environment.md" 2>/dev/null || true

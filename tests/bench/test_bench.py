@@ -1,5 +1,6 @@
 """The benchmark code at tiny sizes: shapes, rows, files and plots (never speed itself)."""
 
+import argparse
 import csv
 import json
 import os
@@ -33,12 +34,18 @@ def tiny_settings(**changes) -> sweep.Settings:
     return settings
 
 
-@pytest.mark.parametrize("name", list(contenders.BLOCKS))
+@pytest.mark.parametrize("name", contenders.default_names(contenders.BLOCKS))
 def test_block_workloads_keep_the_token_shape(name):
     workload = contenders.block_workload(name, 16, 64, 2, CPU, torch.float32)
     assert workload.fn(*workload.inputs).shape == (2, 64, 16)
     workload.forward_backward()
     assert all(p.grad is not None for p in workload.module.parameters() if p.requires_grad)
+
+
+def test_optional_contenders_run_only_when_named():
+    assert "zigma-mamba-ssm" in contenders.BLOCKS
+    assert "zigma-mamba-ssm" not in sweep.Settings().blocks
+    assert sweep.Settings().backbones == ["zigma", "dit"]
 
 
 @pytest.mark.parametrize("name", list(contenders.BACKBONES))
@@ -142,6 +149,33 @@ def test_cli_writes_every_output(tmp_path, capsys):
     assert "## Headline" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("mode", "suffix", "label"),
+    [("default", "-compiled", "(compiled)"),
+     ("reduce-overhead", "-compiled-reduce-overhead", "(compiled, reduce-overhead)")],
+)  # fmt: skip
+def test_compile_modes_reach_torch_compile_and_name_their_rows(monkeypatch, mode, suffix, label):
+    calls = []
+
+    def fake_compile(module, **kwargs):
+        calls.append(kwargs)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    argv = ["--device", "cpu", "--compile", "--compile-mode", mode, "--blocks", "dit"]
+    settings = cli.settings_from(parser.parse_args(argv))
+    assert settings.compile and settings.compile_mode == mode
+    spec = sweep._spec(tiny_settings(), "blocks", "dit", 16, ["fwd", "fwd+bwd"], compile=mode)
+    rows = sweep.run_point(spec)
+    assert calls == [{"mode": None if mode == "default" else mode, "dynamic": False}]
+    assert all(r["name"] == "dit" + suffix and r["label"].endswith(label) for r in rows)
+    assert all(r["status"] == "ok" and r["peak_mib"] is not None for r in rows)  # no graphs on CPU
+    workload = contenders.block_workload("dit", 16, 16, 1, CPU, torch.float32, compile=mode)
+    assert workload.cudagraphs == (mode == "reduce-overhead")
+
+
 def test_bench_is_a_zigma_command_and_not_imported_by_the_package():
     assert "bench" in cli_commands()
     code = "import sys, zigzag_mamba; print('zigzag_mamba.bench' in sys.modules)"
@@ -177,6 +211,16 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
             ["--quick", "--loads", "1"],
             ["| 1 thread | 1 | ", "| default, OMP_WAIT_POLICY=passive | ", "| 1 busy process |"],
         ),
+        (
+            "bench_recompute.py",
+            ["--lengths", "64", "--dim", "16", "--repeats", "2", "--threads", "1"],
+            ["| 64 | fwd |", "| 64 | fwd+bwd |"],
+        ),
+        (
+            "bench_train_step.py",
+            ["--device", "cpu", "--tiny"],
+            ["| ZigMa-B/2 | 2 |", "| DiT-B/2 | 2 |", "ZigMa-B/2 / DiT-B/2: step time"],
+        ),
     ],
 )
 def test_benchmark_scripts_print_their_tables(tmp_path, script, args, expected):
@@ -194,7 +238,8 @@ def test_benchmark_scripts_print_their_tables(tmp_path, script, args, expected):
 def test_gpu_check_always_writes_its_summary(tmp_path):
     # Without a GPU every section fails fast; the script must still say so section by section
     # and leave the summary and the archive, as it would after a section timed out.
-    env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_SECONDS": "120"}
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_SECONDS": "300"}
+    env.pop("GPU_CHECK_MAMBA_SSM_SDISTS", None)
     env["PYTHON"] = sys.executable
     # A section's own summary.md, as the block sweep writes, must go into the archive.
     nested = tmp_path / "bench_blocks" / "gpu-quick" / "summary.md"
@@ -211,6 +256,15 @@ def test_gpu_check_always_writes_its_summary(tmp_path):
     with tarfile.open(tmp_path / "gpu_check_results.tar.gz") as archive:
         assert "./bench_blocks/gpu-quick/summary.md" in archive.getnames()
     summary = (tmp_path / "summary.md").read_text()
-    for title in ("Triton kernel tests on CUDA", "permute_tokens bandwidth", "Blocks, backbones"):
+    titles = (
+        "Triton kernel tests on CUDA",
+        "permute_tokens bandwidth",
+        "Blocks, backbones",
+        "Recomputing in the mixer's backward",
+        "A training step",
+        "torch.compile",
+    )
+    for title in titles:
         assert f"| {title}" in summary
-    assert summary.count("| FAILED |") == 6
+    assert summary.count("| FAILED |") == 9
+    assert "mamba-ssm" not in summary  # the optional sections run only when asked for

@@ -264,3 +264,22 @@ def test_double_backward_is_a_clear_error(x):
     )
     with pytest.raises(RuntimeError, match="does not support double backward"):
         grad.square().sum().backward()
+
+
+@pytest.mark.parametrize("mixer", ["mamba", "bidirectional"])
+def test_compiles_without_graph_breaks_forward_and_backward(mixer):
+    block = ZigMaBlock(DIM, (4, 6), "zigzag8", layer_idx=1, mixer=mixer)
+    randomise(block, 11)
+    x, c = torch.randn(2, 24, DIM), torch.randn(2, DIM)
+    explanation = torch._dynamo.explain(block)(x, c)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    # aot_eager: traces every op through its fake rule and autograd rule, without inductor.
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, block):
+        leaf = x.clone().requires_grad_()
+        out = fn(leaf, c)
+        grads = torch.autograd.grad(out.square().sum(), [leaf, *block.parameters()])
+        results.append([out.detach(), *grads])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want)

@@ -1,5 +1,7 @@
-"""End to end on a CUDA device: the ops dispatch to the Triton kernels by default, and a ZigMa
-block on the GPU computes what the same block computes on the CPU, forward and backward.
+"""End to end on a CUDA device: the ops dispatch to the Triton kernels by default, a ZigMa
+block on the GPU computes what the same block computes on the CPU, forward and backward (with and
+without recomputing in the mixer's backward), and blocks and backbones compile (fullgraph,
+inductor, CUDA graphs).
 
 Run on a GPU with ``ZIGZAG_MAMBA_CUDA_TESTS=1 python -m pytest tests/triton`` (as
 ``benchmarks/gpu_check.sh`` does); skipped elsewhere.
@@ -14,7 +16,9 @@ import pytest
 import torch
 
 import zigzag_mamba
+from zigzag_mamba.models import ZigMaBackbone
 from zigzag_mamba.modules import ZigMaBlock
+from zigzag_mamba.ops.conv import causal_conv1d
 from zigzag_mamba.ops.selective_scan import selective_scan
 
 pytestmark = pytest.mark.skipif(
@@ -83,3 +87,63 @@ def test_block_compiles_without_graph_breaks_on_cuda():
     # aot_eager: traces every op through its fake rule without inductor's compile time.
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, c), block(x, c), rtol=1e-4, atol=1e-4)
+
+
+def test_causal_conv1d_runs_triton_by_default_and_matches_the_torch_backend():
+    assert zigzag_mamba.backends()["causal_conv1d"]["cuda"] == "triton"
+    g = torch.Generator().manual_seed(1)
+    # As the mixer has it: the first half of a (B, L, 2D) tensor, as a (B, D, L) view.
+    x = torch.randn(2, 300, 192, generator=g)[..., :96].transpose(1, 2).cuda()
+    weight, bias = torch.randn(96, 4, generator=g).cuda(), torch.randn(96, generator=g).cuda()
+    grad = torch.randn(2, 96, 300, generator=g).cuda()
+    results = []
+    for backend in ("triton", "torch"):
+        leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+        with zigzag_mamba.use_backend(causal_conv1d=backend):
+            out = causal_conv1d(*leaves, activation="silu")
+            results.append([out.detach(), *torch.autograd.grad(out, leaves, grad)])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mixer", ["mamba", "bidirectional"])
+def test_recompute_matches_plain_autograd_on_cuda(mixer: str):
+    torch.manual_seed(0)
+    block = ZigMaBlock(64, (6, 10), "zigzag8", layer_idx=1, mixer=mixer).cuda()
+    x, c = torch.randn(2, 60, 64, device="cuda"), torch.randn(2, 64, device="cuda")
+    results = []
+    for recompute in (True, False):
+        block.mixer.recompute = recompute
+        leaf = x.clone().requires_grad_()
+        out = block(leaf, c)
+        grads = torch.autograd.grad(out.square().sum(), [leaf, *block.parameters()])
+        results.append([out.detach(), *grads])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_backbone_compiles_fullgraph_with_inductor_on_cuda():
+    torch.manual_seed(0)
+    model = ZigMaBackbone(8, in_channels=4, dim=64, depth=2, patch_size=2).cuda()
+    x, t = torch.randn(2, 4, 8, 8, device="cuda"), torch.rand(2, device="cuda")
+    compiled = torch.compile(model, fullgraph=True)
+    results = []
+    for fn in (compiled, model):
+        out = fn(x, t)
+        grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+        results.append([out.detach(), *grads])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_block_forward_replays_cuda_graphs():
+    """Sampling with torch.compile(mode="reduce-overhead"): the block's forward as CUDA graphs."""
+    block = ZigMaBlock(64, (8, 8), "zigzag8", layer_idx=1).cuda()
+    x, c = torch.randn(2, 64, 64, device="cuda"), torch.randn(2, 64, device="cuda")
+    compiled = torch.compile(block, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        expected = block(x, c)
+        for _ in range(3):  # warm-up, record, replay
+            torch.compiler.cudagraph_mark_step_begin()
+            out = compiled(x, c)
+        torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)

@@ -20,6 +20,8 @@ DESCRIPTION = (
     "OUT/MACHINE/ (OUT/MACHINE-quick for --quick, so that a quick run never overwrites a full "
     "one)."
 )
+# torch.compile's modes (kept here so that --help needs no torch import).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--quick", action="store_true", help="a few-minute subset of the sweep")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if present")
     add("--suites", nargs="+", metavar="SUITE", help="blocks, backbones and/or ops (default all)")
-    add("--blocks", nargs="+", metavar="NAME", help="zigma, zigma-noscan, vim, dit (default all)")
+    add(
+        "--blocks",
+        nargs="+",
+        metavar="NAME",
+        help="zigma, zigma-noscan, vim, dit (default: these), zigma-mamba-ssm (needs mamba-ssm)",
+    )
+    add("--backbones", nargs="+", metavar="NAME", help="zigma, dit (default both)")
     add("--lengths", nargs="+", type=int, metavar="L", help="token counts of blocks and ops")
     add("--images", nargs="+", type=int, metavar="PX", help="image sides of the backbone sweep")
     add("--dim", type=int, help="width of blocks and ops (cpu 384, cuda 768)")
@@ -48,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "core)",
     )
     add("--compile", action="store_true", help="also time torch.compile'd blocks, backbones")
+    add(
+        "--compile-mode",
+        default="default",
+        choices=list(COMPILE_MODES),
+        help="torch.compile mode of --compile (reduce-overhead: CUDA graphs; default: default)",
+    )
     add("--no-isolate", action="store_true", help="measure every point in this process")
     add("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     add("--out", type=Path, default=DEFAULT_OUT, help=f"results root (default {DEFAULT_OUT})")
@@ -86,6 +100,7 @@ _OVERRIDES = {
     "images": "images",
     "suites": "suites",
     "blocks": "blocks",
+    "backbones": "backbones",
     "modes": "block_modes",
     "backbone_modes": "backbone_modes",
     "min_time": "min_time_s",
@@ -112,8 +127,10 @@ def settings_from(args: argparse.Namespace):
     if args.modes is not None:
         settings.op_modes = list(args.modes)
     settings.compile, settings.isolate = args.compile, settings.isolate and not args.no_isolate
+    settings.compile_mode = args.compile_mode
     _check(settings.suites, sweep.SUITES, "suite")
     _check(settings.blocks, contenders.BLOCKS, "block")
+    _check(settings.backbones, contenders.BACKBONES, "backbone")
     _check(args.profile or [], contenders.BLOCKS, "block")
     return settings
 

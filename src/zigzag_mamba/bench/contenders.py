@@ -151,12 +151,14 @@ Builder = Callable[[int, int, torch.device, torch.dtype], nn.Module]
 class Contender:
     """A named module builder: ``build(width, size, device, dtype)``, where size is the token
     count for blocks and the latent side for backbones. ``stand_in`` names the block contender
-    that runs the same kernels, to load them at a tiny size before measuring."""
+    that runs the same kernels, to load them at a tiny size before measuring. An ``optional``
+    contender needs an optional package and runs only when named."""
 
     name: str
     label: str
     build: Builder
     stand_in: str
+    optional: bool = False
 
 
 def _zigma_block(scan: str | None, mixer: str = "mamba") -> Builder:
@@ -165,6 +167,17 @@ def _zigma_block(scan: str | None, mixer: str = "mamba") -> Builder:
         return ZigMaBlock(dim, grid, scan, LAYER_IDX, mixer=mixer, device=device, dtype=dtype)
 
     return build
+
+
+def _mamba_ssm_block(dim: int, length: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The zigzag8 block with mamba-ssm's own Mamba as the mixer (its fused path: one autograd
+    function from in_proj to out_proj, on the causal-conv1d package's kernel). Needs both
+    packages and a GPU."""
+    from mamba_ssm import Mamba as FusedMamba
+
+    block = _zigma_block("zigzag8")(dim, length, device, dtype)
+    block.mixer = FusedMamba(dim, layer_idx=LAYER_IDX, device=device, dtype=dtype)
+    return block
 
 
 def _dit_block(dim: int, length: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -187,8 +200,22 @@ BLOCKS: dict[str, Contender] = {
         Contender("zigma-noscan", "ZigMa block (pattern=None)", _zigma_block(None), "zigma-noscan"),
         Contender("vim", "Vim block (bidirectional)", _zigma_block(None, "bidirectional"), "vim"),
         Contender("dit", "DiT block (attention)", _dit_block, "dit"),
+        Contender(
+            "zigma-mamba-ssm",
+            "ZigMa block (mamba-ssm's fused Mamba)",
+            _mamba_ssm_block,
+            "zigma-mamba-ssm",
+            optional=True,
+        ),
     )
 }
+
+
+def default_names(table: dict[str, Contender]) -> list[str]:
+    """The contenders a sweep runs unless told otherwise: every one that is not optional."""
+    return [name for name, contender in table.items() if not contender.optional]
+
+
 BACKBONES: dict[str, Contender] = {
     c.name: c
     for c in (
@@ -198,25 +225,37 @@ BACKBONES: dict[str, Contender] = {
 }
 
 
+DEFAULT_COMPILE = "default"
+
+
+def uses_cudagraphs(compile: str | bool) -> bool:
+    """Whether torch.compile's ``compile`` mode records CUDA graphs (on CUDA tensors)."""
+    return compile == "reduce-overhead"
+
+
 @dataclass
 class Workload:
     """``fn(*inputs)`` run forward only or forward and backward; ``backends`` are forced while
-    it runs (see :func:`zigzag_mamba.use_backend`). The output has the first input's shape."""
+    it runs (see :func:`zigzag_mamba.use_backend`). The output has the first input's shape.
+    ``cudagraphs``: ``fn`` replays CUDA graphs, and each call starts a new step of them."""
 
     fn: Callable[..., torch.Tensor]
     inputs: tuple[torch.Tensor, ...]
     module: nn.Module | None = None
     backends: dict[str, str] = field(default_factory=dict)
+    cudagraphs: bool = False
 
     def __post_init__(self) -> None:
         self._leaves = tuple(x.detach().requires_grad_(x.is_floating_point()) for x in self.inputs)
         self._grad_out = torch.randn_like(self.inputs[0])
 
     def forward(self) -> None:
+        self._new_step()
         with torch.no_grad(), use_backend(**self.backends):
             self.fn(*self.inputs)
 
     def forward_backward(self) -> None:
+        self._new_step()
         if self.module is not None:
             self.module.zero_grad(set_to_none=True)
         for leaf in self._leaves:
@@ -224,14 +263,24 @@ class Workload:
         with use_backend(**self.backends):
             self.fn(*self._leaves).backward(self._grad_out)
 
+    def _new_step(self) -> None:
+        # The previous call's outputs may be overwritten: they are never kept.
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
     def run(self, mode: str) -> None:
         """``mode`` is ``"fwd"`` or ``"fwd+bwd"``."""
         (self.forward if mode == "fwd" else self.forward_backward)()
 
 
-def _workload(module: nn.Module, inputs: tuple[torch.Tensor, ...], compile: bool) -> Workload:
-    fn = torch.compile(module) if compile else module
-    return Workload(fn, inputs, module)
+def _workload(module: nn.Module, inputs: tuple[torch.Tensor, ...], compile: str | bool) -> Workload:
+    """``compile``: "" or False for eager, True or a torch.compile mode ("default",
+    "reduce-overhead", ...) for a compiled module (one static-shape graph per size)."""
+    if not compile:
+        return Workload(module, inputs, module)
+    mode = None if compile is True or compile == DEFAULT_COMPILE else compile
+    fn = torch.compile(module, mode=mode, dynamic=False)
+    return Workload(fn, inputs, module, cudagraphs=uses_cudagraphs(compile))
 
 
 def block_workload(
@@ -241,7 +290,7 @@ def block_workload(
     batch: int,
     device: torch.device,
     dtype: torch.dtype,
-    compile: bool = False,
+    compile: str | bool = False,
 ) -> Workload:
     """Block ``name`` of width ``dim`` on ``batch`` x ``length`` tokens with conditioning."""
     module = randomize_modulation(BLOCKS[name].build(dim, length, device, dtype))
@@ -257,7 +306,7 @@ def backbone_workload(
     batch: int,
     device: torch.device,
     dtype: torch.dtype,
-    compile: bool = False,
+    compile: str | bool = False,
 ) -> Workload:
     """Backbone ``name`` on the latents of ``batch`` images of side ``image`` at time t."""
     latent = image // LATENT_DOWNSAMPLE

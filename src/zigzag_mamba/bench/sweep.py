@@ -50,7 +50,10 @@ class Settings:
     lengths: list[int] = field(default_factory=lambda: [2**k for k in range(8, 15)])
     images: list[int] = field(default_factory=lambda: [256, 1024])
     suites: list[str] = field(default_factory=lambda: list(SUITES))
-    blocks: list[str] = field(default_factory=lambda: list(contenders.BLOCKS))
+    blocks: list[str] = field(default_factory=lambda: contenders.default_names(contenders.BLOCKS))
+    backbones: list[str] = field(
+        default_factory=lambda: contenders.default_names(contenders.BACKBONES)
+    )
     block_modes: list[str] = field(default_factory=lambda: list(MODES))
     backbone_modes: list[str] = field(default_factory=lambda: ["fwd"])
     op_modes: list[str] = field(default_factory=lambda: list(MODES))
@@ -64,6 +67,7 @@ class Settings:
     reference_max_length: int = 1024  # the sequential reference scan only up to this L
     isolate: bool = True
     compile: bool = False  # add torch.compile'd blocks and backbones next to the eager ones
+    compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead" adds CUDA graphs
     threads: int | None = None
 
 
@@ -107,7 +111,19 @@ def _label(spec: dict) -> str:
         return f"{spec['name']} [{spec['backend']}]"
     table = contenders.BLOCKS if spec["suite"] == "blocks" else contenders.BACKBONES
     label = table[spec["name"]].label
-    return f"{label} (compiled)" if spec["compile"] else label
+    if not spec["compile"]:
+        return label
+    mode = "" if spec["compile"] == contenders.DEFAULT_COMPILE else f", {spec['compile']}"
+    return f"{label} (compiled{mode})"
+
+
+def _compiled_suffix(spec: dict) -> str:
+    """The row name's suffix: none when eager, "-compiled" in the default mode, else
+    "-compiled-<mode>"."""
+    if not spec["compile"]:
+        return ""
+    mode = "" if spec["compile"] == contenders.DEFAULT_COMPILE else f"-{spec['compile']}"
+    return f"-compiled{mode}"
 
 
 def _tokens(spec: dict) -> int:
@@ -130,7 +146,7 @@ def _load_kernels(spec: dict, device: torch.device, dtype: torch.dtype) -> None:
     tiny = dict(spec)
     if spec["suite"] == "backbones":
         tiny.update(suite="blocks", name=contenders.BACKBONES[spec["name"]].stand_in)
-    tiny["compile"] = False
+    tiny["compile"] = ""
     workload = _workload(tiny, WARM_TOKENS, device, dtype)
     for mode in spec["modes"]:
         workload.run(mode)
@@ -139,7 +155,7 @@ def _load_kernels(spec: dict, device: torch.device, dtype: torch.dtype) -> None:
 def _base_row(spec: dict, mode: str, params: int) -> dict:
     return {
         "suite": spec["suite"],
-        "name": spec["name"] + ("-compiled" if spec["compile"] else ""),
+        "name": spec["name"] + _compiled_suffix(spec),
         "backend": spec["backend"],
         "label": _label(spec),
         "mode": mode,
@@ -154,11 +170,16 @@ def _base_row(spec: dict, mode: str, params: int) -> dict:
 
 
 def _time_and_peak(fn: Callable[[], None], spec: dict, device: torch.device):
-    """(timing, peak bytes or None): the first call measures memory and doubles as warm-up."""
-    if spec["compile"]:
-        fn()  # compiling at this shape is neither memory nor time of the call
+    """(timing, peak bytes or None): the first call measures memory and doubles as warm-up.
+
+    With CUDA graphs (compile mode "reduce-overhead") the graphs are recorded in warm-up calls
+    and replayed from a memory pool of their own, which a replay's peak would not show: no peak
+    is reported then."""
+    cudagraphs = device.type == "cuda" and contenders.uses_cudagraphs(spec["compile"])
+    for _ in range(3 if cudagraphs else 1 if spec["compile"] else 0):
+        fn()  # compiling (and recording) at this shape is neither memory nor time of the call
     estimate = peak = None
-    if spec["memory"]:
+    if spec["memory"] and not cudagraphs:
         start = time.perf_counter()
         peak = peak_memory(fn, device)
         estimate = time.perf_counter() - start
@@ -247,9 +268,10 @@ def _spec(
     size: int,
     modes: list[str],
     backend: str = "",
-    compile: bool = False,
+    compile: str = "",
 ) -> dict:
-    """What a worker needs to measure one point; ``backend`` is the op backend (ops only)."""
+    """What a worker needs to measure one point; ``backend`` is the op backend (ops only);
+    ``compile`` is "" (eager) or the torch.compile mode."""
     repeats = settings.backbone_repeats if suite == "backbones" else settings.min_repeats
     return {
         "suite": suite,
@@ -313,7 +335,7 @@ def _sweep_contender(
     log: Log,
     measure: Callable[[dict], list[dict]],
     backend: str = "",
-    compile: bool = False,
+    compile: str = "",
 ) -> list[dict]:
     """One contender over ``sizes``, dropping a mode once it is too slow or out of memory."""
     limit_s = settings.op_max_call_s if suite == "ops" else settings.max_call_s
@@ -349,7 +371,7 @@ def _sweep_modules(
 ) -> list[dict]:
     """Blocks or backbones: each eager, and compiled too with ``settings.compile``."""
     measure, rows = _measurer(settings), []
-    for compile in [False, True] if settings.compile else [False]:
+    for compile in ["", settings.compile_mode] if settings.compile else [""]:
         for name in names:
             rows += _sweep_contender(
                 settings, suite, name, sizes, modes, log, measure, compile=compile
@@ -364,9 +386,8 @@ def sweep_blocks(settings: Settings, log: Log) -> list[dict]:
 
 
 def sweep_backbones(settings: Settings, log: Log) -> list[dict]:
-    names = list(contenders.BACKBONES)
     return _sweep_modules(
-        settings, "backbones", names, settings.images, settings.backbone_modes, log
+        settings, "backbones", settings.backbones, settings.images, settings.backbone_modes, log
     )
 
 

@@ -9,8 +9,10 @@ dicts move between the two unchanged::
     A_log            (d_inner, d_state)       D              (d_inner,)
     out_proj.weight  (d_model, d_inner)
 
-The scan and the convolution go through :func:`zigzag_mamba.ops.selective_scan.selective_scan`
-and :func:`zigzag_mamba.ops.conv.causal_conv1d`, which pick their kernel per device.
+The SSM branch (conv + SiLU -> x_proj -> dt_proj -> selective scan gated by z) is one op,
+:func:`zigzag_mamba.ops.ssm_branch.ssm_branch`, whose backward recomputes the conv and the
+projections instead of keeping them (``Mamba.recompute``); the scan and the convolution inside it
+pick their kernel per device.
 """
 
 from __future__ import annotations
@@ -18,48 +20,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from zigzag_mamba.modules.validation import check_positive, check_positive_int
-from zigzag_mamba.ops.backends import resolve
-from zigzag_mamba.ops.conv import causal_conv1d
-from zigzag_mamba.ops.selective_scan import selective_scan
+from zigzag_mamba.ops.backends import requested, resolve
+from zigzag_mamba.ops.ssm_branch import ssm_branch, ssm_branch_reference
 from zigzag_mamba.scans import check_layer_idx
-
-
-def _ssm_branch(
-    x: torch.Tensor,
-    z: torch.Tensor,
-    conv1d: nn.Conv1d,
-    x_proj: nn.Linear,
-    dt_proj: nn.Linear,
-    A_log: torch.Tensor,
-    D: torch.Tensor,
-) -> torch.Tensor:
-    """conv + SiLU -> input-dependent (dt, B, C) -> selective scan gated by z; (B, d_inner, L)."""
-    dt_rank = dt_proj.in_features
-    d_state = A_log.shape[1]
-    # Cast like mamba_ssm's fused path: under autocast x is already in the autocast dtype.
-    weight = conv1d.weight.squeeze(1).to(x.dtype)
-    bias = None if conv1d.bias is None else conv1d.bias.to(x.dtype)
-    x = causal_conv1d(x, weight, bias, activation="silu")
-    # Token-major projections, read by the scan as channel-major views (no copies).
-    dt, B, C = x_proj(rearrange(x, "b d l -> b l d")).split([dt_rank, d_state, d_state], dim=-1)
-    # dt_proj's bias is not added here: the scan adds it (in fp32) before the softplus.
-    dt = F.linear(dt, dt_proj.weight)
-    return selective_scan(
-        x,
-        rearrange(dt, "b l d -> b d l"),
-        -torch.exp(A_log.float()),
-        rearrange(B, "b l n -> b n l"),
-        rearrange(C, "b l n -> b n l"),
-        D.float(),
-        z=z,
-        delta_bias=dt_proj.bias.float(),
-        delta_softplus=True,
-    )
 
 
 class Mamba(nn.Module):
@@ -69,12 +36,20 @@ class Mamba(nn.Module):
     configs pass unchanged; it has no effect here (the kernel is chosen per device, see
     :func:`zigzag_mamba.use_backend`). ``A_log`` and ``D`` stay in fp32 whatever ``dtype`` is.
 
+    ``recompute`` (a class attribute; set it on an instance or on the class): True runs the SSM
+    branch as :func:`~zigzag_mamba.ops.ssm_branch.ssm_branch`, which keeps only the in_proj
+    output and the scan's checkpoints for the backward and recomputes the conv and the
+    projections there; False differentiates the branch with plain autograd, which keeps every
+    intermediate (more memory, no recomputation). Outputs and gradients are the same.
+
     Example::
 
         >>> mixer = Mamba(d_model=64)
         >>> mixer(torch.randn(2, 16, 64)).shape
         torch.Size([2, 16, 64])
     """
+
+    recompute: bool = True
 
     def __init__(
         self,
@@ -174,11 +149,31 @@ class Mamba(nn.Module):
         """Re-initialise every parameter as ``mamba_ssm.Mamba`` does (e.g. after ``to_empty``)."""
         self.in_proj.reset_parameters()
         self.out_proj.reset_parameters()
-        self._reset_branch(self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
+        self._reset_branch(*self._forward_branch())
 
-    def _in_proj(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        xz = rearrange(self.in_proj(hidden_states), "b l d -> b d l")  # (B, 2*d_inner, L)
-        return xz.chunk(2, dim=1)
+    def _forward_branch(self) -> tuple:
+        return self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D
+
+    def _branch(self, xz: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        """The SSM branch on the in_proj output xz (B, L, 2*d_inner): y (B, d_inner, L)."""
+        layers = self._reverse_branch() if reverse else self._forward_branch()
+        conv1d, x_proj, dt_proj, A_log, D = layers
+        # Cast like mamba_ssm's fused path: under autocast xz is already in the autocast dtype.
+        bias = None if conv1d.bias is None else conv1d.bias.to(xz.dtype)
+        args = (
+            xz,
+            conv1d.weight.squeeze(1).to(xz.dtype),
+            bias,
+            x_proj.weight.to(xz.dtype),
+            dt_proj.weight.to(xz.dtype),
+            -torch.exp(A_log.float()),
+            D.float(),
+            dt_proj.bias.float(),  # added by the scan (in fp32) before the softplus
+        )
+        # Forced to "reference", the scan runs its loop under autograd (outside torch.compile).
+        reference = not torch.compiler.is_compiling() and requested("selective_scan") == "reference"
+        branch = ssm_branch if self.recompute and not reference else ssm_branch_reference
+        return branch(*args, reverse=reverse)
 
     def _check_input(self, hidden_states: torch.Tensor) -> None:
         if hidden_states.dim() != 3 or hidden_states.shape[2] != self.d_model:
@@ -188,8 +183,7 @@ class Mamba(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         self._check_input(hidden_states)
-        x, z = self._in_proj(hidden_states)
-        y = _ssm_branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
+        y = self._branch(self.in_proj(hidden_states))
         return self.out_proj(rearrange(y, "b d l -> b l d"))
 
     def extra_repr(self) -> str:
@@ -237,7 +231,6 @@ class BiMamba(Mamba):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         self._check_input(hidden_states)
-        x, z = self._in_proj(hidden_states)
-        y = _ssm_branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
-        y_rev = _ssm_branch(x.flip(-1), z.flip(-1), *self._reverse_branch())
-        return self.out_proj(rearrange(y + y_rev.flip(-1), "b d l -> b l d"))
+        xz = self.in_proj(hidden_states)
+        y = self._branch(xz) + self._branch(xz, reverse=True)
+        return self.out_proj(rearrange(y, "b d l -> b l d"))

@@ -18,6 +18,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def no_autocast(x: torch.Tensor) -> torch.autocast:
+    """Autocast off on x's device: a custom op's implementation still runs under the caller's
+    autocast, which would change the dtypes its PyTorch code computes in (and returns)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 @contextlib.contextmanager
 def poisoned_outputs() -> Iterator[None]:
     """Fill every buffer a kernel launcher allocates with NaN (integers: their maximum).

@@ -1,39 +1,124 @@
 """Causal depthwise conv1d: ``out[b, d, t] = bias[d] + sum_k weight[d, k] x[b, d, t - K + 1 + k]``.
 
-Backends (registry op ``"causal_conv1d"``): the causal-conv1d package's CUDA kernel
-(:mod:`.causal_conv1d`) when it imports and supports the kernel width (2 to 4 taps), except
-inside ``torch.compile``; everywhere else ``F.conv1d`` with K - 1 zeros of left padding and one
-group per channel (:mod:`.reference`). Both are differentiable by autograd.
+Stack: :func:`causal_conv1d` (argument checks) -> the custom op
+``zigzag_mamba::causal_conv1d_fwd``, with a fake rule and a hand-written backward (itself the
+custom op ``zigzag_mamba::causal_conv1d_bwd``), so ``torch.compile(fullgraph=True)`` traces every
+backend -> the backend the registry picks (registry op ``"causal_conv1d"``), in "auto" order:
+
+- ``triton`` (CUDA): Triton kernels with a fused SiLU (:mod:`.triton`), any number of taps;
+- ``causal_conv1d`` (CUDA): the causal-conv1d package's kernel (:mod:`.causal_conv1d`), 2 to 4
+  taps (other widths run the ``torch`` backend);
+- ``torch`` (any device): ``F.conv1d`` with K - 1 zeros of left padding and one group per
+  channel (:mod:`.reference`); its backward runs the kernels autograd would (SiLU's backward on
+  the recomputed pre-activation, then the convolution's), in x's dtype.
+
+Each backend module has ``forward(x, weight, bias, silu) -> out`` and ``backward(dout, x,
+weight, bias, silu) -> (dx, dweight, dbias)``. The output and x's gradient have x's layout
+(:func:`.layout.empty_in_layout`): channels last for the mixer's transposed views of the in_proj
+output, contiguous otherwise. The backward saves x, weight and bias, not the output.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from zigzag_mamba.ops.backends import PORTABLE, backend_module, register_backend, resolve
+from zigzag_mamba.ops.backends import (
+    PORTABLE,
+    backend_module,
+    implementation,
+    register_backend,
+    register_triton_backend,
+)
+from zigzag_mamba.ops.conv.layout import empty_in_layout, in_layout_of
 from zigzag_mamba.ops.conv.reference import causal_conv1d_reference
+from zigzag_mamba.ops.utils import (
+    double_backward_unsupported,
+    no_autocast,
+    no_context,
+    or_empty,
+)
 
 __all__ = ["causal_conv1d", "causal_conv1d_reference"]
 
 OP = "causal_conv1d"
 _ACTIVATIONS = (None, "silu", "swish")
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_PACKAGE_TAPS = range(2, 5)  # the causal-conv1d package's kernel takes 2 to 4 taps
 
-register_backend(OP, "causal_conv1d", f"{__name__}.causal_conv1d", ("cuda",))
+# Registration order is the preference of "auto": the Triton kernels, which the project's GPU
+# check tests, before the package's (docs/backends.md says why).
+register_triton_backend(OP, f"{__name__}.triton", dtypes=_KERNEL_DTYPES)
+register_backend(OP, "causal_conv1d", f"{__name__}.causal_conv1d", ("cuda",), dtypes=_KERNEL_DTYPES)
 register_backend(OP, "torch", f"{__name__}.reference", ("cpu", "cuda", "mps", "xpu"))
 
 
-def _kernel(x: torch.Tensor, taps: int) -> Callable[..., torch.Tensor]:
-    # Under torch.compile the F.conv1d path runs: the package's kernel is opaque to the compiler
-    # (it would break the graph), and the registry's lazy probe cannot be traced.
-    if torch.compiler.is_compiling():
-        return causal_conv1d_reference
-    name = resolve(OP, x.device.type)
-    # The package's kernel takes 2 to 4 taps, and is not known to take empty sequences.
-    if name != PORTABLE and (not 2 <= taps <= 4 or x.shape[2] == 0):
-        name = PORTABLE
-    return backend_module(OP, name).causal_conv1d
+def conv_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
+    """The backend that runs this convolution (the package's kernel only for 2 to 4 taps and
+    non-empty sequences)."""
+    name = implementation(OP, x.device.type, x, weight, bias)
+    if name == "causal_conv1d" and (weight.shape[1] not in _PACKAGE_TAPS or x.shape[2] == 0):
+        return PORTABLE
+    return name
+
+
+@torch.library.custom_op("zigzag_mamba::causal_conv1d_fwd", mutates_args=())
+def _causal_conv1d_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool
+) -> torch.Tensor:
+    with no_autocast(x):
+        out = backend_module(OP, conv_backend(x, weight, bias)).forward(x, weight, bias, silu)
+    return in_layout_of(x, out)
+
+
+@_causal_conv1d_fwd.register_fake
+def _(x, weight, bias, silu):
+    return empty_in_layout(x)
+
+
+@torch.library.custom_op("zigzag_mamba::causal_conv1d_bwd", mutates_args=())
+def _causal_conv1d_bwd(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    silu: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx in x's layout, dweight, dbias; an empty tensor without bias)."""
+    with no_autocast(x):
+        dx, dweight, dbias = backend_module(OP, backend).backward(dout, x, weight, bias, silu)
+    return in_layout_of(x, dx), dweight.contiguous(), *or_empty(x, dbias)
+
+
+@_causal_conv1d_bwd.register_fake
+def _(dout, x, weight, bias, silu, backend):
+    dbias = x.new_empty(0) if bias is None else bias.new_empty(bias.shape)
+    return empty_in_layout(x), weight.new_empty(weight.shape), dbias
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, silu = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.silu = silu
+    # The backward runs the forward's backend, whatever is forced when it runs.
+    ctx.backend = conv_backend(x, weight, bias)
+
+
+def _backward(ctx, dout):
+    x, weight, bias = ctx.saved_tensors
+    dx, dweight, dbias = _causal_conv1d_bwd(dout, x, weight, bias, ctx.silu, ctx.backend)
+    return dx, dweight, None if bias is None else dbias, None
+
+
+_causal_conv1d_fwd.register_autograd(_backward, setup_context=_setup_context)
+_causal_conv1d_bwd.register_autograd(
+    double_backward_unsupported(
+        "causal_conv1d",
+        "causal_conv1d_reference computes the same in plain PyTorch, which autograd "
+        "differentiates as often as asked.",
+    ),
+    setup_context=no_context,
+)
 
 
 def causal_conv1d(
@@ -44,7 +129,8 @@ def causal_conv1d(
 ) -> torch.Tensor:
     """Causal depthwise convolution of x (B, D, L) with weight (D, K) and bias (D,).
 
-    ``activation`` is None or "silu" (alias "swish"). Returns (B, D, L) in x's dtype.
+    ``activation`` is None or "silu" (alias "swish"). Returns (B, D, L) in x's dtype and
+    layout (channels last when x is a transposed (B, L, D) tensor).
 
     Example::
 
@@ -57,4 +143,4 @@ def causal_conv1d(
     if x.dim() != 3 or weight.shape[0] != x.shape[1] or weight.dim() != 2:
         shapes = f"{tuple(x.shape)} and {tuple(weight.shape)}"
         raise ValueError(f"expected x (B, D, L) and weight (D, K), got {shapes}")
-    return _kernel(x, weight.shape[1])(x, weight, bias, activation)
+    return _causal_conv1d_fwd(x, weight, bias, activation is not None)

@@ -1,0 +1,158 @@
+"""What recomputing in the mixer's backward costs and saves: a ZigMa block with
+``Mamba.recompute = True`` (the SSM branch as one op that keeps only the in_proj output and the
+scan's checkpoints, and recomputes the conv and the projections in the backward) against the same
+block with ``recompute = False`` (plain autograd, which keeps every intermediate).
+
+It is one block with one set of weights and inputs; only the mixer's ``recompute`` flag changes
+between calls, and the calls alternate (:func:`benchlib.time_interleaved`), so that a difference
+of a few percent is not drowned by the drift of a shared machine. Reported per L and mode: each
+path's median time, the median (and quartiles) of the per-repeat ratios recompute / autograd,
+and each path's peak memory during one call beyond the block and its inputs (see ``_peak``: on
+the CPU measured in a fresh process, reproducible to a fraction of a MiB even on a busy machine;
+the times are not).
+
+Targets (not asserted): lower peak memory everywhere; on a CPU, forward+backward within 5% of the
+block's time with plain autograd (the path the block had before, and the closest stand-in for it
+that runs in the same process).
+
+Usage::
+
+    python benchmarks/bench_recompute.py                     # CPU: L = 4096, D = 384, fp32
+    python benchmarks/bench_recompute.py --device cuda       # GPU: L = 4096, 16384, D = 768, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from benchlib import LiveReport, paired_ratio, time_interleaved
+
+from zigzag_mamba.bench.contenders import block_workload
+from zigzag_mamba.bench.timing import MIB, machine_info, peak_memory
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULTS = {  # device -> (lengths, dim, batch, dtype, repeats)
+    "cpu": ("4096", 384, 1, "fp32", 20),
+    "cuda": ("4096,16384", 768, 1, "bf16", 20),
+}
+MODES = ("fwd", "fwd+bwd")
+PATHS = {"recompute": True, "autograd": False}
+
+
+def _call(workload, mode: str, recompute: bool) -> None:
+    workload.module.mixer.recompute = recompute
+    workload.run(mode)
+
+
+def _peaks_here(args: argparse.Namespace, length: int) -> dict[str, float]:
+    """Peak MiB of one call per "mode,path" in this process (each after a warm-up call; the
+    smaller of two)."""
+    device = torch.device(args.device)
+    workload = block_workload("zigma", args.dim, length, args.batch, device, DTYPES[args.dtype])
+    peaks = {}
+    for mode in MODES:
+        for name, recompute in PATHS.items():
+            call = functools.partial(_call, workload, mode, recompute)
+            call()
+            peaks[f"{mode},{name}"] = min(peak_memory(call, device) for _ in range(2)) / MIB
+    return peaks
+
+
+def _peaks(args: argparse.Namespace, length: int) -> dict[str, float]:
+    """Peak MiB of one call per "mode,path". On a GPU from the allocator's statistics, here. On
+    the CPU in a fresh process whose C allocator serves every block above 128 KiB with its own
+    mapping (``MALLOC_MMAP_THRESHOLD_``), so that a freed tensor leaves the resident set at once
+    and the peak resident size is that of the live tensors, reproducible to a fraction of a MiB
+    (with the allocator's default, moving threshold it varies by tens of MiB from run to run;
+    the timed calls run with the default)."""
+    if args.device != "cpu":
+        return _peaks_here(args, length)
+    command = [sys.executable, __file__, "--peaks", str(length)]
+    for key in ("device", "dim", "batch", "dtype", "threads"):
+        if getattr(args, key) is not None:
+            command += [f"--{key}", str(getattr(args, key))]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(args: argparse.Namespace, device: torch.device) -> Iterator[str]:
+    """The report's Markdown lines: what ran, then one table row per L and mode."""
+    info = machine_info(device, DTYPES[args.dtype])
+    if args.threads:  # after machine_info: numba's OpenMP start-up resets the thread count
+        torch.set_num_threads(args.threads)
+        info["torch_threads"] = args.threads
+    method = info["memory_method"]
+    if device.type == "cpu":
+        method += ", MALLOC_MMAP_THRESHOLD_=131072"
+    backends = {op: choice[device.type] for op, choice in info["backends"].items()}
+    yield from (
+        "# Recomputing in the mixer's backward",
+        "",
+        f"Device: **{info['gpu'] or info['cpu']}** ({info['torch_threads']} torch threads); "
+        f"torch {info['torch']}; backends {backends}; ZigMa block (zigzag8), D = {args.dim}, "
+        f"batch {args.batch}, {args.dtype}; {args.repeats} interleaved repeats per row. Ratio: "
+        "median (and quartiles) of the per-repeat ratios recompute / autograd. Peak: memory "
+        f"during one call beyond the block and its inputs ({method}).",
+        "",
+        "| L | mode | recompute (ms) | autograd (ms) | ratio | quartiles "
+        "| peak recompute (MiB) | peak autograd (MiB) |",
+        "|---:|---|---:|---:|---:|---|---:|---:|",
+    )
+    for length in (int(v) for v in args.lengths.split(",")):
+        peaks = _peaks(args, length)
+        workload = block_workload("zigma", args.dim, length, args.batch, device,
+                                  DTYPES[args.dtype])  # fmt: skip
+        for mode in MODES:
+            calls = {
+                name: functools.partial(_call, workload, mode, recompute)
+                for name, recompute in PATHS.items()
+            }
+            timings = time_interleaved(calls, device, repeats=args.repeats, warmup=2)
+            ratio, low, high = paired_ratio(timings["recompute"], timings["autograd"])
+            ours, plain = (1e3 * timings[name].median for name in PATHS)
+            yield (
+                f"| {length} | {mode} | {ours:.2f} | {plain:.2f} | {ratio:.3f}x "
+                f"| {low:.3f}-{high:.3f} | {peaks[mode + ',recompute']:.1f} "
+                f"| {peaks[mode + ',autograd']:.1f} |"
+            )
+        del workload
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=list(DEFAULTS))
+    parser.add_argument("--lengths", help="comma-separated token counts")
+    parser.add_argument("--dim", type=int)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--dtype", choices=list(DTYPES))
+    parser.add_argument("--repeats", type=int, help="interleaved calls of each path")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, help="also write the Markdown table here")
+    parser.add_argument("--peaks", type=int, help=argparse.SUPPRESS)  # L: print the peaks
+    args = parser.parse_args()
+    for key, value in zip(
+        ("lengths", "dim", "batch", "dtype", "repeats"), DEFAULTS[args.device], strict=True
+    ):
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.peaks:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(json.dumps(_peaks_here(args, args.peaks)))
+        return
+    report = LiveReport(args.out)
+    for line in measure(args, torch.device(args.device)):
+        report.add(line)
+
+
+if __name__ == "__main__":
+    main()

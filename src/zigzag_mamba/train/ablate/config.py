@@ -115,10 +115,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sample_steps": 2,
         "intervals": False,
     },
-    # The committed study (docs/ablation.md), fixed before it was run: 6 patterns x 3 seeds on
-    # 16x16 photo crops. On one thread of a shared 2-core Xeon a step took 0.29 s and scoring a
-    # run 16 s, so 18 runs take about 85 minutes. Every setting is spelled out, so that later
-    # changes to the defaults do not change the study.
+    # The committed study (docs/ablation.md, which says how its size was chosen), fixed before it
+    # was run: 6 patterns x 3 seeds on 16x16 photo crops. Every setting is spelled out, so that
+    # later changes to the defaults do not change the study.
     "photos-study": {
         "data": "photos",
         "image_size": 16,

@@ -99,7 +99,17 @@ section_bench_blocks() {
         cp "$OUT"/bench_blocks/*-quick/summary.md "$OUT/bench_blocks.md"
 }
 
+# --- timm: replace_attention on timm's own VisionTransformer ---------------------------------
+# timm needs torchvision, which has no build beside CI's CPU-only torch, so these tests skip in
+# CI; here they run (and the section fails if timm does not import). Under a minute.
+section_timm_tests() {
+    "$PY" -c "import timm; print('timm', timm.__version__)" || return 1
+    "$PY" -m pytest tests/integrations/test_timm_models.py tests/integrations/test_replace_attention.py \
+        -q -rs -p no:cacheprovider --junitxml="$OUT/timm_tests.xml"
+}
+
 run_section environment "Environment" 60
+run_section timm_tests "replace_attention on timm models" 90
 run_section triton_tests "Triton kernel tests on CUDA" 150
 run_section bench_permute "permute_tokens bandwidth" 60
 run_section bench_triton_scan "Triton selective scan" 150

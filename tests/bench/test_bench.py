@@ -206,6 +206,7 @@ def test_gpu_check_always_writes_its_summary(tmp_path):
     with tarfile.open(tmp_path / "gpu_check_results.tar.gz") as archive:
         assert "./bench_blocks/gpu-quick/summary.md" in archive.getnames()
     summary = (tmp_path / "summary.md").read_text()
-    for title in ("Triton kernel tests on CUDA", "permute_tokens bandwidth", "Blocks, backbones"):
+    titles = ("Triton kernel tests on CUDA", "permute_tokens bandwidth", "Blocks, backbones")
+    for title in (*titles, "replace_attention on timm models"):
         assert f"| {title}" in summary
-    assert summary.count("| FAILED |") == 6
+    assert summary.count("| FAILED |") == 7

@@ -201,6 +201,14 @@ def test_a_model_without_vit_attention_is_refused(model):
         replace_attention("vit_base_patch16_224")
 
 
+def test_a_bad_mamba_argument_leaves_the_model_as_it_was():
+    vit = TimmLikeViT()
+    with pytest.raises(ValueError, match="d_state must be a positive int"):
+        replace_attention(vit, d_state=0)
+    assert all(isinstance(block.attn, Attention) for block in vit.blocks)
+    assert not vit.patch_embed.proj._forward_hooks
+
+
 def test_converting_twice_is_refused():
     vit = replace_attention(TimmLikeViT())
     with pytest.raises(ValueError, match=r"model: blocks\[0\].attn is already a ZigMa mixer"):

@@ -156,12 +156,8 @@ def replace_attention(
             "whose .attn has timm's Attention signature, attn(x, attn_mask=None))"
         )
     tracker = GridTracker(host.grid)
-    if host.conv is not None:
-        host.conv.register_forward_hook(tracker)
-    for layer_idx, (parent, attribute, _) in enumerate(host.slots):
-        attention = getattr(parent, attribute)
-        factory = _factory(attention)
-        zigma = ZigMaMixer(
+    mixers = [
+        ZigMaMixer(
             host.dim,
             host.grid,
             pattern,
@@ -170,9 +166,14 @@ def replace_attention(
             ssm_cfg=mamba_kwargs,
             num_prefix_tokens=host.num_prefix_tokens,
             prefix_position=prefix_position,
-            **factory,
+            **_factory(getattr(parent, attribute)),
         )
+        for layer_idx, (parent, attribute, _) in enumerate(host.slots)
+    ]  # all built before the model changes, so that a bad argument leaves it as it was
+    for (parent, attribute, _), zigma in zip(host.slots, mixers, strict=True):
         setattr(parent, attribute, ViTMixer(zigma, tracker, host.kind))
+    if host.conv is not None:
+        host.conv.register_forward_hook(tracker)
     return model
 
 

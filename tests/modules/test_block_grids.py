@@ -220,3 +220,12 @@ def test_the_backbone_takes_diffusers_gradient_checkpointing_switch():
     assert len(calls) == len(model.blocks)
     got = [p.grad for p in model.parameters() if p.grad is not None]
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_a_block_builds_from_its_width_alone():
+    x = torch.randn(2, 24, DIM)
+    assert ZigMaBlock(DIM)(x, grid=(4, 6)).shape == x.shape
+    with pytest.warns(DeprecationWarning, match="'scan' is now called 'pattern'"):
+        old = ZigMaBlock(DIM, scan="hilbert8", layer_idx=2)
+    assert old.permutation.pattern == "hilbert8" and old.permutation.grid is None
+    assert old(x, grid=(6, 4)).shape == x.shape

@@ -204,7 +204,7 @@ class ZigzagScan(nn.Module):
         if grid is None or grid == self.grid:
             self.check_tokens(x)
             return Layout(*self.orders_for(x), self.seq_len)
-        key = (grid if type(grid) is tuple else _grid_key(grid), x.device)
+        key = (grid if type(grid) is tuple else as_grid(grid), x.device)
         layout = self._grid_cache.get(key)
         if layout is None:
             layout = self._add_layout(key)
@@ -340,7 +340,7 @@ class ZigzagScan(nn.Module):
                 self.check_tokens(y)  # raises: no grid
             num_tokens, seq_len = self.num_tokens, self.seq_len
         else:
-            key = (grid if type(grid) is tuple else _grid_key(grid), y.device)
+            key = (grid if type(grid) is tuple else as_grid(grid), y.device)
             layout = self._grid_cache.get(key) or self._add_layout(key)
             num_tokens, seq_len = layout.order.shape[0], layout.seq_len
         per_sample = num_tokens // seq_len
@@ -420,7 +420,3 @@ def _grid_orders(
 def _(like, pattern, layer_idx, grid, num_prefix_tokens, prefix_position):
     n = num_prefix_tokens + math.prod(grid)
     return like.new_empty(n, dtype=torch.long), like.new_empty(n, dtype=torch.long)
-
-
-def _grid_key(grid: object) -> Grid:
-    return as_grid(grid)  # type: ignore[arg-type]

@@ -169,6 +169,15 @@ section_mamba_ssm() {
         cp "$OUT"/bench_mamba_ssm/*/summary.md "$OUT/bench_mamba_ssm.md"
 }
 
+# --- timm: replace_attention on timm's own VisionTransformer ---------------------------------
+# timm needs torchvision, which has no build beside CI's CPU-only torch, so these tests skip in
+# CI; here they run (and the section fails if timm does not import). Under a minute.
+section_timm_tests() {
+    "$PY" -c "import timm; print('timm', timm.__version__)" || return 1
+    "$PY" -m pytest tests/integrations/test_timm_models.py tests/integrations/test_replace_attention.py \
+        -q -rs -p no:cacheprovider --junitxml="$OUT/timm_tests.xml"
+}
+
 # In order of what matters most now; the budget cuts the last ones when time runs out.
 run_section environment "Environment" 30
 if [[ -n ${GPU_CHECK_MAMBA_SSM_SDISTS:-} ]]; then
@@ -176,6 +185,7 @@ if [[ -n ${GPU_CHECK_MAMBA_SSM_SDISTS:-} ]]; then
     run_section build_mamba_ssm "Build mamba-ssm and causal-conv1d (optional)" 1200
 fi
 run_section triton_tests "Triton kernel tests on CUDA" 150
+run_section timm_tests "replace_attention on timm models" 60
 if [[ -n ${GPU_CHECK_MAMBA_SSM_SDISTS:-} ]]; then
     run_section mamba_ssm "mamba-ssm and causal-conv1d backends and block (optional)" 180
 fi

@@ -22,7 +22,9 @@ import zigzag_mamba.scans
 {extra}
 loaded = sorted(
     m for m in sys.modules
-    if m.split(".")[0] in ("triton", "mamba_ssm", "causal_conv1d", "numba", "matplotlib")
+    if m.split(".")[0]
+    in ("triton", "mamba_ssm", "causal_conv1d", "numba", "matplotlib", "transformers", "timm",
+        "diffusers")
 )
 assert not loaded, loaded
 print("ok")
@@ -34,6 +36,7 @@ print("ok")
     [
         "",
         "import zigzag_mamba.cli; zigzag_mamba.cli.build_parser()",
+        "import zigzag_mamba.integrations",
     ],
 )
 def test_import_loads_no_optional_dependency_and_no_cuda(extra):

@@ -263,8 +263,9 @@ def test_gpu_check_always_writes_its_summary(tmp_path):
         "Recomputing in the mixer's backward",
         "A training step",
         "torch.compile",
+        "replace_attention on timm models",
     )
     for title in titles:
         assert f"| {title}" in summary
-    assert summary.count("| FAILED |") == 9
+    assert summary.count("| FAILED |") == 10
     assert "mamba-ssm" not in summary  # the optional sections run only when asked for

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.util
 import pkgutil
 
 import pytest
@@ -19,6 +20,8 @@ import zigzag_mamba
 
 # Importing these needs a GPU package, or defines Triton kernels in this process.
 _NOT_IMPORTED = (".triton", ".mamba_ssm", ".causal_conv1d", "zigzag_mamba.__main__")
+# Modules that import an optional package (an extra): examined only where it is installed.
+_NEEDS = {"zigzag_mamba.integrations.diffusers": "diffusers"}
 
 
 def _modules() -> list[str]:
@@ -26,6 +29,7 @@ def _modules() -> list[str]:
         info.name
         for info in pkgutil.walk_packages(zigzag_mamba.__path__, "zigzag_mamba.")
         if not info.name.endswith(_NOT_IMPORTED)
+        and (info.name not in _NEEDS or importlib.util.find_spec(_NEEDS[info.name]) is not None)
     ]
     return ["zigzag_mamba", *names]
 

@@ -4,7 +4,9 @@ Each ```python block runs on its own, in a fresh namespace and an empty working 
 reader can paste any one of them; blocks written as an interactive session (``>>>`` prompts)
 run as doctests, so their printed results are checked too. Each ```bash block runs in bash in
 an empty folder. A block that cannot run here (it installs packages, needs a GPU, or takes
-minutes) is preceded by ``<!-- skip: reason -->``; the reason shows in the test report.
+minutes) is preceded by ``<!-- skip: reason -->``; the reason shows in the test report. A block
+that needs an optional package (an extra) is preceded by ``<!-- requires: package ... -->`` and
+skipped, with that reason, where the package is not installed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import pytest
 ROOT = Path(__file__).parents[2]
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 _BLOCK = re.compile(
-    r"(?:<!-- skip: (?P<skip>.+?) -->\n)?```(?P<language>python|bash)\n(?P<code>.*?)```", re.S
+    r"(?:<!-- skip: (?P<skip>.+?) -->\n)?(?:<!-- requires: (?P<requires>.+?) -->\n)?"
+    r"```(?P<language>python|bash)\n(?P<code>.*?)```",
+    re.S,
 )
 
 
@@ -31,6 +35,7 @@ class Block:
     language: str
     code: str
     skip: str | None
+    requires: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -44,7 +49,8 @@ def blocks() -> list[Block]:
         for match in _BLOCK.finditer(text):
             line = text.count("\n", 0, match.start("code"))
             code, skip = match.group("code"), match.group("skip")
-            found.append(Block(path, line, match.group("language"), code, skip))
+            requires = tuple((match.group("requires") or "").split())
+            found.append(Block(path, line, match.group("language"), code, skip, requires))
     return found
 
 
@@ -59,6 +65,8 @@ def test_the_docs_have_python_blocks():
 def test_block_runs(block: Block, tmp_path, monkeypatch):
     if block.skip:
         pytest.skip(block.skip)
+    for package in block.requires:
+        pytest.importorskip(package, reason=f"needs {package} (an extra), not installed")
     monkeypatch.chdir(tmp_path)
     if block.language == "bash":
         done = subprocess.run(["bash", "-euo", "pipefail", "-c", block.code], capture_output=True,

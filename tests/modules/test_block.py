@@ -186,8 +186,8 @@ def test_without_adaln_there_are_no_modulation_parameters(x):
 
 
 def test_errors(x):
-    with pytest.raises(ValueError, match="grid"):
-        ZigMaBlock(DIM, None, "zigzag8")
+    with pytest.raises(ValueError, match=r"without a grid: pass the tokens' grid=\(H, W\)"):
+        ZigMaBlock(DIM, None, "zigzag8")(x)
     with pytest.raises(ValueError, match="mixer"):
         ZigMaBlock(DIM, (4, 6), mixer="attention")
     block = ZigMaBlock(DIM, (4, 4))

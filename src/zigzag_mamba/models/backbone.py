@@ -193,6 +193,17 @@ class ZigMaBackbone(nn.Module):
         """Recompute each block in the backward pass instead of storing its activations."""
         self.grad_checkpointing = enable
 
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """diffusers' name of :attr:`grad_checkpointing`: its ``enable_gradient_checkpointing()``
+        sets this, and may set ``_gradient_checkpointing_func`` (called as ``fn(function,
+        *args)``) to recompute with; the default is ``torch.utils.checkpoint.checkpoint``."""
+        return self.grad_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:
+        self.grad_checkpointing = bool(enable)
+
     @classmethod
     def from_official(cls, state_dict: dict[str, torch.Tensor], **config) -> ZigMaBackbone:
         """Build a backbone from a state dict saved by the official ZigMa code (strict load).
@@ -348,14 +359,13 @@ class ZigMaBackbone(nn.Module):
         """
         h = self._add_positions(self._patchify(x))
         c, tokens = self._condition(t, y, context, x.shape[0])
-        residual = None
+        residual, grid = None, self.grid
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                h, residual = checkpoint(
-                    block.forward_residual, h, residual, c, tokens, use_reentrant=False
-                )
+                recompute = getattr(self, "_gradient_checkpointing_func", None) or _checkpoint
+                h, residual = recompute(block.forward_residual, h, residual, c, tokens, grid)
             else:
-                h, residual = block.forward_residual(h, residual, c, tokens)
+                h, residual = block.forward_residual(h, residual, c, tokens, grid)
         h = self.norm_f((residual + h).to(self.norm_f.weight.dtype)).to(h.dtype)
         return unpatchify(self.final_layer(h), self.grid, self.patch_size)
 
@@ -393,6 +403,10 @@ class ZigMaBackbone(nn.Module):
         cond, uncond = guided.chunk(2, dim=0)
         mixed = uncond + cfg_scale * (cond - uncond)
         return torch.cat([torch.cat([mixed, mixed]), rest], dim=channel_dim)
+
+
+def _checkpoint(function, *args):
+    return checkpoint(function, *args, use_reentrant=False)
 
 
 def _safetensors():

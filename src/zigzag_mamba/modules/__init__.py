@@ -1,7 +1,7 @@
 """Layers: the Mamba mixer, the ZigMa block, embeddings and cross-attention."""
 
 from zigzag_mamba.modules.attention import CrossAttention
-from zigzag_mamba.modules.block import ZigMaBlock
+from zigzag_mamba.modules.block import ZigMaBlock, ZigMaMixer
 from zigzag_mamba.modules.embed import (
     ContextEmbedder,
     LabelEmbedder,
@@ -21,6 +21,7 @@ __all__ = [
     "PatchEmbed",
     "TimestepEmbedder",
     "ZigMaBlock",
+    "ZigMaMixer",
     "sincos_2d",
     "timestep_embedding",
 ]

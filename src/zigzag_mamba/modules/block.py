@@ -17,6 +17,7 @@ modulate, permute) and :meth:`ZigMaBlock.mixer_out` (unpermute, gate, add), each
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -29,7 +30,8 @@ from zigzag_mamba.modules.attention import CrossAttention
 from zigzag_mamba.modules.mamba import BiMamba, Mamba
 from zigzag_mamba.modules.validation import check_positive_int
 from zigzag_mamba.ops.mixer_io import mixer_in, mixer_out
-from zigzag_mamba.scans import ZigzagScan, check_layer_idx
+from zigzag_mamba.ops.permute import permute_tokens
+from zigzag_mamba.scans import Layout, ZigzagScan, as_grid, check_layer_idx, check_num_prefix_tokens
 
 _MIXERS: dict[str, type[Mamba]] = {"mamba": Mamba, "bidirectional": BiMamba}
 
@@ -41,6 +43,40 @@ def modulate(
     return x if shift is None else x * (1 + scale[:, None]) + shift[:, None]
 
 
+def _permutation(
+    grid: int | Sequence[int] | None,
+    pattern: str | torch.Tensor | Sequence | None,
+    layer_idx: int,
+    num_prefix_tokens: int,
+    prefix_position: str,
+    device: torch.device | str | None,
+) -> ZigzagScan | None:
+    """The layer's ZigzagScan; None for no permutation. Prefix tokens are always moved to their
+    slot, so with ``pattern=None`` the grid's tokens are read in raster order around them."""
+    if check_num_prefix_tokens(num_prefix_tokens) == 0 and pattern is None:
+        if grid is not None:
+            as_grid(grid)  # checked, though unused
+        return None
+    return ZigzagScan(
+        grid,
+        "sweep" if pattern is None else pattern,
+        layer_idx,
+        num_prefix_tokens=num_prefix_tokens,
+        prefix_position=prefix_position,
+        device=device,
+    )
+
+
+def _check_grid_without_order(x: torch.Tensor, grid: int | Sequence[int] | None) -> None:
+    """A block without a permutation still checks a grid it is given against the tokens."""
+    if grid is not None and x.shape[1] != math.prod(as_grid(grid)):
+        raise ValueError(
+            f"expected tokens of shape (B, {math.prod(as_grid(grid))}, C) for grid "
+            f"{as_grid(grid)}, got {tuple(x.shape)}: the grid's product must equal the token "
+            "count"
+        )
+
+
 def _gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     return x + y if gate is None else x + gate[:, None] * y
 
@@ -50,7 +86,10 @@ class ZigMaBlock(nn.Module):
 
     Args:
         dim: token width D.
-        grid: the token grid; L must equal its product. Not needed when ``pattern`` is None.
+        grid: the default token grid; L must equal its product (plus ``num_prefix_tokens``).
+            None builds a block that takes the grid with every call (``block(x, grid=(H, W))``);
+            a call may pass another grid than the default too. Orders are built once per grid
+            and device, and kept (:class:`~zigzag_mamba.ZigzagScan`).
         pattern: a pattern name (``"zigzag8"``, ``"sweep2"``, ``"video_sst"``, ... see
             :mod:`zigzag_mamba.scans`), explicit orders (an (L,) order, a (k, L) tensor or a
             sequence of orders), or None for no permutation at all (a plain Mamba block).
@@ -62,6 +101,12 @@ class ZigMaBlock(nn.Module):
             zero-initialised. False builds a block that takes no conditioning at all.
         norm_eps: RMSNorm epsilon.
         ssm_cfg: extra :class:`Mamba` arguments (d_state, d_conv, expand, ...).
+        num_prefix_tokens: tokens in front of the grid's (a class token, register tokens),
+            kept out of the grid: L = num_prefix_tokens + the grid's product. The output keeps
+            the input's token order.
+        prefix_position: where the prefix tokens sit in every scanned sequence: ``"end"``
+            (default: a causal scan has read the whole grid when it reaches them), ``"middle"``
+            (Vim's class-token position, for bidirectional mixers) or ``"start"``.
 
     Conditioning: ``c`` (B, D) drives the adaLN shift/scale/gate. With ``c=None`` there is no
     modulation: shift = scale = 0 and gate = 1 (the adaLN layer, if built, is unused).
@@ -81,6 +126,9 @@ class ZigMaBlock(nn.Module):
         torch.Size([2, 16, 64])
         >>> block(torch.randn(2, 16, 64), c=torch.randn(2, 64)).shape
         torch.Size([2, 16, 64])
+        >>> anywhere = ZigMaBlock(dim=64, pattern="zigzag8", layer_idx=3, num_prefix_tokens=1)
+        >>> anywhere(torch.randn(2, 1 + 6 * 8, 64), grid=(6, 8)).shape  # class token + 6 x 8
+        torch.Size([2, 49, 64])
     """
 
     @renamed_kwargs(scan="pattern")
@@ -96,6 +144,8 @@ class ZigMaBlock(nn.Module):
         adaln: bool = True,
         norm_eps: float = 1e-5,
         ssm_cfg: dict | None = None,
+        num_prefix_tokens: int = 0,
+        prefix_position: str = "end",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -104,15 +154,13 @@ class ZigMaBlock(nn.Module):
         check_layer_idx(layer_idx)
         if mixer not in _MIXERS:
             raise ValueError(f"mixer must be one of {sorted(_MIXERS)}, got {mixer!r}")
-        if pattern is not None and grid is None:
-            raise ValueError("a block with a pattern needs its token grid: pass grid=(H, W)")
         factory = {"device": device, "dtype": dtype}
         self.dim = dim
         self.layer_idx = layer_idx
         self.norm = nn.RMSNorm(dim, eps=norm_eps, **factory)
         self.mixer = _MIXERS[mixer](dim, layer_idx=layer_idx, **(ssm_cfg or {}), **factory)
-        self.permutation = (
-            None if pattern is None else ZigzagScan(grid, pattern, layer_idx, device=device)
+        self.permutation = _permutation(
+            grid, pattern, layer_idx, num_prefix_tokens, prefix_position, device
         )
         self.msa = self.norm_msa = None
         if context_dim is not None:
@@ -157,29 +205,34 @@ class ZigMaBlock(nn.Module):
         residual: torch.Tensor | None,
         shift: torch.Tensor | None,
         scale: torch.Tensor | None,
+        grid: int | Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stage 1, one op: residual add -> RMSNorm -> modulate -> permute.
 
-        ``shift``, ``scale`` (B, D) or None. Returns the new residual (B, L, D, in at least
-        fp32), the normalised tokens ``h_norm`` (B, L, D, in h's dtype) and the mixer's input,
-        permuted (B', seq_len, D); B' = B * L / seq_len differs from B for video patterns.
+        ``shift``, ``scale`` (B, D) or None; ``grid`` the tokens' grid (None: the block's).
+        Returns the new residual (B, L, D, in at least fp32), the normalised tokens ``h_norm``
+        (B, L, D, in h's dtype) and the mixer's input, permuted (B', seq_len, D); B' = B * L /
+        seq_len differs from B for video patterns.
         """
-        self._check_tokens(h)
+        order, inverse, seq_len = self._layout(h, grid)
         residual, h_norm, x = mixer_in(
-            h, residual, self.norm.weight, shift, scale, *self._orders(h), self.norm.eps
+            h, residual, self.norm.weight, shift, scale, order, inverse, self.norm.eps
         )
-        seq_len = h.shape[1] if self.permutation is None else self.permutation.seq_len
         return residual, h_norm, rearrange(x, "b (n l) d -> (b n) l d", l=seq_len)
 
     def mixer_out(
-        self, h_norm: torch.Tensor, gate: torch.Tensor | None, y: torch.Tensor
+        self,
+        h_norm: torch.Tensor,
+        gate: torch.Tensor | None,
+        y: torch.Tensor,
+        grid: int | Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Stage 2, one op: unpermute the mixer's output ``y``, gate it ((B, D) or
         None) and add it to ``h_norm`` (B, L, D)."""
+        order, inverse, seq_len = self._layout(h_norm, grid)
         # Sequences per sample, rather than the batch size: einops cannot split 0 rows by 0.
-        n = 1 if self.permutation is None else h_norm.shape[1] // self.permutation.seq_len
-        y = rearrange(y, "(b n) l d -> b (n l) d", n=n)
-        return mixer_out(h_norm, gate, y, *self._orders(h_norm))
+        y = rearrange(y, "(b n) l d -> b (n l) d", n=h_norm.shape[1] // seq_len)
+        return mixer_out(h_norm, gate, y, order, inverse)
 
     def scan_in(self, h, residual, shift, scale):
         """Deprecated name of :meth:`mixer_in`."""
@@ -195,18 +248,15 @@ class ZigMaBlock(nn.Module):
         )
         return self.mixer_out(normed, gate, y)
 
-    def _orders(self, h: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if self.permutation is None:
-            return None, None
-        return self.permutation.orders_for(h)
-
-    def _check_tokens(self, h: torch.Tensor) -> None:
-        """Name the mismatch in the block's terms: tokens (B, L, dim) of its grid."""
+    def _layout(self, h: torch.Tensor, grid: int | Sequence[int] | None) -> Layout:
+        """The order, inverse and sequence length for the tokens ``h`` of ``grid``, checked."""
         if not isinstance(h, torch.Tensor) or h.dim() != 3 or h.shape[2] != self.dim:
             shape = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
             raise ValueError(f"x must be tokens (B, L, dim={self.dim}), got {shape}")
-        if self.permutation is not None:
-            self.permutation.check_tokens(h)
+        if self.permutation is None:
+            _check_grid_without_order(h, grid)
+            return Layout(None, None, h.shape[1])
+        return self.permutation.layout(h, grid)
 
     def _cross_attend(
         self, h: torch.Tensor, context: torch.Tensor | None, shift, scale, gate
@@ -222,17 +272,19 @@ class ZigMaBlock(nn.Module):
         residual: torch.Tensor | None = None,
         c: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
+        grid: int | Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The backbone's call: ``(h, residual) -> (h, residual)``, both (B, L, D).
 
         ``residual=None`` starts the stream (block 0). The residual stays in (at least) fp32.
+        ``grid``: the tokens' grid, (H, W) or (T, H, W); None means the block's own.
         """
         if context is not None and self.msa is None:
             raise ValueError("this block has no cross-attention (context_dim=None); got context")
         modulation = self._modulation(c, h.shape[0])
         shift, scale, gate = modulation[:3]
-        residual, h_norm, x = self.mixer_in(h, residual, shift, scale)
-        h = self.mixer_out(h_norm, gate, self.mixer(x))
+        residual, h_norm, x = self.mixer_in(h, residual, shift, scale, grid)
+        h = self.mixer_out(h_norm, gate, self.mixer(x), grid)
         if self.msa is not None:
             h = self._cross_attend(h, context, *modulation[3:])
         return h, residual
@@ -242,7 +294,66 @@ class ZigMaBlock(nn.Module):
         x: torch.Tensor,
         c: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
+        grid: int | Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """(B, L, D) tokens -> (B, L, D): the residual stream after this block."""
-        h, residual = self.forward_residual(x, None, c, context)
+        """(B, L, D) tokens -> (B, L, D): the residual stream after this block.
+
+        ``grid``: the tokens' grid, (H, W) or (T, H, W); None means the block's own.
+        """
+        h, residual = self.forward_residual(x, None, c, context, grid)
         return (residual + h).to(x.dtype)
+
+
+class ZigMaMixer(nn.Module):
+    """The ZigMa token mixer alone: permute -> Mamba -> unpermute, (B, L, D) -> (B, L, D).
+
+    What :func:`zigzag_mamba.integrations.replace_attention` puts in place of a ViT's
+    attention: no norm, residual or conditioning of its own (the host block has those), the
+    output in the input's token order. Arguments as :class:`ZigMaBlock`'s; ``ssm_cfg`` are
+    :class:`Mamba`'s own arguments.
+
+    Example::
+
+        >>> mixer = ZigMaMixer(64, pattern="zigzag8", layer_idx=2, num_prefix_tokens=1)
+        >>> mixer(torch.randn(2, 1 + 4 * 6, 64), grid=(4, 6)).shape
+        torch.Size([2, 25, 64])
+    """
+
+    @renamed_kwargs(scan="pattern")
+    def __init__(
+        self,
+        dim: int,
+        grid: int | Sequence[int] | None = None,
+        pattern: str | torch.Tensor | Sequence | None = "zigzag8",
+        layer_idx: int = 0,
+        *,
+        mixer: str = "mamba",
+        ssm_cfg: dict | None = None,
+        num_prefix_tokens: int = 0,
+        prefix_position: str = "end",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.dim = check_positive_int("dim", dim)
+        self.layer_idx = check_layer_idx(layer_idx)
+        if mixer not in _MIXERS:
+            raise ValueError(f"mixer must be one of {sorted(_MIXERS)}, got {mixer!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.mixer = _MIXERS[mixer](dim, layer_idx=layer_idx, **(ssm_cfg or {}), **factory)
+        self.permutation = _permutation(
+            grid, pattern, layer_idx, num_prefix_tokens, prefix_position, device
+        )
+
+    def forward(self, x: torch.Tensor, grid: int | Sequence[int] | None = None) -> torch.Tensor:
+        """``x`` (B, L, D): the prefix tokens, then the grid's tokens in raster order."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[2] != self.dim:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be tokens (B, L, dim={self.dim}), got {shape}")
+        if self.permutation is None:
+            _check_grid_without_order(x, grid)
+            return self.mixer(x)
+        order, inverse, seq_len = self.permutation.layout(x, grid)
+        y = permute_tokens(x, order, inverse).reshape(-1, seq_len, self.dim)
+        y = self.mixer(y).reshape(x.shape)
+        return permute_tokens(y, inverse, order)

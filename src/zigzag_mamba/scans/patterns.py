@@ -1,26 +1,7 @@
-"""Token orders: which token the selective scan reads at each step, for every layer.
+"""The pattern registry and the orders of every built-in pattern (see :mod:`zigzag_mamba.scans`).
 
 Convention: ``order[i]`` is the raster index ``r * W + c`` of the token visited at step ``i``;
-permuting is the gather ``x[:, order]`` and unpermuting the gather with ``inverse``, the
-``argsort(order)`` (docs/design.md, "Glossary").
-
-A *pattern* names a family of orders; layer ``i`` uses ``family[i % len(family)]``:
-
-==================  ===============================================================
-``zigzag{1,2,4,8}``  ZigMa's snakes S0..S(k-1): 4 start corners x (row snake, column snake)
-``sweep``            raster order in every layer
-``sweep2``           raster, reversed raster
-``sweep4``           row-major, row-major reversed, column-major, column-major reversed
-``hilbert{1,2,4,8}`` a generalised Hilbert curve (any H x W, every step a 4-neighbour move),
-                     then its transpose, for each of the 4 start corners
-``random{1,2,4,8}``  seeded random permutations, identical in every process
-``video_<s|t...>``   for (T, H, W) grids: layer d scans along ``string[d % len]``; an ``s``
-                     layer reads each frame as its own sequence in the next zigzag order, a ``t``
-                     layer reads each pixel's time series, alternately forward and backward
-==================  ===============================================================
-
-Video orders are 2-D: ``(num_sequences, seq_len)``, ``(T, H*W)`` for ``s`` and ``(H*W, T)`` for
-``t`` layers; flattened, they are permutations of the ``T*H*W`` tokens laid out ``(t, h, w)``.
+video orders are 2-D, ``(num_sequences, seq_len)``.
 """
 
 from __future__ import annotations
@@ -30,14 +11,9 @@ import math
 import numbers
 import random
 import re
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
-
-from zigzag_mamba.ops.permute import inverse_order, permute_tokens
-from zigzag_mamba.ops.utils import tensor_version
 
 Grid = tuple[int, ...]
 Orders = list[torch.Tensor]
@@ -331,6 +307,30 @@ def pattern_family(pattern: str | torch.Tensor | Sequence, grid: int | Sequence[
     return [check_order(order, grid) for order in family]
 
 
+def is_video_pattern(pattern: object) -> bool:
+    """Whether ``pattern`` is a ``video_<s|t...>`` name."""
+    return isinstance(pattern, str) and _VIDEO.fullmatch(pattern) is not None
+
+
+def check_pattern(pattern: object) -> str | torch.Tensor | Sequence:
+    """``pattern`` if it can name a family without a grid: a known name, or explicit orders
+    (checked against a grid when they are used)."""
+    if isinstance(pattern, str):
+        if not (is_video_pattern(pattern) or pattern in _PATTERNS):
+            raise ValueError(_unknown_pattern(pattern))
+        return pattern
+    if isinstance(pattern, torch.Tensor) or (isinstance(pattern, Sequence) and len(pattern) > 0):
+        return pattern
+    raise TypeError(f"pattern must be a name, an order or a sequence of orders, got {pattern!r}")
+
+
+def _unknown_pattern(name: str) -> str:
+    return (
+        f"unknown scan pattern {name!r}; choose one of {list_patterns()} "
+        "(any video_ + s/t string works for (T, H, W) grids)"
+    )
+
+
 def _named_family(name: str, grid: Grid) -> list:
     video = _VIDEO.fullmatch(name)
     if video:
@@ -338,10 +338,7 @@ def _named_family(name: str, grid: Grid) -> list:
             raise ValueError(f"pattern {name!r} needs a video grid (T, H, W), got {grid}")
         return _video_family(video.group(1), *grid)
     if name not in _PATTERNS:
-        raise ValueError(
-            f"unknown scan pattern {name!r}; choose one of {list_patterns()} "
-            "(any video_ + s/t string works for (T, H, W) grids)"
-        )
+        raise ValueError(_unknown_pattern(name))
     if len(grid) != 2:
         raise ValueError(
             f"pattern {name!r} is for (H, W) grids, got {grid}; for video use video_<s|t...>"
@@ -373,160 +370,3 @@ def scan_orders(
         raise ValueError(f"depth must be a non-negative int, got {depth!r}")
     family = pattern_family(pattern, grid)
     return [family[i % len(family)] for i in range(depth)]
-
-
-# --------------------------------------------------------------------------- module
-
-
-class ZigzagScan(nn.Module):
-    """One layer's token order (the paper's "zigzag scan"): :meth:`permute` puts raster tokens
-    in the order the selective scan reads them, :meth:`unpermute` puts its outputs back, exactly.
-
-    Args:
-        grid: ``N``, ``(H, W)`` or, for ``video_*`` patterns, ``(T, H, W)``.
-        pattern: a name from :func:`list_patterns`, or explicit orders (see :func:`pattern_family`).
-        layer_idx: which layer this is; it uses order ``layer_idx % k`` of the k-order family.
-
-    The buffers ``order`` and ``inverse`` (L,) are non-persistent: they follow ``.to()`` but are
-    not saved in checkpoints; :meth:`init_non_persistent_buffers` refills them (after
-    ``to_empty()`` of a model built on the meta device).
-
-    Example::
-
-        >>> zigzag = ZigzagScan((16, 24), pattern="zigzag8", layer_idx=3)
-        >>> x = torch.randn(2, 16 * 24, 64)          # (B, L, C), raster order
-        >>> y = zigzag.permute(x)                     # (B, L, C) in S3 order
-        >>> torch.equal(zigzag.unpermute(y), x)
-        True
-
-    For video patterns ``permute`` returns ``(B*T, H*W, C)`` ('s' layers) or ``(B*H*W, T, C)``
-    ('t' layers), and ``unpermute`` takes that shape back to ``(B, T*H*W, C)``.
-    """
-
-    order: torch.Tensor
-    inverse: torch.Tensor
-
-    def __init__(
-        self,
-        grid: int | Sequence[int],
-        pattern: str | torch.Tensor | Sequence = "zigzag8",
-        layer_idx: int = 0,
-        *,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__()
-        self.grid = as_grid(grid)
-        self.pattern_name = pattern if isinstance(pattern, str) else "custom"
-        self.layer_idx = check_layer_idx(layer_idx)
-        family = pattern_family(pattern, self.grid)
-        self.family_size = len(family)
-        self._cpu_order = family[layer_idx % len(family)]
-        self.num_tokens = self._cpu_order.numel()
-        self.seq_len = self._cpu_order.shape[-1]
-        empty = torch.empty(self.num_tokens, dtype=torch.long, device=device)
-        self.register_buffer("order", empty, persistent=False)
-        self.register_buffer("inverse", empty.clone(), persistent=False)
-        # (order, inverse, their versions) when last found to hold this layer's order.
-        self._checked_buffers: tuple | None = None
-        self.init_non_persistent_buffers()
-
-    @torch.no_grad()
-    def init_non_persistent_buffers(self) -> None:
-        """Fill ``order`` and ``inverse`` with this layer's order (after ``to_empty()``)."""
-        if self.order.is_meta:
-            return  # a module on the meta device has no memory to fill
-        flat = self._cpu_order.reshape(-1)
-        self.order.copy_(flat)
-        self.inverse.copy_(inverse_order(flat))
-
-    def orders_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``order`` and ``inverse`` buffers, checked for permuting ``x``.
-
-        Raises a ValueError when they are not on ``x``'s device, and, on first use (and after
-        they change), when they do not hold this layer's order: after ``to_empty()`` they hold
-        uninitialised memory until :meth:`init_non_persistent_buffers` refills them.
-        """
-        order, inverse = self.order, self.inverse
-        if order.device != x.device:
-            raise ValueError(self._device_advice(x))
-        if torch.compiler.is_compiling() or order.is_meta:
-            return order, inverse
-        if not self._buffers_checked(order, inverse):
-            if not self._buffers_hold_order(order, inverse):
-                raise ValueError(
-                    f"this ZigzagScan's order buffers (grid {self.grid}, layer {self.layer_idx}) "
-                    "do not hold its order: after to_empty() they are uninitialised memory; call "
-                    "init_non_persistent_buffers() (ZigMaBackbone.init_non_persistent_buffers() "
-                    "for a whole model)"
-                )
-            self._checked_buffers = (order, inverse, tensor_version(order), tensor_version(inverse))
-        return order, inverse
-
-    def _buffers_checked(self, order: torch.Tensor, inverse: torch.Tensor) -> bool:
-        checked = getattr(self, "_checked_buffers", None)  # absent in modules pickled before
-        if checked is None or checked[0] is not order or checked[1] is not inverse:
-            return False
-        return None not in checked[2:] and checked[2:] == (
-            tensor_version(order),
-            tensor_version(inverse),
-        )
-
-    def _buffers_hold_order(self, order: torch.Tensor, inverse: torch.Tensor) -> bool:
-        expected = self._cpu_order.reshape(-1)
-        return torch.equal(order.cpu(), expected) and torch.equal(
-            inverse.cpu(), inverse_order(expected)
-        )
-
-    def _device_advice(self, x: torch.Tensor) -> str:
-        where = f"this ZigzagScan's orders are on {self.order.device} but the tokens on {x.device}"
-        if self.order.is_meta:
-            return (
-                f"{where}: a module built on the meta device needs to_empty(device=...) and then "
-                "init_non_persistent_buffers()"
-            )
-        return f"{where}: move the module with .to({str(x.device)!r})"
-
-    def check_tokens(self, x: torch.Tensor) -> None:
-        """Raise a ValueError unless ``x`` is (B, L, C) raster tokens of this grid."""
-        if x.dim() < 2 or x.shape[1] != self.num_tokens:
-            raise ValueError(
-                f"expected tokens of shape (B, {self.num_tokens}, C) for grid {self.grid}, "
-                f"got {tuple(x.shape)}"
-            )
-
-    def permute(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L, C) raster tokens -> (B * L // seq_len, seq_len, C) in this layer's order."""
-        self.check_tokens(x)
-        y = permute_tokens(x, *self.orders_for(x))
-        return y.reshape(-1, self.seq_len, *x.shape[2:])
-
-    def unpermute(self, y: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`permute`: (B * L // seq_len, seq_len, C) -> (B, L, C) raster."""
-        per_sample = self.num_tokens // self.seq_len
-        if y.dim() < 2 or y.shape[1] != self.seq_len or y.shape[0] % per_sample:
-            raise ValueError(
-                f"expected permuted tokens of shape (B*{per_sample}, {self.seq_len}, C) for grid "
-                f"{self.grid}, got {tuple(y.shape)}"
-            )
-        y = y.reshape(y.shape[0] // per_sample, self.num_tokens, *y.shape[2:])
-        order, inverse = self.orders_for(y)
-        return permute_tokens(y, inverse, order)
-
-    def scan(self, x: torch.Tensor) -> torch.Tensor:
-        """Deprecated name of :meth:`permute`."""
-        warnings.warn("ZigzagScan.scan is now permute", DeprecationWarning, stacklevel=2)
-        return self.permute(x)
-
-    def unscan(self, y: torch.Tensor) -> torch.Tensor:
-        """Deprecated name of :meth:`unpermute`."""
-        warnings.warn("ZigzagScan.unscan is now unpermute", DeprecationWarning, stacklevel=2)
-        return self.unpermute(y)
-
-    def extra_repr(self) -> str:
-        text = (
-            f"grid={self.grid}, pattern={self.pattern_name!r}, layer_idx={self.layer_idx} "
-            f"(order {self.layer_idx % self.family_size} of {self.family_size})"
-        )
-        if self.seq_len != self.num_tokens:
-            text += f", sequences={self.num_tokens // self.seq_len}x{self.seq_len}"
-        return text

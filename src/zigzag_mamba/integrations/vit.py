@@ -1,0 +1,341 @@
+"""Swap the attention of existing vision transformers for ZigMa mixers.
+
+Two kinds of model, recognised by their structure (neither package is imported here):
+
+- Hugging Face transformers ViTs: a module with ``embeddings.patch_embeddings`` (whose
+  ``projection`` is the patch Conv2d) and a stack of layers (``layers``, or ``encoder.layer``
+  in transformers 4), each holding an ``attention`` called as ``attention(hidden_states,
+  attention_mask_or_head_mask, **kwargs)`` and returning ``(output, attention_weights)``.
+  Prefix tokens: the class token, and DeiT's distillation token or register tokens when the
+  embeddings have them.
+- timm ``VisionTransformer`` and look-alikes: a module with ``patch_embed`` (whose ``proj`` is the
+  patch Conv2d) and ``blocks``, each holding an ``attn`` with timm's ``Attention`` signature,
+  ``attn(x, attn_mask=None, is_causal=False) -> x`` on (B, N, C) tokens. Prefix tokens:
+  ``num_prefix_tokens`` (class and register tokens).
+
+Each attention becomes a :class:`ViTMixer` around a :class:`~zigzag_mamba.modules.ZigMaMixer`
+whose ``layer_idx`` is the block's position. The grid comes from the patch embedding at every
+call: a forward hook on its Conv2d records the (h, w) of the latest image (:class:`GridTracker`),
+so non-square and changing image sizes work wherever the host model takes them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from zigzag_mamba._deprecation import renamed_kwargs
+from zigzag_mamba.modules.block import ZigMaMixer
+
+_TIMM_ATTENTION_ARGS = ("attn_mask", "is_causal")
+
+
+class GridTracker:
+    """A forward hook for a patch-embedding Conv2d: keeps the (h, w) of its latest output.
+
+    Starts at the model's configured grid (``None`` when unknown). Shared by every
+    :class:`ViTMixer` of one model; copies of the model (``copy.deepcopy``) get their own.
+    """
+
+    def __init__(self, grid: tuple[int, int] | None = None) -> None:
+        self.grid = grid
+
+    def __call__(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        self.grid = (output.shape[-2], output.shape[-1])
+
+    def __repr__(self) -> str:
+        return f"GridTracker(grid={self.grid})"
+
+
+class ViTMixer(nn.Module):
+    """A ZigMa mixer in an attention's place: ``mixer(x, grid=tracker.grid)``.
+
+    The calling conventions of the attention it replaces are those of ``kind``:
+    ``"transformers"`` (returns ``(output, None)``) or ``"timm"`` (returns the output). Any
+    attention mask is refused: a selective scan reads every token, in its order.
+    """
+
+    def __init__(self, mixer: ZigMaMixer, tracker: GridTracker, kind: str) -> None:
+        super().__init__()
+        if kind not in ("transformers", "timm"):
+            raise ValueError(f"kind must be 'transformers' or 'timm', got {kind!r}")
+        self.mixer = mixer
+        self.tracker = tracker
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.kind == "timm":
+            _refuse_masks(_timm_masks(*args, **kwargs), "attn_mask")
+            return self.mixer(x, grid=self.tracker.grid)
+        # transformers: the second argument is attention_mask (v5) or head_mask (v4).
+        masks = {"attention_mask or head_mask": args[0] if args else None}
+        masks |= {
+            k: kwargs.get(k) for k in ("attention_mask", "head_mask", "encoder_hidden_states")
+        }
+        _refuse_masks(masks, "attention_mask")
+        return self.mixer(x, grid=self.tracker.grid), None
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, {self.tracker!r}"
+
+
+def _timm_masks(
+    attn_mask: torch.Tensor | None = None, is_causal: bool = False
+) -> dict[str, object]:
+    return {"attn_mask": attn_mask, "is_causal": is_causal or None}
+
+
+def _refuse_masks(masks: dict[str, object], name: str) -> None:
+    given = [key for key, value in masks.items() if value is not None]
+    if given:
+        raise ValueError(
+            f"{name}: this block's attention was replaced by a ZigMa mixer, which cannot honour "
+            f"{' or '.join(given)}: a selective scan reads every token in its order. Call the "
+            "model without masks (drop padded or masked tokens before the blocks instead)"
+        )
+
+
+@dataclass
+class _Host:
+    """What replacing a model's attention needs to know about it."""
+
+    kind: str
+    slots: list[tuple[nn.Module, str, str]]  # (parent, attribute, name for messages)
+    conv: nn.Module | None
+    grid: tuple[int, int] | None
+    dim: int
+    num_prefix_tokens: int
+
+
+@renamed_kwargs(scan="pattern")
+def replace_attention(
+    model: nn.Module,
+    pattern: str | torch.Tensor | Sequence | None = "zigzag8",
+    *,
+    mixer: str = "mamba",
+    prefix_position: str = "end",
+    **mamba_kwargs: Any,
+) -> nn.Module:
+    """Replace every attention of ``model`` with a ZigMa mixer, in place; returns ``model``.
+
+    Args:
+        model: a transformers ViT (``ViTModel``, ``ViTForImageClassification``, ...) or a timm
+            ``VisionTransformer`` (or a model whose blocks hold an ``attn`` with timm's
+            ``Attention`` signature); see :mod:`zigzag_mamba.integrations.vit`.
+        pattern: the token-order pattern; layer i (the block's position) reads order i % k.
+            (Formerly ``scan=``, still accepted.)
+        mixer: ``"mamba"`` or ``"bidirectional"``.
+        prefix_position: where the class and register tokens sit in each scanned sequence;
+            ``"end"`` lets a causal scan give them the whole image.
+        mamba_kwargs: :class:`~zigzag_mamba.Mamba` arguments (``d_state``, ``expand``, ...).
+
+    The new mixers are built on the device and in the dtype of the attention they replace, and
+    initialised as :class:`~zigzag_mamba.Mamba` is. The model's state dict changes (each
+    ``attention``/``attn`` now holds ``mixer.mixer.*`` and no q/k/v weights): to reload
+    weights, build the model, call this, then ``load_state_dict``.
+
+    Example (needs transformers; docs/integrations.md runs it)::
+
+        >>> from transformers import ViTConfig, ViTForImageClassification  # doctest: +SKIP
+        >>> vit = ViTForImageClassification(ViTConfig(image_size=32))  # doctest: +SKIP
+        >>> vit = replace_attention(vit, pattern="zigzag8")  # doctest: +SKIP
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    host = _transformers_host(model) or _timm_host(model)
+    if host is None:
+        raise TypeError(
+            f"model: found no attention of the expected shape in {type(model).__name__}. "
+            "replace_attention takes a transformers ViT (embeddings.patch_embeddings and layers "
+            "whose .attention it replaces) or a timm VisionTransformer (patch_embed and blocks "
+            "whose .attn has timm's Attention signature, attn(x, attn_mask=None))"
+        )
+    tracker = GridTracker(host.grid)
+    mixers = [
+        ZigMaMixer(
+            host.dim,
+            host.grid,
+            pattern,
+            layer_idx,
+            mixer=mixer,
+            ssm_cfg=mamba_kwargs,
+            num_prefix_tokens=host.num_prefix_tokens,
+            prefix_position=prefix_position,
+            **_factory(getattr(parent, attribute)),
+        )
+        for layer_idx, (parent, attribute, _) in enumerate(host.slots)
+    ]  # all built before the model changes, so that a bad argument leaves it as it was
+    for (parent, attribute, _), zigma in zip(host.slots, mixers, strict=True):
+        setattr(parent, attribute, ViTMixer(zigma, tracker, host.kind))
+    if host.conv is not None:
+        host.conv.register_forward_hook(tracker)
+    return model
+
+
+def _factory(module: nn.Module) -> dict[str, Any]:
+    tensor = next(iter(module.parameters()), None)
+    if tensor is None:
+        return {}
+    return {"device": tensor.device, "dtype": tensor.dtype}
+
+
+def _first(model: nn.Module, test) -> nn.Module | None:
+    return next((m for m in model.modules() if test(m)), None)
+
+
+def _patch_grid(image_size: object, patch_size: object) -> tuple | None:
+    """The configured grid, image size // patch size, or None when unknown."""
+    pair = lambda v: tuple(v) if isinstance(v, Iterable) else (v, v)
+    try:
+        (h, w), (ph, pw) = pair(image_size), pair(patch_size)
+        return (int(h) // int(ph), int(w) // int(pw))
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_not_replaced(slots: list[tuple[nn.Module, str, str]]) -> None:
+    done = [
+        name
+        for parent, attribute, name in slots
+        if isinstance(getattr(parent, attribute), ViTMixer)
+    ]
+    if done:
+        raise ValueError(
+            f"model: {done[0]} is already a ZigMa mixer (replace_attention ran before)"
+        )
+
+
+def _check_no_causal_mask(slots: list[tuple[nn.Module, str, str]]) -> None:
+    """An attention built causal masks its scores in raster order: a ZigMa mixer cannot."""
+    for parent, attribute, name in slots:
+        for module in getattr(parent, attribute).modules():
+            if getattr(module, "is_causal", False) is True:
+                raise ValueError(
+                    f"model: {name} is a causal attention (is_causal=True), a mask a ZigMa "
+                    "mixer cannot honour: it reads the tokens in zigzag order, not in raster order"
+                )
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+def _transformers_host(model: nn.Module) -> _Host | None:
+    core = _first(
+        model,
+        lambda m: (
+            hasattr(getattr(m, "embeddings", None), "patch_embeddings")
+            and _transformers_layers(m) is not None
+        ),
+    )
+    if core is None:
+        return None
+    path, layers = _transformers_layers(core)
+    slots = [(layer, "attention", f"{path}[{i}].attention") for i, layer in enumerate(layers)]
+    _check_not_replaced(slots)
+    _check_no_causal_mask(slots)
+    embeddings = core.embeddings
+    patches = embeddings.patch_embeddings
+    conv = getattr(patches, "projection", None)
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"model: {type(patches).__name__}.projection is not the patch Conv2d")
+    prefix = sum(
+        getattr(embeddings, name, None) is not None for name in ("cls_token", "distillation_token")
+    )
+    registers = getattr(embeddings, "register_tokens", None)
+    prefix += 0 if registers is None else registers.shape[1]
+    grid = _patch_grid(getattr(patches, "image_size", None), getattr(patches, "patch_size", None))
+    return _Host("transformers", slots, conv, grid, conv.out_channels, prefix)
+
+
+def _transformers_layers(core: nn.Module) -> tuple[str, list[nn.Module]] | None:
+    encoder = getattr(core, "encoder", None)
+    for path, layers in [
+        ("layers", getattr(core, "layers", None)),
+        ("encoder.layer", getattr(encoder, "layer", None)),
+        ("encoder.layers", getattr(encoder, "layers", None)),
+    ]:
+        is_stack = isinstance(layers, nn.ModuleList | nn.Sequential) and len(layers) > 0
+        if is_stack and all(isinstance(getattr(x, "attention", None), nn.Module) for x in layers):
+            return path, list(layers)
+    return None
+
+
+# --------------------------------------------------------------------------- timm
+
+
+def _timm_host(model: nn.Module) -> _Host | None:
+    core = _first(
+        model,
+        lambda m: (
+            isinstance(getattr(m, "blocks", None), nn.Sequential | nn.ModuleList)
+            and hasattr(m, "patch_embed")
+        ),
+    )
+    if core is None or not all(hasattr(block, "attn") for block in core.blocks):
+        return None
+    slots = [(block, "attn", f"blocks[{i}].attn") for i, block in enumerate(core.blocks)]
+    if not slots:
+        return None
+    _check_not_replaced(slots)
+    patch_embed = core.patch_embed
+    conv = getattr(patch_embed, "proj", None)
+    conv = conv if isinstance(conv, nn.Conv2d) else None
+    grid = getattr(patch_embed, "grid_size", None)
+    grid = tuple(int(s) for s in grid) if isinstance(grid, Sequence) and len(grid) == 2 else None
+    if conv is None and grid is None:
+        raise TypeError(
+            "model: patch_embed has neither a Conv2d .proj nor a .grid_size, so the token grid "
+            "cannot be known"
+        )
+    dim = getattr(core, "embed_dim", None) or (conv.out_channels if conv is not None else None)
+    if not isinstance(dim, int):
+        raise TypeError("model: cannot tell the token width: give it an embed_dim")
+    for parent, attribute, name in slots:
+        _check_timm_attention(getattr(parent, attribute), name, dim)
+    _check_no_causal_mask(slots)
+    return _Host("timm", slots, conv, grid, dim, _timm_prefix(core))
+
+
+def _timm_prefix(core: nn.Module) -> int:
+    count = getattr(core, "num_prefix_tokens", None)
+    if isinstance(count, int):
+        return count
+    registers = getattr(core, "reg_token", None)
+    cls = getattr(core, "cls_token", None) is not None
+    return int(cls) + (0 if registers is None else registers.shape[1])
+
+
+def _check_timm_attention(attn: object, name: str, dim: int) -> None:
+    """timm's Attention: a module called as attn(x, attn_mask=None[, is_causal=False]) that
+    maps (B, N, dim) tokens to (B, N, dim)."""
+    if not isinstance(attn, nn.Module):
+        raise TypeError(f"model: {name} is not a module ({type(attn).__name__})")
+    parameters = list(inspect.signature(attn.forward).parameters.values())
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    extra = [p.name for p in positional[1:] if p.name not in _TIMM_ATTENTION_ARGS]
+    if not positional or extra:
+        args = ", ".join(p.name for p in positional)
+        raise TypeError(
+            f"model: {name} is called as {type(attn).__name__}({args}), not with timm's "
+            "Attention signature attn(x, attn_mask=None, is_causal=False); found no attention "
+            "of the expected shape"
+        )
+    widths = {
+        f"{layer}.{side}": getattr(getattr(attn, layer, None), side, dim)
+        for layer, side in [
+            ("qkv", "in_features"),
+            ("q_proj", "in_features"),
+            ("proj", "out_features"),
+        ]
+    }
+    wrong = {key: value for key, value in widths.items() if value != dim}
+    if wrong:
+        raise TypeError(
+            f"model: {name} maps tokens of width {dim} to another width ({wrong}); a ZigMa "
+            "mixer keeps the width"
+        )

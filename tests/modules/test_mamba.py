@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from zigzag_mamba.modules import mamba as mamba_module
 from zigzag_mamba.modules.mamba import BiMamba, Mamba
 from zigzag_mamba.ops.backends import resolve
 
@@ -193,13 +194,35 @@ def test_recompute_gives_the_outputs_and_gradients_of_plain_autograd(cls):
     m = cls(32, d_state=8)
     randomise(m, 3)
     x, grad = torch.randn(2, 75, 32), torch.randn(2, 75, 32)
-    assert m.recompute
+    m.recompute = True
     lean = _outputs_and_grads(m, x, grad)
     m.recompute = False
     kept = _outputs_and_grads(m, x, grad)
     names = ["out", "x", *(n for n, _ in m.named_parameters())]
     for name, a, b in zip(names, lean, kept, strict=True):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=name)
+
+
+def test_recompute_by_default_only_off_the_cpu(monkeypatch):
+    ran = []
+    monkeypatch.setattr(mamba_module, "ssm_branch", lambda *a, **k: ran.append("op") or _stop())
+    monkeypatch.setattr(mamba_module, "ssm_branch_reference",
+                        lambda *a, **k: ran.append("autograd") or _stop())  # fmt: skip
+    for device in ("cpu", "meta"):  # meta stands in for an accelerator
+        m = Mamba(16, d_state=4, device=device)
+        for recompute in (None, True, False):
+            m.recompute = recompute
+            with pytest.raises(_Stop):
+                m(torch.randn(1, 8, 16, device=device))
+    assert ran == ["autograd", "op", "autograd", "op", "op", "autograd"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop():
+    raise _Stop
 
 
 def test_recompute_under_bf16_autocast():

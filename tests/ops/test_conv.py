@@ -104,12 +104,14 @@ def test_backward_matches_autograd_through_the_definition(dtype):
         assert err <= max(2 * torch_err, 8 * torch.finfo(torch.float32).eps * want.abs().max())
 
 
-def test_the_output_and_x_gradient_keep_x_layout():
+def test_the_torch_backend_returns_contiguous_tensors_for_any_layout():
+    # Its natural layout: F.conv1d writes contiguous tensors (the Triton kernels keep x's
+    # layout instead, tests/triton/test_conv.py).
     x = _channels_last(2, 5, 11).requires_grad_()
     out = causal_conv1d(x, torch.randn(5, 4), torch.randn(5), "silu")
-    assert out.transpose(1, 2).is_contiguous()
+    assert out.is_contiguous()
     (grad,) = torch.autograd.grad(out, x, torch.randn(2, 5, 11))
-    assert grad.stride() == out.stride()
+    assert grad.is_contiguous()
     contiguous = torch.randn(2, 5, 11)
     assert causal_conv1d(contiguous, torch.randn(5, 3)).is_contiguous()
 

@@ -140,8 +140,9 @@ def test_opcheck():
         torch.library.opcheck(ops.ssm_branch_fwd.default, (*args, reverse))
     y, checkpoints = ops.ssm_branch_fwd(*args, False)
     detached = [t.detach() for t in args]
-    bwd_args = (torch.randn_like(y), detached, checkpoints, False, "torch", "numba")
-    torch.library.opcheck(ops.ssm_branch_bwd.default, bwd_args)
+    for reverse in (False, True):
+        bwd_args = (torch.randn_like(y), detached, checkpoints, reverse, "torch", "numba")
+        torch.library.opcheck(ops.ssm_branch_bwd.default, bwd_args)
 
 
 def test_compiles_without_graph_breaks():

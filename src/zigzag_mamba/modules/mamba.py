@@ -40,7 +40,9 @@ class Mamba(nn.Module):
     branch as :func:`~zigzag_mamba.ops.ssm_branch.ssm_branch`, which keeps only the in_proj
     output and the scan's checkpoints for the backward and recomputes the conv and the
     projections there; False differentiates the branch with plain autograd, which keeps every
-    intermediate (more memory, no recomputation). Outputs and gradients are the same.
+    intermediate (more memory, no recomputation). Outputs and gradients are the same. None, the
+    default, recomputes on accelerators, where memory bounds the batch, and not on the CPU, where
+    the recomputation costs more time than the memory it saves is worth (docs/benchmarks.md).
 
     Example::
 
@@ -49,7 +51,7 @@ class Mamba(nn.Module):
         torch.Size([2, 16, 64])
     """
 
-    recompute: bool = True
+    recompute: bool | None = None
 
     def __init__(
         self,
@@ -172,7 +174,8 @@ class Mamba(nn.Module):
         )
         # Forced to "reference", the scan runs its loop under autograd (outside torch.compile).
         reference = not torch.compiler.is_compiling() and requested("selective_scan") == "reference"
-        branch = ssm_branch if self.recompute and not reference else ssm_branch_reference
+        recompute = xz.device.type != "cpu" if self.recompute is None else self.recompute
+        branch = ssm_branch if recompute and not reference else ssm_branch_reference
         return branch(*args, reverse=reverse)
 
     def _check_input(self, hidden_states: torch.Tensor) -> None:

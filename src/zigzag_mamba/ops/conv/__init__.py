@@ -13,9 +13,10 @@ backend -> the backend the registry picks (registry op ``"causal_conv1d"``), in 
   the recomputed pre-activation, then the convolution's), in x's dtype.
 
 Each backend module has ``forward(x, weight, bias, silu) -> out`` and ``backward(dout, x,
-weight, bias, silu) -> (dx, dweight, dbias)``. The output and x's gradient have x's layout
-(:func:`.layout.empty_in_layout`): channels last for the mixer's transposed views of the in_proj
-output, contiguous otherwise. The backward saves x, weight and bias, not the output.
+weight, bias, silu) -> (dx, dweight, dbias)``. With the Triton kernels the output and x's
+gradient have x's layout (:func:`.layout.empty_in_layout`): channels last for the mixer's
+transposed views of the in_proj output; the other backends return contiguous tensors, their
+natural layout. The backward saves x, weight and bias, not the output.
 """
 
 from __future__ import annotations
@@ -65,14 +66,25 @@ def conv_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def _causal_conv1d_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool
 ) -> torch.Tensor:
+    backend = conv_backend(x, weight, bias)
     with no_autocast(x):
-        out = backend_module(OP, conv_backend(x, weight, bias)).forward(x, weight, bias, silu)
-    return in_layout_of(x, out)
+        out = backend_module(OP, backend).forward(x, weight, bias, silu)
+    return _in_layout(x, out, backend)
 
 
 @_causal_conv1d_fwd.register_fake
 def _(x, weight, bias, silu):
-    return empty_in_layout(x)
+    return _empty_in_layout(x, conv_backend(x, weight, bias))
+
+
+def _empty_in_layout(x: torch.Tensor, backend: str) -> torch.Tensor:
+    """The Triton kernels write x's layout (no transposed copy on either side); the other
+    backends' natural layout is contiguous, and forcing x's on them would cost a copy."""
+    return empty_in_layout(x) if backend == "triton" else x.new_empty(x.shape)
+
+
+def _in_layout(x: torch.Tensor, t: torch.Tensor, backend: str) -> torch.Tensor:
+    return in_layout_of(x, t) if backend == "triton" else t.contiguous()
 
 
 @torch.library.custom_op("zigzag_mamba::causal_conv1d_bwd", mutates_args=())
@@ -84,16 +96,16 @@ def _causal_conv1d_bwd(
     silu: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx in x's layout, dweight, dbias; an empty tensor without bias)."""
+    """(dx in the output's layout, dweight, dbias; an empty tensor without bias)."""
     with no_autocast(x):
         dx, dweight, dbias = backend_module(OP, backend).backward(dout, x, weight, bias, silu)
-    return in_layout_of(x, dx), dweight.contiguous(), *or_empty(x, dbias)
+    return _in_layout(x, dx, backend), dweight.contiguous(), *or_empty(x, dbias)
 
 
 @_causal_conv1d_bwd.register_fake
 def _(dout, x, weight, bias, silu, backend):
     dbias = x.new_empty(0) if bias is None else bias.new_empty(bias.shape)
-    return empty_in_layout(x), weight.new_empty(weight.shape), dbias
+    return _empty_in_layout(x, backend), weight.new_empty(weight.shape), dbias
 
 
 def _setup_context(ctx, inputs, output) -> None:

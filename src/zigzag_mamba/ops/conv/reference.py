@@ -24,14 +24,15 @@ def causal_conv1d_reference(
 def forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool
 ) -> torch.Tensor:
-    """The torch backend's forward: the definition, with the padding done by ``F.conv1d`` (K - 1
-    zeros on both sides; the last K - 1 outputs are dropped), so x is not copied."""
-    channels, taps = weight.shape
-    length = x.shape[2]
-    if length == 0:
+    """The torch backend's forward: the definition on a contiguous, left-padded copy of x.
+
+    ``F.conv1d``'s own ``padding`` argument would save that copy, but its kernel is several
+    times slower on the CPU than the unpadded one, and copies x anyway when x is transposed.
+    """
+    if x.shape[2] == 0:
         return x.new_empty(x.shape)
-    out = F.conv1d(x, weight.unsqueeze(1), bias, padding=taps - 1, groups=channels)[..., :length]
-    return F.silu(out) if silu else out
+    out = F.conv1d(_left_padded(x, weight), weight.unsqueeze(1), bias, groups=weight.shape[0])
+    return F.silu(out, inplace=True) if silu else out
 
 
 def backward(
@@ -42,28 +43,25 @@ def backward(
     silu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(dx, dweight, dbias) by the kernels autograd runs for the definition, in x's dtype: SiLU's
-    backward on the recomputed pre-activation, then the convolution's.
-
-    The causal convolution is the first L outputs of the convolution padded with K - 1 zeros on
-    both sides, so its gradient is that convolution's, with a gradient of zero for the last K - 1
-    outputs. The pre-activation's gradient is written straight into that padded buffer.
-    """
+    backward on the recomputed pre-activation, then the convolution's on the padded copy of x.
+    dx is a view that drops the padding's gradient (not contiguous)."""
     channels, taps = weight.shape
-    length = x.shape[2]
-    if length == 0:
+    if x.shape[2] == 0:
         dbias = None if bias is None else torch.zeros_like(bias)
         return torch.zeros_like(x), torch.zeros_like(weight), dbias
     w = weight.unsqueeze(1)
-    g = x.new_zeros((x.shape[0], channels, length + taps - 1))
+    padded = _left_padded(x, weight)
+    dpre = dout
     if silu:
-        pre = F.conv1d(x, w, bias, padding=taps - 1, groups=channels)[..., :length]
-        torch.ops.aten.silu_backward.grad_input(dout, pre, grad_input=g[..., :length])
-        del pre
-    else:
-        g[..., :length] = dout
+        dpre = torch.ops.aten.silu_backward(dout, F.conv1d(padded, w, bias, groups=channels))
     bias_sizes = None if bias is None else [channels]
     mask = [True, True, bias is not None]
-    dx, dweight, dbias = torch.ops.aten.convolution_backward(
-        g, x, w, bias_sizes, [1], [taps - 1], [1], False, [0], channels, mask
+    dpadded, dweight, dbias = torch.ops.aten.convolution_backward(
+        dpre, padded, w, bias_sizes, [1], [0], [1], False, [0], channels, mask
     )
-    return dx, dweight.squeeze(1), dbias
+    return dpadded[..., taps - 1 :], dweight.squeeze(1), dbias
+
+
+def _left_padded(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (B, D, L) with K - 1 zeros before the first step: (B, D, L + K - 1), contiguous."""
+    return F.pad(x, (weight.shape[1] - 1, 0))

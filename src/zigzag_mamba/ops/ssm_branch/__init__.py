@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from zigzag_mamba.ops.backends import backend_module, implementation
 from zigzag_mamba.ops.conv import conv_backend
 from zigzag_mamba.ops.selective_scan import CHUNK, ScanInputs
-from zigzag_mamba.ops.ssm_branch.reference import ssm_branch_reference
+from zigzag_mamba.ops.ssm_branch.reference import split_xz, ssm_branch_reference
 from zigzag_mamba.ops.utils import (
     compute_dtype,
     double_backward_unsupported,
@@ -44,7 +44,7 @@ __all__ = ["ssm_branch", "ssm_branch_reference"]
 def _backends(xz, conv_weight, conv_bias, A, D, delta_bias) -> list[str]:
     """[conv backend, scan backend] for these inputs (the scan's u, delta, B, C and z have xz's
     dtype)."""
-    x = xz[..., : xz.shape[2] // 2].transpose(1, 2)
+    x, _ = split_xz(xz)
     scan = implementation("selective_scan", xz.device.type, xz, A, D, delta_bias)
     return [conv_backend(x, conv_weight, conv_bias), scan]
 
@@ -52,8 +52,8 @@ def _backends(xz, conv_weight, conv_bias, A, D, delta_bias) -> list[str]:
 def _recompute(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias,
                conv: str) -> tuple[torch.Tensor, torch.Tensor, ScanInputs]:  # fmt: skip
     """(x, dt, the scan's inputs): the branch up to the scan."""
-    d_inner, rank, n_state = xz.shape[2] // 2, dt_proj_weight.shape[1], A.shape[1]
-    x, z = xz[..., :d_inner].transpose(1, 2), xz[..., d_inner:].transpose(1, 2)
+    rank, n_state = dt_proj_weight.shape[1], A.shape[1]
+    x, z = split_xz(xz)
     u = backend_module("causal_conv1d", conv).forward(x, conv_weight, conv_bias, True)
     dt, B, C = F.linear(u.transpose(1, 2), x_proj_weight).split([rank, n_state, n_state], dim=-1)
     delta = F.linear(dt, dt_proj_weight)
@@ -141,20 +141,24 @@ def _ssm_branch_bwd(
             du, x, conv_weight, conv_bias, True
         )
         del du
-        dxz = torch.cat([dx.transpose(1, 2), dz.transpose(1, 2)], dim=-1)
+        # Channel-major, as autograd's backward of split_xz makes it: one copy of whatever
+        # layout dx and dz have, and the in_proj's backward takes its transpose as it is.
+        dxz = torch.cat([dx, dz], dim=1).to(xz.dtype)
         if reverse:
-            dxz = dxz.flip(1)
-    found = (dxz, d_conv_weight, d_conv_bias, d_x_proj_weight, d_dt_proj_weight, dA, dD,
-             ddelta_bias)  # fmt: skip
-    return [
+            dxz = dxz.flip(-1)
+    found = (d_conv_weight, d_conv_bias, d_x_proj_weight, d_dt_proj_weight, dA, dD, ddelta_bias)
+    weights = (
         xz.new_empty(0) if t is None else g.to(t.dtype).contiguous()
-        for g, t in zip(found, inputs, strict=True)
-    ]
+        for g, t in zip(found, inputs[1:], strict=True)
+    )
+    return [dxz.transpose(1, 2), *weights]
 
 
 @_ssm_branch_bwd.register_fake
 def _(dy, inputs, checkpoints, reverse, conv, scan):
-    return [dy.new_empty(0) if t is None else t.new_empty(t.shape) for t in inputs]
+    xz, *weights = inputs
+    dxz = xz.new_empty((xz.shape[0], xz.shape[2], xz.shape[1])).transpose(1, 2)
+    return [dxz, *(dy.new_empty(0) if t is None else t.new_empty(t.shape) for t in weights)]
 
 
 def _setup_context(ctx, inputs, output) -> None:

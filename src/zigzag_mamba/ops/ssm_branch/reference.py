@@ -25,8 +25,8 @@ def ssm_branch_reference(
     if reverse:
         return ssm_branch_reference(xz.flip(1), conv_weight, conv_bias, x_proj_weight,
                                     dt_proj_weight, A, D, delta_bias).flip(-1)  # fmt: skip
-    d_inner, rank, n_state = xz.shape[2] // 2, dt_proj_weight.shape[1], A.shape[1]
-    x, z = xz[..., :d_inner].transpose(1, 2), xz[..., d_inner:].transpose(1, 2)
+    rank, n_state = dt_proj_weight.shape[1], A.shape[1]
+    x, z = split_xz(xz)
     u = causal_conv1d(x, conv_weight, conv_bias, activation="silu")
     # Token-major projections, read by the scan as channel-major views (no copies).
     dt, B, C = F.linear(u.transpose(1, 2), x_proj_weight).split([rank, n_state, n_state], dim=-1)
@@ -42,3 +42,14 @@ def ssm_branch_reference(
         delta_bias=delta_bias,
         delta_softplus=True,
     )
+
+
+def split_xz(xz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (B, E, L) views x and z of the in_proj output xz (B, L, 2E).
+
+    Split along the channels of the transposed view, so that autograd's backward of the split is
+    one cat of two (B, E, L) gradients, in (B, 2E, L) order, which the in_proj's backward reads
+    as a transposed operand (no copies).
+    """
+    x, z = xz.transpose(1, 2).chunk(2, dim=1)
+    return x, z

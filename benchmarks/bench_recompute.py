@@ -11,6 +11,9 @@ and each path's peak memory during one call beyond the block and its inputs (see
 the CPU measured in a fresh process, reproducible to a fraction of a MiB even on a busy machine;
 the times are not).
 
+With ``--images``, a second table gives the peak memory of one forward+backward of ZigMa-B/2
+(both ways) and of DiT-B/2 at those image sides (a stack is where recomputing pays).
+
 Targets (not asserted): lower peak memory everywhere; on a CPU, forward+backward within 5% of the
 block's time with plain autograd (the path the block had before, and the closest stand-in for it
 that runs in the same process).
@@ -18,6 +21,7 @@ that runs in the same process).
 Usage::
 
     python benchmarks/bench_recompute.py                     # CPU: L = 4096, D = 384, fp32
+    python benchmarks/bench_recompute.py --images 512        # and the backbones' peaks at 512²
     python benchmarks/bench_recompute.py --device cuda       # GPU: L = 4096, 16384, D = 768, bf16
 """
 
@@ -35,8 +39,9 @@ from pathlib import Path
 import torch
 from benchlib import LiveReport, paired_ratio, time_interleaved
 
-from zigzag_mamba.bench.contenders import block_workload
+from zigzag_mamba.bench.contenders import backbone_tokens, backbone_workload, block_workload
 from zigzag_mamba.bench.timing import MIB, machine_info, peak_memory
+from zigzag_mamba.modules import Mamba
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULTS = {  # device -> (lengths, dim, batch, dtype, repeats)
@@ -52,21 +57,37 @@ def _call(workload, mode: str, recompute: bool) -> None:
     workload.run(mode)
 
 
-def _peaks_here(args: argparse.Namespace, length: int) -> dict[str, float]:
-    """Peak MiB of one call per "mode,path" in this process (each after a warm-up call; the
-    smaller of two)."""
-    device = torch.device(args.device)
-    workload = block_workload("zigma", args.dim, length, args.batch, device, DTYPES[args.dtype])
+def _peak(call, device: torch.device) -> float:
+    """Peak MiB of ``call`` after a warm-up call (the smaller of two)."""
+    call()
+    return min(peak_memory(call, device) for _ in range(2)) / MIB
+
+
+def _peaks_here(args: argparse.Namespace, point: str) -> dict[str, float]:
+    """The peaks of one point in this process: "block:L" gives one per "mode,path";
+    "backbone:IMAGE" gives forward+backward of ZigMa-B/2 per path and of DiT-B/2."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    kind, size = point.split(":")
+    if kind == "block":
+        workload = block_workload("zigma", args.dim, int(size), args.batch, device, dtype)
+        return {
+            f"{mode},{name}": _peak(functools.partial(_call, workload, mode, recompute), device)
+            for mode in MODES
+            for name, recompute in PATHS.items()
+        }
+    zigma = backbone_workload("zigma", args.backbone_dim, int(size), args.batch, device, dtype)
     peaks = {}
-    for mode in MODES:
-        for name, recompute in PATHS.items():
-            call = functools.partial(_call, workload, mode, recompute)
-            call()
-            peaks[f"{mode},{name}"] = min(peak_memory(call, device) for _ in range(2)) / MIB
+    for name, recompute in PATHS.items():
+        for mixer in (m for m in zigma.module.modules() if isinstance(m, Mamba)):
+            mixer.recompute = recompute
+        peaks[name] = _peak(functools.partial(zigma.run, "fwd+bwd"), device)
+    del zigma
+    dit = backbone_workload("dit", args.backbone_dim, int(size), args.batch, device, dtype)
+    peaks["dit"] = _peak(functools.partial(dit.run, "fwd+bwd"), device)
     return peaks
 
 
-def _peaks(args: argparse.Namespace, length: int) -> dict[str, float]:
+def _peaks(args: argparse.Namespace, point: str) -> dict[str, float]:
     """Peak MiB of one call per "mode,path". On a GPU from the allocator's statistics, here. On
     the CPU in a fresh process whose C allocator serves every block above 128 KiB with its own
     mapping (``MALLOC_MMAP_THRESHOLD_``), so that a freed tensor leaves the resident set at once
@@ -74,11 +95,11 @@ def _peaks(args: argparse.Namespace, length: int) -> dict[str, float]:
     (with the allocator's default, moving threshold it varies by tens of MiB from run to run;
     the timed calls run with the default)."""
     if args.device != "cpu":
-        return _peaks_here(args, length)
-    command = [sys.executable, __file__, "--peaks", str(length)]
-    for key in ("device", "dim", "batch", "dtype", "threads"):
+        return _peaks_here(args, point)
+    command = [sys.executable, __file__, "--peaks", point]
+    for key in ("device", "dim", "backbone_dim", "batch", "dtype", "threads"):
         if getattr(args, key) is not None:
-            command += [f"--{key}", str(getattr(args, key))]
+            command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -108,7 +129,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> Iterator[str]:
         "|---:|---|---:|---:|---:|---|---:|---:|",
     )
     for length in (int(v) for v in args.lengths.split(",")):
-        peaks = _peaks(args, length)
+        peaks = _peaks(args, f"block:{length}")
         workload = block_workload("zigma", args.dim, length, args.batch, device,
                                   DTYPES[args.dtype])  # fmt: skip
         for mode in MODES:
@@ -125,6 +146,24 @@ def measure(args: argparse.Namespace, device: torch.device) -> Iterator[str]:
                 f"| {peaks[mode + ',autograd']:.1f} |"
             )
         del workload
+    if args.images:
+        yield from _backbone_rows(args)
+
+
+def _backbone_rows(args: argparse.Namespace) -> Iterator[str]:
+    yield from (
+        "",
+        f"Backbones, forward+backward, width {args.backbone_dim}, batch {args.batch}: peak MiB.",
+        "",
+        "| image | L | ZigMa-B/2 recompute | ZigMa-B/2 autograd | DiT-B/2 |",
+        "|---:|---:|---:|---:|---:|",
+    )
+    for image in (int(v) for v in args.images.split(",")):
+        peaks = _peaks(args, f"backbone:{image}")
+        yield (
+            f"| {image} | {backbone_tokens(image)} | {peaks['recompute']:.1f} "
+            f"| {peaks['autograd']:.1f} | {peaks['dit']:.1f} |"
+        )
 
 
 def main() -> None:
@@ -135,9 +174,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int)
     parser.add_argument("--dtype", choices=list(DTYPES))
     parser.add_argument("--repeats", type=int, help="interleaved calls of each path")
+    parser.add_argument("--images", help="comma-separated image sides: backbone peaks too")
+    parser.add_argument("--backbone-dim", type=int, default=768, help="the backbones' width")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, help="also write the Markdown table here")
-    parser.add_argument("--peaks", type=int, help=argparse.SUPPRESS)  # L: print the peaks
+    parser.add_argument("--peaks", help=argparse.SUPPRESS)  # block:L or backbone:IMAGE
     args = parser.parse_args()
     for key, value in zip(
         ("lengths", "dim", "batch", "dtype", "repeats"), DEFAULTS[args.device], strict=True

@@ -213,8 +213,21 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
         ),
         (
             "bench_recompute.py",
-            ["--lengths", "64", "--dim", "16", "--repeats", "2", "--threads", "1"],
-            ["| 64 | fwd |", "| 64 | fwd+bwd |"],
+            [
+                "--lengths",
+                "64",
+                "--dim",
+                "16",
+                "--repeats",
+                "2",
+                "--threads",
+                "1",
+                "--images",
+                "32",
+                "--backbone-dim",
+                "16",
+            ],
+            ["| 64 | fwd |", "| 64 | fwd+bwd |", "| 32 | 4 |"],
         ),
         (
             "bench_train_step.py",

@@ -98,7 +98,7 @@ section_bench_scan_cost() {
 # --- recomputing in the mixer's backward: Mamba.recompute on and off, interleaved calls, with
 # peak memory; L = 4096 and 16384, D = 768, bf16. Under a minute. ---------------------------
 section_bench_recompute() {
-    "$PY" benchmarks/bench_recompute.py --device cuda --out "$OUT/bench_recompute.md"
+    "$PY" benchmarks/bench_recompute.py --device cuda --images 1024 --out "$OUT/bench_recompute.md"
 }
 
 # --- zigma bench: blocks, backbones and ops against attention ------------------------------

@@ -193,7 +193,7 @@ run_section bench_triton_scan "Triton selective scan" 100
 run_section bench_blocks "Blocks, backbones and ops against attention" 120
 run_section bench_train_step "A training step at 1024^2: ZigMa-B/2 against DiT-B/2" 60
 run_section bench_compile "torch.compile and CUDA graphs: backbones at L = 256 and 4096" 100
-run_section bench_recompute "Recomputing in the mixer's backward" 40
+run_section bench_recompute "Recomputing in the mixer's backward" 50
 run_section bench_scan_cost "The zigzag scan's cost in a block" 40
 run_section bench_permute "permute_tokens bandwidth" 30
 

@@ -62,3 +62,14 @@ def test_the_rule_catches_an_upward_import(tmp_path):
     path.write_text("def f():\n    from zigzag_mamba.modules.block import ZigMaBlock\n")
     found = _violations({"zigzag_mamba.ops.kernel": path, "zigzag_mamba.train.x": path})
     assert found == ["zigzag_mamba.ops.kernel imports zigzag_mamba.modules.block"]
+
+
+def test_no_source_file_is_longer_than_500_lines():
+    # docs/design.md: a module that outgrows this splits along its parts (e.g. a backend's
+    # kernels beside its launchers), so that each file reads top to bottom.
+    long = {
+        str(path.relative_to(PACKAGE)): lines
+        for path in PACKAGE.rglob("*.py")
+        if (lines := len(path.read_text().splitlines())) > 500
+    }
+    assert not long, long

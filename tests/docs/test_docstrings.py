@@ -19,7 +19,13 @@ import torch
 import zigzag_mamba
 
 # Importing these needs a GPU package, or defines Triton kernels in this process.
-_NOT_IMPORTED = (".triton", ".mamba_ssm", ".causal_conv1d", "zigzag_mamba.__main__")
+_NOT_IMPORTED = (
+    ".triton",
+    ".triton_kernels",
+    ".mamba_ssm",
+    ".causal_conv1d",
+    "zigzag_mamba.__main__",
+)
 # Modules that import an optional package (an extra): examined only where it is installed.
 _NEEDS = {"zigzag_mamba.integrations.diffusers": "diffusers"}
 

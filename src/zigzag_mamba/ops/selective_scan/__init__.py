@@ -68,7 +68,12 @@ from zigzag_mamba.ops.selective_scan.inputs import (
     zeros_like_state,
 )
 from zigzag_mamba.ops.selective_scan.reference import selective_scan_reference
-from zigzag_mamba.ops.utils import compute_dtype, double_backward_unsupported, no_context
+from zigzag_mamba.ops.utils import (
+    compute_dtype,
+    double_backward_unsupported,
+    no_autocast,
+    no_context,
+)
 
 __all__ = ["CHUNK", "ScanGrads", "ScanInputs", "selective_scan", "selective_scan_reference"]
 
@@ -134,7 +139,8 @@ def _selective_scan_fwd(
     x = ScanInputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if u.numel() == 0:  # no batch, channel or step: no backend is needed (or ready for it)
         return _empty_forward(x)
-    return backend_module(OP, _backend(x)).forward(x, CHUNK)
+    with no_autocast(u):
+        return backend_module(OP, _backend(x)).forward(x, CHUNK)
 
 
 def _empty_forward(x: ScanInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -170,7 +176,8 @@ def _selective_scan_bwd(
     if x.u.numel() == 0:  # nothing was scanned: every gradient is zero
         grads = ScanGrads(*(None if t is None else torch.zeros_like(t) for t in x.tensors))
     else:
-        grads = backend_module(OP, backend).backward(x, checkpoints, dout, dlast, CHUNK)
+        with no_autocast(x.u):
+            grads = backend_module(OP, backend).backward(x, checkpoints, dout, dlast, CHUNK)
     # In the inputs' dtypes; an absent optional input's gradient travels as an empty tensor.
     return [
         x.u.new_empty(0) if t is None else g.to(t.dtype).contiguous()

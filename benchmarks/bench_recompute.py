@@ -34,16 +34,21 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
-from benchlib import LiveReport, paired_ratio, time_interleaved
+from benchlib import (
+    DTYPES,
+    LiveReport,
+    add_block_arguments,
+    paired_ratio,
+    parse_block_arguments,
+    time_interleaved,
+)
 
 from zigzag_mamba.bench.contenders import backbone_tokens, backbone_workload, block_workload
 from zigzag_mamba.bench.timing import MIB, machine_info, peak_memory
 from zigzag_mamba.modules import Mamba
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULTS = {  # device -> (lengths, dim, batch, dtype, repeats)
     "cpu": ("4096", 384, 1, "fp32", 20),
     "cuda": ("4096,16384", 768, 1, "bf16", 20),
@@ -168,23 +173,12 @@ def _backbone_rows(args: argparse.Namespace) -> Iterator[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu", choices=list(DEFAULTS))
-    parser.add_argument("--lengths", help="comma-separated token counts")
-    parser.add_argument("--dim", type=int)
-    parser.add_argument("--batch", type=int)
-    parser.add_argument("--dtype", choices=list(DTYPES))
-    parser.add_argument("--repeats", type=int, help="interleaved calls of each path")
+    add_block_arguments(parser, list(DEFAULTS), repeats="interleaved calls of each path")
     parser.add_argument("--images", help="comma-separated image sides: backbone peaks too")
     parser.add_argument("--backbone-dim", type=int, default=768, help="the backbones' width")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", type=Path, help="also write the Markdown table here")
     parser.add_argument("--peaks", help=argparse.SUPPRESS)  # block:L or backbone:IMAGE
-    args = parser.parse_args()
-    for key, value in zip(
-        ("lengths", "dim", "batch", "dtype", "repeats"), DEFAULTS[args.device], strict=True
-    ):
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = parse_block_arguments(parser, DEFAULTS)
     if args.peaks:
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -22,14 +22,20 @@ from __future__ import annotations
 import argparse
 import functools
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
-from benchlib import LiveReport, paired_ratio, paired_scan_blocks, time_interleaved
+from benchlib import (
+    DTYPES,
+    LiveReport,
+    add_block_arguments,
+    paired_ratio,
+    paired_scan_blocks,
+    parse_block_arguments,
+    time_interleaved,
+)
 
 from zigzag_mamba.bench.timing import machine_info
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULTS = {  # device -> (lengths, dim, batch, dtype, repeats)
     "cpu": ("4096", 384, 1, "fp32", 30),
     "cuda": ("4096,16384", 768, 4, "bf16", 20),
@@ -68,19 +74,8 @@ def measure(args: argparse.Namespace, device: torch.device) -> Iterator[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu", choices=list(DEFAULTS))
-    parser.add_argument("--lengths", help="comma-separated token counts")
-    parser.add_argument("--dim", type=int)
-    parser.add_argument("--batch", type=int)
-    parser.add_argument("--dtype", choices=list(DTYPES))
-    parser.add_argument("--repeats", type=int, help="interleaved calls of each block")
-    parser.add_argument("--out", type=Path, help="also write the Markdown table here")
-    args = parser.parse_args()
-    for key, value in zip(
-        ("lengths", "dim", "batch", "dtype", "repeats"), DEFAULTS[args.device], strict=True
-    ):
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    add_block_arguments(parser, list(DEFAULTS), repeats="interleaved calls of each block")
+    args = parse_block_arguments(parser, DEFAULTS)
     report = LiveReport(args.out)
     for line in measure(args, torch.device(args.device)):
         report.add(line)

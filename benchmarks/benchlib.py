@@ -1,11 +1,13 @@
 """Helpers the benchmark scripts share: timers for short and interleaved calls, a report that
-is written row by row, and the paired blocks of the scan-cost benchmark.
+is written row by row, the paired blocks of the scan-cost benchmark, and the command-line
+arguments of the interleaved block benchmarks.
 
 The scripts run as ``python benchmarks/<script>.py``, which puts this folder on ``sys.path``.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import time
@@ -16,6 +18,34 @@ import torch
 
 from zigzag_mamba.bench.contenders import Workload, block_workload
 from zigzag_mamba.bench.timing import Timing, timed_seconds
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# What a block benchmark's DEFAULTS give per device, in this order.
+_BLOCK_SETTINGS = ("lengths", "dim", "batch", "dtype", "repeats")
+
+
+def add_block_arguments(parser: argparse.ArgumentParser, devices: list[str], repeats: str) -> None:
+    """--device, --lengths, --dim, --batch, --dtype, --repeats (help ``repeats``) and --out;
+    the ones left out take the device's defaults (:func:`parse_block_arguments`)."""
+    parser.add_argument("--device", default=devices[0], choices=devices)
+    parser.add_argument("--lengths", help="comma-separated token counts")
+    parser.add_argument("--dim", type=int)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--dtype", choices=list(DTYPES))
+    parser.add_argument("--repeats", type=int, help=repeats)
+    parser.add_argument("--out", type=Path, help="also write the Markdown table here")
+
+
+def parse_block_arguments(
+    parser: argparse.ArgumentParser, defaults: dict[str, tuple]
+) -> argparse.Namespace:
+    """The parsed arguments, each block setting not given taken from ``defaults[device]``
+    (lengths, dim, batch, dtype, repeats)."""
+    args = parser.parse_args()
+    for key, value in zip(_BLOCK_SETTINGS, defaults[args.device], strict=True):
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def call_seconds(fn: Callable[[], object], device: torch.device | str) -> float:

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from zigzag_mamba.train.threads import torch_threads
+
 
 def _opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
@@ -134,12 +136,8 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         True
     """
     config = config or DemoConfig()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         return _run(config)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(config: DemoConfig) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from zigzag_mamba.train.ablate.config import (
 from zigzag_mamba.train.ablate.data import Evaluation, StudyData, evenly_spaced, open_study_data
 from zigzag_mamba.train.ablate.report import write_atomic, write_reports
 from zigzag_mamba.train.config import TrainConfig
+from zigzag_mamba.train.threads import torch_threads
 
 
 def run_ablation(config: AblationConfig | None = None) -> dict[str, Any]:
@@ -50,12 +51,8 @@ def run_ablation(config: AblationConfig | None = None) -> dict[str, Any]:
         ['sweep', 'zigzag8']
     """
     config = config or AblationConfig()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         return _run(config)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def check_settings(config: AblationConfig) -> list[str]:

@@ -13,10 +13,10 @@ backend -> the backend the registry picks (registry op ``"causal_conv1d"``), in 
   the recomputed pre-activation, then the convolution's), in x's dtype.
 
 Each backend module has ``forward(x, weight, bias, silu) -> out`` and ``backward(dout, x,
-weight, bias, silu) -> (dx, dweight, dbias)``. With the Triton kernels the output and x's
-gradient have x's layout (:func:`.layout.empty_in_layout`): channels last for the mixer's
-transposed views of the in_proj output; the other backends return contiguous tensors, their
-natural layout. The backward saves x, weight and bias, not the output.
+weight, bias, silu) -> (dx, dweight, dbias)``. With the CUDA kernels (Triton, the package) the
+output and x's gradient have x's layout (:func:`.layout.empty_in_layout`): channels last for the
+mixer's transposed views of the in_proj output. The ``torch`` backend returns contiguous tensors,
+``F.conv1d``'s own layout. The backward saves x, weight and bias, not the output.
 """
 
 from __future__ import annotations
@@ -78,13 +78,13 @@ def _(x, weight, bias, silu):
 
 
 def _empty_in_layout(x: torch.Tensor, backend: str) -> torch.Tensor:
-    """The Triton kernels write x's layout (no transposed copy on either side); the other
-    backends' natural layout is contiguous, and forcing x's on them would cost a copy."""
-    return empty_in_layout(x) if backend == "triton" else x.new_empty(x.shape)
+    """The CUDA kernels write x's layout (no transposed copy on either side); ``F.conv1d``
+    writes contiguous tensors, and forcing x's layout on it would cost a copy."""
+    return x.new_empty(x.shape) if backend == "torch" else empty_in_layout(x)
 
 
 def _in_layout(x: torch.Tensor, t: torch.Tensor, backend: str) -> torch.Tensor:
-    return in_layout_of(x, t) if backend == "triton" else t.contiguous()
+    return t.contiguous() if backend == "torch" else in_layout_of(x, t)
 
 
 @torch.library.custom_op("zigzag_mamba::causal_conv1d_bwd", mutates_args=())

@@ -111,18 +111,6 @@ def test_deepcopy_and_pickle_keep_the_cache_usable():
         assert torch.equal(clone.permute(x, (3, 4)), y)
 
 
-def test_a_module_pickled_before_grids_per_call_still_loads():
-    zigzag = ZigzagScan((3, 4), "zigzag8", layer_idx=2)
-    state = dict(zigzag.__dict__)
-    for name in ("_grid_cache", "num_prefix_tokens", "prefix_position", "pattern"):
-        del state[name]
-    old = ZigzagScan.__new__(ZigzagScan)
-    old.__setstate__(state)
-    x = torch.randn(1, 12, 2)
-    assert torch.equal(old.permute(x), zigzag.permute(x))
-    assert torch.equal(old.permute(x[:, :6], grid=(2, 3)), zigzag.permute(x[:, :6], grid=(2, 3)))
-
-
 @pytest.mark.parametrize(
     ("kwargs", "call", "error", "match"),
     [

@@ -138,8 +138,7 @@ def test_a_timm_shaped_model():
 
 def test_timm_shaped_options_reach_the_mixers():
     vit = TimmLikeViT(reg_tokens=0).to(torch.float64)
-    with pytest.warns(DeprecationWarning, match="'scan' is now called 'pattern'"):
-        replace_attention(vit, scan="sweep2", mixer="bidirectional", prefix_position="middle")
+    replace_attention(vit, pattern="sweep2", mixer="bidirectional", prefix_position="middle")
     zigma = vit.blocks[1].attn.mixer
     assert zigma.permutation.pattern == "sweep2" and zigma.permutation.prefix_position == "middle"
     assert type(zigma.mixer).__name__ == "BiMamba"

@@ -225,7 +225,6 @@ def test_the_backbone_takes_diffusers_gradient_checkpointing_switch():
 def test_a_block_builds_from_its_width_alone():
     x = torch.randn(2, 24, DIM)
     assert ZigMaBlock(DIM)(x, grid=(4, 6)).shape == x.shape
-    with pytest.warns(DeprecationWarning, match="'scan' is now called 'pattern'"):
-        old = ZigMaBlock(DIM, scan="hilbert8", layer_idx=2)
-    assert old.permutation.pattern == "hilbert8" and old.permutation.grid is None
-    assert old(x, grid=(6, 4)).shape == x.shape
+    block = ZigMaBlock(DIM, pattern="hilbert8", layer_idx=2)
+    assert block.permutation.pattern == "hilbert8" and block.permutation.grid is None
+    assert block(x, grid=(6, 4)).shape == x.shape

@@ -124,7 +124,7 @@ def test_recompute_matches_plain_autograd_on_cuda(mixer: str):
 
 def test_backbone_compiles_fullgraph_with_inductor_on_cuda():
     torch.manual_seed(0)
-    model = ZigMaBackbone(8, in_channels=4, dim=64, depth=2, patch_size=2).cuda()
+    model = ZigMaBackbone(input_size=8, in_channels=4, dim=64, depth=2, patch_size=2).cuda()
     x, t = torch.randn(2, 4, 8, 8, device="cuda"), torch.rand(2, device="cuda")
     compiled = torch.compile(model, fullgraph=True)
     results = []

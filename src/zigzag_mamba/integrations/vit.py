@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from zigzag_mamba._deprecation import renamed_kwargs
 from zigzag_mamba.modules.block import ZigMaMixer
 
 _TIMM_ATTENTION_ARGS = ("attn_mask", "is_causal")
@@ -112,7 +111,6 @@ class _Host:
     num_prefix_tokens: int
 
 
-@renamed_kwargs(scan="pattern")
 def replace_attention(
     model: nn.Module,
     pattern: str | torch.Tensor | Sequence | None = "zigzag8",
@@ -128,7 +126,6 @@ def replace_attention(
             ``VisionTransformer`` (or a model whose blocks hold an ``attn`` with timm's
             ``Attention`` signature); see :mod:`zigzag_mamba.integrations.vit`.
         pattern: the token-order pattern; layer i (the block's position) reads order i % k.
-            (Formerly ``scan=``, still accepted.)
         mixer: ``"mamba"`` or ``"bidirectional"``.
         prefix_position: where the class and register tokens sit in each scanned sequence;
             ``"end"`` lets a causal scan give them the whole image.

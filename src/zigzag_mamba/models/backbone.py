@@ -26,8 +26,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from zigzag_mamba._deprecation import renamed_kwargs
-from zigzag_mamba.models.config import CONFIGS, RENAMED_KEYS, ZigMaConfig
+from zigzag_mamba.models.config import CONFIGS, ZigMaConfig
 from zigzag_mamba.models.official import convert_official_state_dict
 from zigzag_mamba.modules.block import ZigMaBlock
 from zigzag_mamba.modules.embed import (
@@ -65,8 +64,7 @@ class ZigMaBackbone(nn.Module):
     ``depth``, ``pattern``, ``pos_embed``, ``num_frames``, ``num_classes``,
     ``class_dropout_prob``, ``context_dim``, ``mixer``, ``ssm_cfg``, ``norm_eps``; see
     :class:`ZigMaConfig` for each. ``model.config`` is that config, as :meth:`save_pretrained`
-    writes it. (Also accepted, as before: ``input_size`` as the first positional argument, and
-    the old names ``scan=`` and ``d_context=``.)
+    writes it.
 
     Example::
 
@@ -75,7 +73,6 @@ class ZigMaBackbone(nn.Module):
         torch.Size([2, 4, 8, 8])
     """
 
-    @renamed_kwargs(**RENAMED_KEYS)
     def __init__(
         self,
         config: ZigMaConfig | None = None,
@@ -86,8 +83,10 @@ class ZigMaBackbone(nn.Module):
     ) -> None:
         super().__init__()
         if config is not None and not isinstance(config, ZigMaConfig):
-            # The first positional argument used to be input_size.
-            config, options = None, {"input_size": config, **options}
+            raise TypeError(
+                f"config must be a ZigMaConfig (or None, with its fields as keyword arguments), "
+                f"got {type(config).__name__}"
+            )
         config = ZigMaConfig(**options) if config is None else replace(config, **options)
         self.config = config
         factory = {"device": device, "dtype": dtype}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -12,12 +11,9 @@ from typing import Any, Literal
 
 import torch
 
-from zigzag_mamba._deprecation import rename_keys
 from zigzag_mamba.modules.validation import check_positive, check_positive_int
 
 PosEmbed = Literal["none", "sincos", "learned"]
-# Keys that earlier versions wrote into config.json and checkpoints.
-RENAMED_KEYS = MappingProxyType({"scan": "pattern", "d_context": "context_dim"})
 
 
 @dataclass(frozen=True)
@@ -122,17 +118,8 @@ class ZigMaConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ZigMaConfig:
-        """Build from a mapping (e.g. ``config.json``); keys of earlier versions are renamed."""
-        return cls(**rename_keys(values, RENAMED_KEYS, "ZigMaConfig"))
-
-    def __getitem__(self, key: str) -> Any:
-        """Deprecated: ``config["dim"]`` from the time ``model.config`` was a dict."""
-        warnings.warn(
-            "model.config is a ZigMaConfig now: use attributes (config.dim, config.pattern)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(self, RENAMED_KEYS.get(key, key))
+        """Build from a mapping (e.g. ``config.json``)."""
+        return cls(**values)
 
 
 def _is_int(value: object) -> bool:

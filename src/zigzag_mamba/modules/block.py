@@ -18,14 +18,12 @@ modulate, permute) and :meth:`ZigMaBlock.mixer_out` (unpermute, gate, add), each
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import torch
 from einops import rearrange
 from torch import nn
 
-from zigzag_mamba._deprecation import renamed_kwargs
 from zigzag_mamba.modules.attention import CrossAttention
 from zigzag_mamba.modules.mamba import BiMamba, Mamba
 from zigzag_mamba.modules.validation import check_positive_int
@@ -93,7 +91,6 @@ class ZigMaBlock(nn.Module):
         pattern: a pattern name (``"zigzag8"``, ``"sweep2"``, ``"video_sst"``, ... see
             :mod:`zigzag_mamba.scans`), explicit orders (an (L,) order, a (k, L) tensor or a
             sequence of orders), or None for no permutation at all (a plain Mamba block).
-            (Formerly ``scan=``, still accepted.)
         layer_idx: which order of the pattern's family this layer uses (``layer_idx % k``).
         mixer: ``"mamba"`` or ``"bidirectional"`` (Vim-style forward + reversed scan).
         context_dim: width of the text tokens to cross-attend to; None for no cross-attention.
@@ -131,7 +128,6 @@ class ZigMaBlock(nn.Module):
         torch.Size([2, 49, 64])
     """
 
-    @renamed_kwargs(scan="pattern")
     def __init__(
         self,
         dim: int,
@@ -173,12 +169,6 @@ class ZigMaBlock(nn.Module):
                 nn.SiLU(), nn.Linear(dim, chunks * dim, **factory)
             )
             self.zero_init_modulation()
-
-    @property
-    def scan(self) -> ZigzagScan | None:
-        """Deprecated name of :attr:`permutation`."""
-        warnings.warn("ZigMaBlock.scan is now ZigMaBlock.permutation", DeprecationWarning, 2)
-        return self.permutation
 
     @torch.no_grad()
     def zero_init_modulation(self) -> None:
@@ -233,20 +223,6 @@ class ZigMaBlock(nn.Module):
         # Sequences per sample, rather than the batch size: einops cannot split 0 rows by 0.
         y = rearrange(y, "(b n) l d -> b (n l) d", n=h_norm.shape[1] // seq_len)
         return mixer_out(h_norm, gate, y, order, inverse)
-
-    def scan_in(self, h, residual, shift, scale):
-        """Deprecated name of :meth:`mixer_in`."""
-        warnings.warn("ZigMaBlock.scan_in is now mixer_in", DeprecationWarning, stacklevel=2)
-        return self.mixer_in(h, residual, shift, scale)
-
-    def scan_out(self, y, normed, gate):
-        """Deprecated name of :meth:`mixer_out`, which takes ``(h_norm, gate, y)``."""
-        warnings.warn(
-            "ZigMaBlock.scan_out(y, normed, gate) is now mixer_out(h_norm, gate, y)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self.mixer_out(normed, gate, y)
 
     def _layout(self, h: torch.Tensor, grid: int | Sequence[int] | None) -> Layout:
         """The order, inverse and sequence length for the tokens ``h`` of ``grid``, checked."""
@@ -319,7 +295,6 @@ class ZigMaMixer(nn.Module):
         torch.Size([2, 25, 64])
     """
 
-    @renamed_kwargs(scan="pattern")
     def __init__(
         self,
         dim: int,

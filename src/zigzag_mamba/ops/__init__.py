@@ -13,12 +13,6 @@ from zigzag_mamba.ops.mixer_io import (
     mixer_out,
     mixer_out_reference,
 )
-from zigzag_mamba.ops.mixer_io import (
-    scan_in as scan_in,  # deprecated name of mixer_in
-)
-from zigzag_mamba.ops.mixer_io import (
-    scan_out as scan_out,  # deprecated name of mixer_out
-)
 from zigzag_mamba.ops.permute import inverse_order, permute_tokens, permute_tokens_reference
 from zigzag_mamba.ops.selective_scan import selective_scan, selective_scan_reference
 

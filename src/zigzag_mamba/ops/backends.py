@@ -20,7 +20,6 @@ import contextvars
 import functools
 import importlib
 import os
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType, ModuleType, TracebackType
@@ -28,9 +27,6 @@ from types import MappingProxyType, ModuleType, TracebackType
 import torch
 
 BACKEND_NAMES = ("auto", "numba", "torch", "reference", "mamba_ssm", "triton", "causal_conv1d")
-# Old name -> new name; the old ones still work, with a DeprecationWarning.
-_RENAMED_BACKENDS = {"fused": "numba"}
-_RENAMED_OPS = {"fused_scan": "mixer_io"}
 # Every op has a backend of this name: plain PyTorch, on every device.
 PORTABLE = "torch"
 
@@ -174,24 +170,6 @@ def _find(op: str, name: str) -> Backend:
     raise ValueError(f"{op} has no backend {name!r}; choose one of {['auto', *names]}")
 
 
-def _current(name: str, renamed: Mapping[str, str], what: str) -> str:
-    """``name``, or its new name with a DeprecationWarning if it is an old one."""
-    if name not in renamed:
-        return name
-    warnings.warn(
-        f"{what} {name!r} is now called {renamed[name]!r}", DeprecationWarning, stacklevel=4
-    )
-    return renamed[name]
-
-
-def _current_name(name: str) -> str:
-    return _current(name, _RENAMED_BACKENDS, "backend")
-
-
-def _current_op(op: str) -> str:
-    return _current(op, _RENAMED_OPS, "op")
-
-
 def requested(op: str) -> str:
     """The backend asked for ``op``: forced by :func:`use_backend`, else the env var, else auto.
 
@@ -201,27 +179,14 @@ def requested(op: str) -> str:
     forced = _forced.get()
     if op in forced:
         return forced[op]
-    choice = _environment_choice(op).strip() or "auto"
+    choice = os.environ.get(env_var(op), "auto").strip() or "auto"
     if choice == "auto":
         return choice
-    choice = _current_name(choice)
     try:
         _find(op, choice)
     except ValueError as exc:
         raise ValueError(f"{env_var(op)}={choice!r}: {exc}") from None
     return choice
-
-
-def _environment_choice(op: str) -> str:
-    if env_var(op) in os.environ:
-        return os.environ[env_var(op)]
-    for old, new in _RENAMED_OPS.items():
-        if new == op and env_var(old) in os.environ:
-            warnings.warn(
-                f"{env_var(old)} is now called {env_var(op)}", DeprecationWarning, stacklevel=4
-            )
-            return os.environ[env_var(old)]
-    return "auto"
 
 
 def resolve(op: str, device_type: str) -> str:
@@ -285,12 +250,10 @@ class use_backend:
     def __init__(self, **choices: str) -> None:
         current = {}
         for op, name in choices.items():
-            op = _current_op(op)
             if op not in _registry:
                 raise TypeError(f"use_backend() got unknown op {op!r}; ops: {sorted(_registry)}")
             if not isinstance(name, str):
                 raise TypeError(f"use_backend({op}=...) takes a backend name, got {name!r}")
-            name = _current_name(name)
             if name != "auto":
                 backend = _find(op, name)
                 reasons = {

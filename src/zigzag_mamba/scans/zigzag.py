@@ -10,7 +10,6 @@ every grid token before it reaches them (docs/block.md, "Prefix tokens").
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -161,19 +160,6 @@ class ZigzagScan(nn.Module):
         self.register_buffer("inverse", empty.clone(), persistent=False)
         self.init_non_persistent_buffers()
 
-    def __setstate__(self, state: dict) -> None:
-        # Modules pickled by earlier versions lack the attributes added since.
-        super().__setstate__(state)
-        defaults = {
-            "_grid_cache": {},
-            "_checked_buffers": None,
-            "num_prefix_tokens": 0,
-            "prefix_position": "end",
-            "pattern": self.pattern_name if self.pattern_name != "custom" else self._cpu_order,
-        }
-        for name, value in defaults.items():
-            self.__dict__.setdefault(name, value)
-
     def _cpu_layout(self, grid: Grid) -> tuple[torch.Tensor, int]:
         """This layer's order on ``grid`` with the prefix tokens in place, and the family size."""
         family = pattern_family(self.pattern, grid)
@@ -275,7 +261,7 @@ class ZigzagScan(nn.Module):
         return order, inverse
 
     def _buffers_checked(self, order: torch.Tensor, inverse: torch.Tensor) -> bool:
-        checked = getattr(self, "_checked_buffers", None)  # absent in modules pickled before
+        checked = self._checked_buffers
         if checked is None or checked[0] is not order or checked[1] is not inverse:
             return False
         return None not in checked[2:] and checked[2:] == (
@@ -352,16 +338,6 @@ class ZigzagScan(nn.Module):
         y = y.reshape(y.shape[0] // per_sample, num_tokens, *y.shape[2:])
         order, inverse = self.orders_for(y, grid)
         return permute_tokens(y, inverse, order)
-
-    def scan(self, x: torch.Tensor) -> torch.Tensor:
-        """Deprecated name of :meth:`permute`."""
-        warnings.warn("ZigzagScan.scan is now permute", DeprecationWarning, stacklevel=2)
-        return self.permute(x)
-
-    def unscan(self, y: torch.Tensor) -> torch.Tensor:
-        """Deprecated name of :meth:`unpermute`."""
-        warnings.warn("ZigzagScan.unscan is now unpermute", DeprecationWarning, stacklevel=2)
-        return self.unpermute(y)
 
     def extra_repr(self) -> str:
         grid = "given per call" if self.grid is None else self.grid

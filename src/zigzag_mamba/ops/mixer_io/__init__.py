@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from zigzag_mamba._deprecation import deprecated_alias, renamed_kwargs
 from zigzag_mamba.ops.backends import (
     backend_module,
     implementation,
@@ -266,10 +265,6 @@ def mixer_out(
     _check_like("y", y, h_norm, h_norm.shape)
     inverse = _inverse_for(order, inverse, h_norm)
     return _mixer_out(h_norm, gate, y, order, inverse)
-
-
-scan_in = deprecated_alias(mixer_in, "scan_in")
-scan_out = deprecated_alias(renamed_kwargs(y_seq="y")(mixer_out), "scan_out")
 
 
 def _check_tokens(name: str, x: torch.Tensor) -> None:

@@ -36,7 +36,7 @@ from benchlib import LiveReport, median_call_seconds
 from zigzag_mamba.ops.backends import resolve
 from zigzag_mamba.ops.permute import inverse_order, permute_tokens
 from zigzag_mamba.ops.permute.triton import default_block_l, gather_tokens
-from zigzag_mamba.scans import zigzag_orders
+from zigzag_mamba.orders import zigzag_orders
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_SIZES = (

@@ -54,7 +54,9 @@ def build(name: str, latent: int, dim: int, depth: int | None, device: torch.dev
     depth = depth or MODELS[name][1]
     if name == "zigma":
         config = {**CONFIGS["ZigMa-B/2"], "dim": dim, "depth": depth}
-        model = ZigMaBackbone(latent, in_channels=LATENT_CHANNELS, device=device, **config)
+        model = ZigMaBackbone(
+            input_size=latent, in_channels=LATENT_CHANNELS, device=device, **config
+        )
     else:
         model = DiTBackbone(latent, dim=dim, depth=depth, heads=max(dim // 64, 1), device=device)
     return randomize_modulation(model)

@@ -152,6 +152,6 @@ def paired_scan_blocks(
     """The zigzag8 block and the ``pattern=None`` block with the same weights and the same inputs:
     the two sides of the scan's own cost."""
     zigzag = block_workload("zigma", dim, length, batch, device, dtype)
-    plain = block_workload("zigma-noscan", dim, length, batch, device, dtype)
+    plain = block_workload("zigma-none", dim, length, batch, device, dtype)
     plain.module.load_state_dict(zigzag.module.state_dict())
     return {"zigzag8": zigzag, "pattern=None": Workload(plain.module, zigzag.inputs, plain.module)}

@@ -91,8 +91,8 @@ section_bench_triton_scan() {
 
 # --- the zigzag scan's cost: ZigMaBlock zigzag8 against pattern=None, interleaved calls --------
 # L = 4096 and 16384, D = 768, bf16, forward and forward+backward. About a minute.
-section_bench_scan_cost() {
-    "$PY" benchmarks/bench_scan_cost.py --device cuda --out "$OUT/bench_scan_cost.md"
+section_bench_order_cost() {
+    "$PY" benchmarks/bench_order_cost.py --device cuda --out "$OUT/bench_order_cost.md"
 }
 
 # --- recomputing in the mixer's backward: Mamba.recompute on and off, interleaved calls, with
@@ -194,7 +194,7 @@ run_section bench_blocks "Blocks, backbones and ops against attention" 120
 run_section bench_train_step "A training step at 1024^2: ZigMa-B/2 against DiT-B/2" 60
 run_section bench_compile "torch.compile and CUDA graphs: backbones at L = 256 and 4096" 100
 run_section bench_recompute "Recomputing in the mixer's backward" 50
-run_section bench_scan_cost "The zigzag scan's cost in a block" 40
+run_section bench_order_cost "The zigzag scan's cost in a block" 40
 run_section bench_permute "permute_tokens bandwidth" 30
 
 {

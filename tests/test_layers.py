@@ -9,7 +9,7 @@ import zigzag_mamba
 
 PACKAGE = Path(zigzag_mamba.__file__).parent
 # Lower ranks sit below higher ones; the top layer (rank 5) holds the optional parts.
-RANKS = {"ops": 1, "scans": 2, "modules": 3, "models": 4}
+RANKS = {"ops": 1, "orders": 2, "modules": 3, "models": 4}
 TOP = 5
 
 

@@ -18,7 +18,7 @@ for name in ("is_available", "device_count", "init", "current_device", "get_devi
 
 import zigzag_mamba
 import zigzag_mamba.ops
-import zigzag_mamba.scans
+import zigzag_mamba.orders
 {extra}
 loaded = sorted(
     m for m in sys.modules
@@ -57,7 +57,7 @@ def test_version_and_typed_marker():
 
 
 def test_public_names_exist():
-    for name in ("ZigzagScan", "backends", "use_backend", "scan_orders", "list_patterns"):
+    for name in ("ZigzagScan", "backends", "use_backend", "layer_orders", "list_patterns"):
         assert hasattr(zigzag_mamba, name)
     from zigzag_mamba.ops import permute_tokens  # noqa: F401
-    from zigzag_mamba.scans import scan_orders, zigzag_orders  # noqa: F401
+    from zigzag_mamba.orders import layer_orders, zigzag_orders  # noqa: F401

@@ -5,25 +5,25 @@ import pytest
 from PIL import Image
 
 from zigzag_mamba import cli
-from zigzag_mamba.viz import draw_scans
+from zigzag_mamba.viz import draw_orders
 
 
-def test_draw_scans_writes_a_png(tmp_path):
-    path = draw_scans("hilbert8", (5, 7), tmp_path / "sub" / "scans.png")
+def test_draw_orders_writes_a_png(tmp_path):
+    path = draw_orders("hilbert8", (5, 7), tmp_path / "sub" / "orders.png")
     image = np.asarray(Image.open(path).convert("L"))
     assert image.shape[0] > 100 and image.shape[1] > 100
     assert image.std() > 10  # something was drawn, not a blank canvas
 
 
-def test_cli_scans_writes_the_file(tmp_path, capsys):
+def test_cli_orders_writes_the_file(tmp_path, capsys):
     out = tmp_path / "z.png"
-    assert cli.main(["scans", "--pattern", "zigzag8", "--grid", "8", "8", "--out", str(out)]) == 0
+    assert cli.main(["orders", "--pattern", "zigzag8", "--grid", "8", "8", "--out", str(out)]) == 0
     assert out.stat().st_size > 0
     assert str(out) in capsys.readouterr().out
 
 
 def test_cli_lists_patterns(capsys):
-    assert cli.main(["scans", "--list"]) == 0
+    assert cli.main(["orders", "--list"]) == 0
     names = capsys.readouterr().out.split()
     assert "zigzag8" in names and "hilbert8" in names
 
@@ -36,7 +36,7 @@ def test_video_patterns_draw_one_panel_per_layer(tmp_path, monkeypatch):
     monkeypatch.setattr(
         viz, "_draw_order", lambda ax, order, H, W: drawn.append((order.tolist(), H, W))
     )
-    path = draw_scans("video_sst", (3, 4, 5), tmp_path / "v.png")
+    path = draw_orders("video_sst", (3, 4, 5), tmp_path / "v.png")
     assert path.stat().st_size > 0
     assert len(drawn) == 12  # s layers cycle through 8 orders, t layers through 2
     spatial = [d for d in drawn if (d[1], d[2]) == (4, 5)]
@@ -44,13 +44,13 @@ def test_video_patterns_draw_one_panel_per_layer(tmp_path, monkeypatch):
     assert len(spatial) == 8 and all(sorted(order) == list(range(20)) for order, _, _ in spatial)
     assert temporal == [[0, 1, 2], [2, 1, 0], [0, 1, 2], [2, 1, 0]]
     monkeypatch.setattr(viz, "_draw_order", real)
-    image = np.asarray(Image.open(draw_scans("video_t", (4, 3, 3), tmp_path / "t.png")))
+    image = np.asarray(Image.open(draw_orders("video_t", (4, 3, 3), tmp_path / "t.png")))
     assert image.std() > 10
 
 
-def test_cli_scans_takes_a_video_grid(tmp_path, capsys):
+def test_cli_orders_takes_a_video_grid(tmp_path, capsys):
     out = tmp_path / "v.png"
-    argv = ["scans", "--pattern", "video_st", "--grid", "2", "4", "4", "--out", str(out)]
+    argv = ["orders", "--pattern", "video_st", "--grid", "2", "4", "4", "--out", str(out)]
     assert cli.main(argv) == 0
     assert out.stat().st_size > 0
 
@@ -63,12 +63,14 @@ def test_cli_scans_takes_a_video_grid(tmp_path, capsys):
         ("zigzag8", ["4"], "--grid takes H W or T H W, got 1 numbers"),
     ],
 )
-def test_cli_scans_names_the_grid_a_pattern_needs(tmp_path, pattern, grid, message):
+def test_cli_orders_names_the_grid_a_pattern_needs(tmp_path, pattern, grid, message):
     with pytest.raises(SystemExit, match=message):
-        cli.main(["scans", "--pattern", pattern, "--grid", *grid, "--out", str(tmp_path / "x.png")])
+        cli.main(
+            ["orders", "--pattern", pattern, "--grid", *grid, "--out", str(tmp_path / "x.png")]
+        )
 
 
 def test_missing_matplotlib_gives_install_hint(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match=r"pip install matplotlib .*-e '\.\[viz\]'"):
-        draw_scans("zigzag8", (4, 4), tmp_path / "x.png")
+        draw_orders("zigzag8", (4, 4), tmp_path / "x.png")

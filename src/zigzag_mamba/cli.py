@@ -1,4 +1,4 @@
-"""The ``zigma`` command: ``zigma scans | train | sample | demo | bench``.
+"""The ``zigma`` command: ``zigma orders | train | sample | demo | bench``.
 
 Each command lives beside the code it drives and adds itself through a ``register(subparsers)``
 function; handlers import their heavy dependencies only when they run, so ``zigma --help`` is

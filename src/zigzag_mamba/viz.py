@@ -1,4 +1,4 @@
-"""Pictures of scan orders, and the ``zigma scans`` command."""
+"""Pictures of token orders, and the ``zigma orders`` command."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from zigzag_mamba.scans import as_grid, list_patterns, pattern_family
+from zigzag_mamba.orders import as_grid, list_patterns, pattern_family
 
 
 def _figure_class():
@@ -17,13 +17,13 @@ def _figure_class():
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise ImportError(
-            "drawing scans needs matplotlib: pip install matplotlib (the viz extra: pip "
+            "drawing orders needs matplotlib: pip install matplotlib (the viz extra: pip "
             "install -e '.[viz]' in a clone, or 'zigzag-mamba[viz]' from an index)"
         ) from exc
     return Figure
 
 
-def draw_scans(
+def draw_orders(
     pattern: str | torch.Tensor | Sequence,
     grid: int | Sequence[int],
     path: str | Path,
@@ -41,9 +41,9 @@ def draw_scans(
 
     Example::
 
-        >>> draw_scans("zigzag8", (8, 8), "scans.png")
-        PosixPath('scans.png')
-        >>> draw_scans("video_sst", (4, 6, 6), "video.png")
+        >>> draw_orders("zigzag8", (8, 8), "orders.png")
+        PosixPath('orders.png')
+        >>> draw_orders("video_sst", (4, 6, 6), "video.png")
         PosixPath('video.png')
     """
     grid = as_grid(grid)
@@ -76,7 +76,7 @@ def _panel(
     T, H, W = grid
     if order.dim() != 2 or order.shape not in ((T, H * W), (H * W, T)):
         raise ValueError(
-            "draw_scans draws video orders split per frame (T, H*W) or per pixel (H*W, T), as "
+            "draw_orders draws video orders split per frame (T, H*W) or per pixel (H*W, T), as "
             f"the video_* patterns make them; got one of shape {tuple(order.shape)}"
         )
     first = order[0]
@@ -106,7 +106,7 @@ def _draw_order(ax, order: torch.Tensor, H: int, W: int) -> None:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "scans",
+        "orders",
         help="draw a scan pattern's orders to a PNG",
         description=(
             "Draw every order of a scan pattern's family over an H x W grid, or, for the "
@@ -124,7 +124,9 @@ def register(subparsers) -> None:
         metavar="N",
         help="H W, or T H W for the video_* patterns (default: 8 8)",
     )
-    parser.add_argument("--out", default="scans.png", help="PNG file to write (default: scans.png)")
+    parser.add_argument(
+        "--out", default="orders.png", help="PNG file to write (default: orders.png)"
+    )
     parser.add_argument("--list", action="store_true", help="print the pattern names and exit")
     parser.set_defaults(func=_run)
 
@@ -134,13 +136,13 @@ def _run(args: argparse.Namespace) -> int:
         print("\n".join(list_patterns()))
         return 0
     if len(args.grid) not in (2, 3):
-        raise SystemExit(f"zigma scans: --grid takes H W or T H W, got {len(args.grid)} numbers")
+        raise SystemExit(f"zigma orders: --grid takes H W or T H W, got {len(args.grid)} numbers")
     try:
-        path = draw_scans(args.pattern, tuple(args.grid), args.out)
+        path = draw_orders(args.pattern, tuple(args.grid), args.out)
     except ValueError as exc:
         hint = ""
         if args.pattern.startswith("video_") != (len(args.grid) == 3):
             hint = " (pass --grid T H W)" if len(args.grid) == 2 else " (pass --grid H W)"
-        raise SystemExit(f"zigma scans: {exc}{hint}") from exc
+        raise SystemExit(f"zigma orders: {exc}{hint}") from exc
     print(f"wrote {path}")
     return 0

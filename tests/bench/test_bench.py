@@ -197,7 +197,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
     ("script", "args", "expected"),
     [
         (
-            "bench_scan_cost.py",
+            "bench_order_cost.py",
             ["--lengths", "64", "--dim", "16", "--repeats", "3"],
             ["| 64 | fwd |", "| 64 | fwd+bwd |"],
         ),

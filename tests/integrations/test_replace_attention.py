@@ -9,7 +9,7 @@ from torch import nn
 
 from zigzag_mamba.integrations import GridTracker, ViTMixer, replace_attention
 from zigzag_mamba.modules import ZigMaMixer
-from zigzag_mamba.scans import scan_orders
+from zigzag_mamba.orders import layer_orders
 
 
 def hf_vit(image_size=8, patch_size=2, layers=3, model="ViTForImageClassification"):
@@ -47,7 +47,7 @@ def check_mixer_calls(seen, grid, prefix):
         assert x.shape[1] == prefix + grid[0] * grid[1]
         zigma = vit_mixer.mixer
         assert torch.equal(out, zigma(x, grid=grid))
-        order = scan_orders("zigzag8", grid, zigma.layer_idx + 1)[zigma.layer_idx]
+        order = layer_orders("zigzag8", grid, zigma.layer_idx + 1)[zigma.layer_idx]
         ssm_cfg = {"d_state": zigma.mixer.d_state}
         stand_alone = ZigMaMixer(32, grid, order, num_prefix_tokens=prefix, ssm_cfg=ssm_cfg)
         stand_alone.mixer.load_state_dict(zigma.mixer.state_dict())

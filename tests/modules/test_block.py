@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from zigzag_mamba import use_backend
 from zigzag_mamba.modules import CrossAttention, ZigMaBlock
-from zigzag_mamba.scans import scan_orders
+from zigzag_mamba.orders import layer_orders
 
 DIM = 32
 
@@ -71,7 +71,7 @@ def test_block_equals_the_official_composition(x, grid, pattern, layer_idx, cond
     block = ZigMaBlock(DIM, grid, pattern, layer_idx)
     randomise(block, layer_idx)
     c = torch.randn(2, DIM) if conditioned else None
-    order = scan_orders(pattern, grid, layer_idx + 1)[layer_idx]
+    order = layer_orders(pattern, grid, layer_idx + 1)[layer_idx]
     h_ref, residual_ref = block_by_hand(block, order, x, c)
     h, residual = block.forward_residual(x, None, c)
     torch.testing.assert_close(h, h_ref)
@@ -84,7 +84,7 @@ def test_text_block_equals_the_official_composition(x):
     assert block.adaLN_modulation[1].out_features == 6 * DIM
     randomise(block, 3)
     c, context = torch.randn(2, DIM), torch.randn(2, 5, DIM)
-    order = scan_orders("zigzag4", (4, 6), 2)[1]
+    order = layer_orders("zigzag4", (4, 6), 2)[1]
     h_ref, _ = block_by_hand(block, order, x, c, context)
     h, _ = block.forward_residual(x, None, c, context)
     torch.testing.assert_close(h, h_ref)
@@ -147,7 +147,7 @@ def test_no_scan_is_a_plain_mamba_block(x):
 def test_explicit_orders_equal_the_named_pattern(x):
     named = ZigMaBlock(DIM, (4, 6), "zigzag8", 3)
     randomise(named, 5)
-    explicit = ZigMaBlock(DIM, (4, 6), scan_orders("zigzag8", (4, 6), 4)[3])
+    explicit = ZigMaBlock(DIM, (4, 6), layer_orders("zigzag8", (4, 6), 4)[3])
     explicit.load_state_dict(named.state_dict())
     assert torch.equal(named(x), explicit(x))
 
@@ -161,7 +161,7 @@ def test_video_layers_run_the_mixer_per_frame_and_per_site():
     t_block.load_state_dict(s_block.state_dict())
     n = rms_norm(x, s_block.norm.weight)
     frames = n.view(2, T, H * W, DIM)
-    spatial = scan_orders("zigzag8", (H, W), 1)[0]
+    spatial = layer_orders("zigzag8", (H, W), 1)[0]
     y = s_block.mixer(frames[:, :, spatial].reshape(2 * T, H * W, DIM))
     y = y.view(2, T, H * W, DIM)[:, :, torch.argsort(spatial)].reshape(2, -1, DIM)
     torch.testing.assert_close(s_block(x), x + n + y)

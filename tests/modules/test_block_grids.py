@@ -5,7 +5,7 @@ import torch
 
 from zigzag_mamba import CONFIGS, ZigMaBackbone
 from zigzag_mamba.modules import ZigMaBlock, ZigMaMixer
-from zigzag_mamba.scans import scan_orders, with_prefix
+from zigzag_mamba.orders import layer_orders, with_prefix
 
 DIM = 32
 
@@ -68,7 +68,7 @@ def test_prefix_tokens_by_hand(position):
     )
     randomise(block, 2)
     x = torch.randn(2, k + 12, DIM)
-    order = with_prefix(scan_orders("zigzag8", grid, 2)[1], k, position)
+    order = with_prefix(layer_orders("zigzag8", grid, 2)[1], k, position)
     n = rms_norm(x, block.norm.weight)
     expected = x + n + block.mixer(n[:, order])[:, torch.argsort(order)]
     torch.testing.assert_close(block(x, grid=grid), expected)
@@ -90,7 +90,7 @@ def test_at_the_end_a_causal_scan_gives_the_prefix_the_whole_grid():
 
 def test_in_the_middle_a_causal_scan_gives_the_prefix_the_first_half_only():
     grid, k = (4, 5), 1
-    order = scan_orders("zigzag8", grid, 3)[2]
+    order = layer_orders("zigzag8", grid, 3)[2]
     mixer = ZigMaMixer(DIM, grid, "zigzag8", 2, num_prefix_tokens=k, prefix_position="middle")
     seen = prefix_dependence(mixer, torch.randn(2, k + 20, DIM), k)
     expected = torch.zeros(20, dtype=torch.bool)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from zigzag_mamba import scans
+from zigzag_mamba import orders
 from zigzag_mamba.cli import main
 from zigzag_mamba.train.ablate import AblationConfig, AblationError, config_with_preset
 from zigzag_mamba.train.ablate import run as ablate_run
@@ -226,7 +226,7 @@ def test_a_pattern_that_does_not_fit_the_grid_is_refused(tmp_path, capsys, monke
     out = str(tmp_path / "never")
     error = _error(capsys, "--out-dir", out, "--patterns", "video_st")
     assert "'video_st' does not fit the data's 4x4 token grid" in error
-    monkeypatch.setitem(scans._PATTERNS, "fixed64", lambda grid: torch.arange(64)[None])
+    monkeypatch.setitem(orders._PATTERNS, "fixed64", lambda grid: torch.arange(64)[None])
     error = _error(capsys, "--out-dir", out, "--patterns", "fixed64")
     assert "'fixed64' does not fit the data's 4x4 token grid" in error and "L = 16" in error
 

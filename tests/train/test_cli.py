@@ -16,7 +16,7 @@ TINY = [
 ]  # fmt: skip
 
 
-COMMANDS = ["scans", "train", "sample", "demo", "ablate", "bench"]
+COMMANDS = ["orders", "train", "sample", "demo", "ablate", "bench"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -44,7 +44,7 @@ def test_a_tiny_demo_writes_every_output(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     metrics = demo.run_demo(config)
     assert torch.get_num_threads() == threads
-    for name in ("samples.png", "scans.png", "loss.csv", "metrics.json"):
+    for name in ("samples.png", "orders.png", "loss.csv", "metrics.json"):
         assert (tmp_path / name).is_file(), name
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["steps"] == metrics["steps"] == 2

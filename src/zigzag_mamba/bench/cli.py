@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--blocks",
         nargs="+",
         metavar="NAME",
-        help="zigma, zigma-noscan, vim, dit (default: these), zigma-mamba-ssm (needs mamba-ssm)",
+        help="zigma, zigma-none, vim, dit (default: these), zigma-mamba-ssm (needs mamba-ssm)",
     )
     add("--backbones", nargs="+", metavar="NAME", help="zigma, dit (default both)")
     add("--lengths", nargs="+", type=int, metavar="L", help="token counts of blocks and ops")

@@ -20,10 +20,11 @@ from zigzag_mamba.models.backbone import CONFIGS, ZigMaBackbone
 from zigzag_mamba.modules.block import ZigMaBlock, modulate
 from zigzag_mamba.modules.embed import PatchEmbed, TimestepEmbedder, sincos_2d, unpatchify
 from zigzag_mamba.ops.backends import use_backend
+from zigzag_mamba.orders import NO_PATTERN
 
 BASELINE = "dit"  # the attention contender every ratio is taken against
 OURS = "zigma"
-NO_PATTERN = "zigma-noscan"  # the same block without a permutation: the permutation's own cost
+UNPERMUTED = f"zigma-{NO_PATTERN}"  # the same block, pattern=None: what its token order costs
 LATENT_CHANNELS = 4
 LATENT_DOWNSAMPLE = 8  # a 256^2 image is a 32^2 latent, as with DiT's VAE
 # The ZigMa block runs order 1 of zigzag8 (a column snake, the strided gather): the costlier of
@@ -186,7 +187,9 @@ def _dit_block(dim: int, length: int, device: torch.device, dtype: torch.dtype) 
 
 def _zigma_backbone(dim: int, latent: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
     config = {**CONFIGS["ZigMa-B/2"], "dim": dim}
-    return ZigMaBackbone(latent, in_channels=LATENT_CHANNELS, device=device, dtype=dtype, **config)
+    return ZigMaBackbone(
+        input_size=latent, in_channels=LATENT_CHANNELS, device=device, dtype=dtype, **config
+    )
 
 
 def _dit_backbone(dim: int, latent: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -197,7 +200,7 @@ BLOCKS: dict[str, Contender] = {
     c.name: c
     for c in (
         Contender("zigma", "ZigMa block (zigzag8)", _zigma_block("zigzag8"), "zigma"),
-        Contender("zigma-noscan", "ZigMa block (pattern=None)", _zigma_block(None), "zigma-noscan"),
+        Contender(UNPERMUTED, "ZigMa block (pattern=None)", _zigma_block(None), UNPERMUTED),
         Contender("vim", "Vim block (bidirectional)", _zigma_block(None, "bidirectional"), "vim"),
         Contender("dit", "DiT block (attention)", _dit_block, "dit"),
         Contender(

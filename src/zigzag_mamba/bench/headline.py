@@ -3,7 +3,7 @@
 They compare the ZigMa block (``zigma``) with the attention block (``dit``): the token count at
 which ZigMa becomes faster (interpolated log-log between the measured sizes), the time and
 peak-memory ratios at the largest size both ran, and what the zigzag permutation itself costs
-(``zigma`` against ``zigma-noscan``).
+(``zigma`` against ``zigma-none``).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from zigzag_mamba.bench.contenders import BASELINE, NO_PATTERN, OURS
+from zigzag_mamba.bench.contenders import BASELINE, OURS, UNPERMUTED
 
-SCAN_COST_TOKENS = 4096  # where the permutation's share of a block's time is reported
+ORDER_COST_TOKENS = 4096  # where the permutation's share of a block's time is reported
 
 
 def _ok(rows: Iterable[dict], **match) -> list[dict]:
@@ -60,14 +60,14 @@ def _ratio_at_largest(theirs: dict[int, float], ours: dict[int, float]) -> dict 
     return {"tokens": ratios[-1][0], "ratio": ratios[-1][1]} if ratios else None
 
 
-def _scan_cost(rows: list[dict], mode: str) -> dict | None:
-    with_scan = _series(rows, "blocks", OURS, mode, "median_ms")
-    without = _series(rows, "blocks", NO_PATTERN, mode, "median_ms")
-    common = sorted(set(with_scan) & set(without))
+def _order_cost(rows: list[dict], mode: str) -> dict | None:
+    ordered = _series(rows, "blocks", OURS, mode, "median_ms")
+    without = _series(rows, "blocks", UNPERMUTED, mode, "median_ms")
+    common = sorted(set(ordered) & set(without))
     if not common:
         return None
-    tokens = min(common, key=lambda n: abs(math.log(n / SCAN_COST_TOKENS)))
-    extra = with_scan[tokens] - without[tokens]
+    tokens = min(common, key=lambda n: abs(math.log(n / ORDER_COST_TOKENS)))
+    extra = ordered[tokens] - without[tokens]
     return {"tokens": tokens, "extra_ms": extra, "extra_pct": 100 * extra / without[tokens]}
 
 
@@ -84,7 +84,7 @@ def headline(rows: list[dict]) -> dict:
                 _series(rows, "blocks", BASELINE, mode, "peak_mib"),
                 _series(rows, "blocks", OURS, mode, "peak_mib"),
             ),
-            "scan_cost": _scan_cost(rows, mode),
+            "order_cost": _order_cost(rows, mode),
             "backbone_speedup": {
                 str(tokens): ratio
                 for tokens, ratio in _ratios(

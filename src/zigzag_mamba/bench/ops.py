@@ -42,7 +42,7 @@ def _permute_workload(
     backend: str, dim: int, length: int, batch: int, device: torch.device, dtype: torch.dtype
 ) -> Workload:
     from zigzag_mamba.ops.permute import permute_tokens
-    from zigzag_mamba.scans import zigzag_orders
+    from zigzag_mamba.orders import zigzag_orders
 
     order = zigzag_orders(*grid_for(length))[LAYER_IDX].to(device)
     x = torch.randn(batch, length, dim, device=device, dtype=dtype)

@@ -44,8 +44,8 @@ def _headline_lines(summary: dict) -> list[str]:
             lines.append(
                 f"  - at L = {m['tokens']}: attention / ZigMa peak memory = {m['ratio']:.2f}x"
             )
-        if numbers["scan_cost"]:
-            c = numbers["scan_cost"]
+        if numbers["order_cost"]:
+            c = numbers["order_cost"]
             lines.append(
                 f"  - zigzag8 vs pattern=None at L = {c['tokens']}: {c['extra_ms']:+.1f} ms "
                 f"({c['extra_pct']:+.1f}%)"

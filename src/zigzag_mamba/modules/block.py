@@ -29,7 +29,13 @@ from zigzag_mamba.modules.mamba import BiMamba, Mamba
 from zigzag_mamba.modules.validation import check_positive_int
 from zigzag_mamba.ops.mixer_io import mixer_in, mixer_out
 from zigzag_mamba.ops.permute import permute_tokens
-from zigzag_mamba.scans import Layout, ZigzagScan, as_grid, check_layer_idx, check_num_prefix_tokens
+from zigzag_mamba.orders import (
+    Layout,
+    ZigzagScan,
+    as_grid,
+    check_layer_idx,
+    check_num_prefix_tokens,
+)
 
 _MIXERS: dict[str, type[Mamba]] = {"mamba": Mamba, "bidirectional": BiMamba}
 
@@ -89,7 +95,7 @@ class ZigMaBlock(nn.Module):
             a call may pass another grid than the default too. Orders are built once per grid
             and device, and kept (:class:`~zigzag_mamba.ZigzagScan`).
         pattern: a pattern name (``"zigzag8"``, ``"sweep2"``, ``"video_sst"``, ... see
-            :mod:`zigzag_mamba.scans`), explicit orders (an (L,) order, a (k, L) tensor or a
+            :mod:`zigzag_mamba.orders`), explicit orders (an (L,) order, a (k, L) tensor or a
             sequence of orders), or None for no permutation at all (a plain Mamba block).
         layer_idx: which order of the pattern's family this layer uses (``layer_idx % k``).
         mixer: ``"mamba"`` or ``"bidirectional"`` (Vim-style forward + reversed scan).

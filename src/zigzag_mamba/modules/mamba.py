@@ -26,7 +26,7 @@ from torch import nn
 from zigzag_mamba.modules.validation import check_positive, check_positive_int
 from zigzag_mamba.ops.backends import requested, resolve
 from zigzag_mamba.ops.ssm_branch import ssm_branch, ssm_branch_reference
-from zigzag_mamba.scans import check_layer_idx
+from zigzag_mamba.orders import check_layer_idx
 
 
 class Mamba(nn.Module):

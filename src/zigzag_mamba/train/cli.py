@@ -341,7 +341,7 @@ def _register_demo(subparsers) -> None:
         description=(
             "Train a zigzag8 ZigMa on scikit-learn's 8x8 digits, sample a 10x10 grid with "
             "classifier-free guidance, and score it with a digit classifier trained on the "
-            "spot. Writes samples.png, scans.png, loss.csv and metrics.json."
+            "spot. Writes samples.png, orders.png, loss.csv and metrics.json."
         ),
         formatter_class=_HelpFormatter,
     )

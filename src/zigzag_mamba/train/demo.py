@@ -35,7 +35,7 @@ def _opt(default: Any, help: str) -> Any:
 class DemoConfig:
     """Settings of ``zigma demo``; the defaults fit in 10 minutes on 2 CPU cores."""
 
-    out_dir: str = _opt("outputs/demo", "where samples.png, scans.png, loss.csv, ... go")
+    out_dir: str = _opt("outputs/demo", "where samples.png, orders.png, loss.csv, ... go")
     steps: int = _opt(1200, "training steps (fewer if max_minutes runs out first)")
     max_minutes: float = _opt(10.0, "wall-clock budget for the whole demo")
     batch_size: int = _opt(64, "training batch")
@@ -145,7 +145,7 @@ def _run(config: DemoConfig) -> dict[str, Any]:
     from zigzag_mamba.train.config import TrainConfig
     from zigzag_mamba.train.data import DigitsDataset
     from zigzag_mamba.train.trainer import Trainer
-    from zigzag_mamba.viz import draw_scans
+    from zigzag_mamba.viz import draw_orders
 
     began = time.perf_counter()
     out = Path(config.out_dir)
@@ -193,7 +193,7 @@ def _run(config: DemoConfig) -> dict[str, Any]:
     grid = trainer.out_dir / "samples" / f"step_{trainer.step:07d}.png"
     shutil.copyfile(grid, out / "samples.png")
     tokens = 8 // config.patch_size
-    draw_scans("zigzag8", (tokens, tokens), out / "scans.png")
+    draw_orders("zigzag8", (tokens, tokens), out / "orders.png")
     samples, labels = trainer.sample(10 * config.eval_per_class, seed=config.seed + 7)
     metrics: dict[str, Any] = score_samples(
         classifier, samples.clamp(-1, 1), labels, test.images, train.images
@@ -223,5 +223,5 @@ def _report(out: Path, metrics: dict[str, Any]) -> None:
         f"Frechet distance to held-out digits (classifier features): "
         f"{metrics['frechet_distance']:.2f} (real digits: {metrics['frechet_distance_real']:.2f})"
     )
-    for name in ("samples.png", "scans.png", "loss.csv", "metrics.json"):
+    for name in ("samples.png", "orders.png", "loss.csv", "metrics.json"):
         print(f"  {out / name}")

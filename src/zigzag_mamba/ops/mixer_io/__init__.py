@@ -220,7 +220,7 @@ def mixer_in(
     Example::
 
         >>> h, w = torch.randn(2, 16, 8), torch.ones(8)
-        >>> order = zigzag_mamba.scans.zigzag_orders(4, 4)[1]
+        >>> order = zigzag_mamba.orders.zigzag_orders(4, 4)[1]
         >>> residual, h_norm, x = mixer_in(h, None, w, order=order)
         >>> torch.equal(x, h_norm[:, order])
         True
@@ -255,7 +255,7 @@ def mixer_out(
     Example::
 
         >>> h_norm, y = torch.randn(2, 16, 8), torch.randn(2, 16, 8)
-        >>> order = zigzag_mamba.scans.zigzag_orders(4, 4)[1]
+        >>> order = zigzag_mamba.orders.zigzag_orders(4, 4)[1]
         >>> out = mixer_out(h_norm, None, y, order)
         >>> torch.allclose(out[:, order], h_norm[:, order] + y)
         True

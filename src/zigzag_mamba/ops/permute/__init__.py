@@ -175,7 +175,7 @@ def permute_tokens(
     Example::
 
         >>> x = torch.randn(2, 16, 8)
-        >>> order = zigzag_mamba.scans.zigzag_orders(4, 4)[0]
+        >>> order = zigzag_mamba.orders.zigzag_orders(4, 4)[0]
         >>> torch.equal(permute_tokens(x, order), x[:, order])
         True
     """

@@ -1,6 +1,6 @@
 """``zigma ablate``: which scan pattern helps, measured on real images with error bars.
 
-ZigMa's claim is that spatially continuous scans make a better diffusion model (the paper's
+ZigMa's claim is that spatially continuous token orders make a better diffusion model (the paper's
 FID on MM-CelebA 256: Sweep 158.1, Zigzag-1 65.7, Zigzag-2 54.7, Zigzag-8 45.5). An ablation
 trains the same small ZigMa once per scan pattern and seed, with the same initial weights, data
 order, training noise and evaluation noise for every pattern of a seed (an order has no

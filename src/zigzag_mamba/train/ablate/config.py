@@ -16,10 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zigzag_mamba.scans import list_patterns
+from zigzag_mamba.orders import NO_PATTERN, list_patterns
 
-#: The name of "no permutation": ``ZigMaBackbone(pattern=None)``, raster order in every layer.
-NO_PATTERN = "none"
 #: Seeds the evaluation noise, the sampling noise and the feature network (never the run seed).
 EVAL_SEED = 20240318
 PROTOCOL_VERSION = 1
@@ -93,7 +91,7 @@ def all_patterns() -> list[str]:
     return [NO_PATTERN, *(p for p in list_patterns() if not p.startswith("video_"))]
 
 
-#: The paper's four scans (Sweep, Zigzag-1, -2, -8), a discontinuous control with as many orders
+#: The paper's four patterns (Sweep, Zigzag-1, -2, -8), a discontinuous control with as many orders
 #: as zigzag8, and a continuous curve with better 2-D locality than a snake.
 STUDY_PATTERNS = ["sweep", "zigzag1", "zigzag2", "zigzag8", "random8", "hilbert8"]
 

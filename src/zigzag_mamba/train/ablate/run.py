@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from zigzag_mamba.scans import as_grid, pattern_family
+from zigzag_mamba.orders import as_grid, pattern_family
 from zigzag_mamba.train.ablate.config import (
     NO_PATTERN,
     AblationConfig,

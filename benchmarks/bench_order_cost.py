@@ -13,8 +13,8 @@ Targets (not asserted): <= 1.05x forward+backward at L = 4096, D = 384 on a CPU 
 
 Usage::
 
-    python benchmarks/bench_scan_cost.py                       # CPU: L = 4096, D = 384
-    python benchmarks/bench_scan_cost.py --device cuda         # GPU: L = 4096, 16384, D = 768
+    python benchmarks/bench_order_cost.py                       # CPU: L = 4096, D = 384
+    python benchmarks/bench_order_cost.py --device cuda         # GPU: L = 4096, 16384, D = 768
 """
 
 from __future__ import annotations

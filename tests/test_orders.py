@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zigzag_mamba import ZigzagScan, list_patterns, register_pattern, scan_orders
-from zigzag_mamba.scans import pattern_family, zigzag_orders
+from zigzag_mamba import ZigzagScan, layer_orders, list_patterns, register_pattern
+from zigzag_mamba.orders import pattern_family, zigzag_orders
 
 # docs/design.md, "Token orders": the official orders S0..S7 of a 4 x 4 grid.
 OFFICIAL_4x4 = [
@@ -116,7 +116,7 @@ def test_hilbert_on_a_power_of_two_square_is_the_classic_curve():
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
 def test_layer_i_uses_order_i_mod_k(k):
     family = pattern_family(f"zigzag{k}", (5, 7))
-    orders = scan_orders(f"zigzag{k}", (5, 7), depth=19)
+    orders = layer_orders(f"zigzag{k}", (5, 7), depth=19)
     assert len(orders) == 19 and len(family) == k
     for i, order in enumerate(orders):
         assert torch.equal(order, family[i % k])
@@ -125,7 +125,7 @@ def test_layer_i_uses_order_i_mod_k(k):
 
 def test_random_orders_are_the_same_in_another_process():
     code = (
-        "from zigzag_mamba.scans import pattern_family;"
+        "from zigzag_mamba.orders import pattern_family;"
         "print([o.tolist() for o in pattern_family('random4', (5, 6))])"
     )
     other = subprocess.run(
@@ -142,7 +142,7 @@ def test_random_orders_are_the_same_in_another_process():
 
 @pytest.mark.parametrize("grid", [(1, 1, 1), (2, 3, 4), (5, 2, 2), (3, 4, 3)])
 @pytest.mark.parametrize("pattern", ["video_s", "video_t", "video_sst", "video_st"])
-def test_video_scans_round_trip_exactly(grid, pattern):
+def test_video_orders_round_trip_exactly(grid, pattern):
     T, H, W = grid
     x = torch.randn(2, T * H * W, 5)
     family = pattern_family(pattern, grid)
@@ -183,7 +183,7 @@ def test_custom_orders_and_registered_patterns():
     assert torch.equal(ZigzagScan((3, 4), family, layer_idx=3).order, family[1])
     register_pattern("test_reverse", lambda g: [torch.arange(g[0] * g[1]).flip(0)])
     assert "test_reverse" in list_patterns()
-    assert torch.equal(scan_orders("test_reverse", (3, 4), 1)[0], order)
+    assert torch.equal(layer_orders("test_reverse", (3, 4), 1)[0], order)
     with pytest.raises(ValueError, match="already exists"):
         register_pattern("zigzag8", lambda g: [torch.arange(g[0] * g[1])])
 
@@ -233,7 +233,7 @@ def test_extra_repr_names_grid_pattern_and_order():
             ValueError,
             "B*2",
         ),
-        (lambda: scan_orders("zigzag8", (4, 4), -1), ValueError, "depth"),
+        (lambda: layer_orders("zigzag8", (4, 4), -1), ValueError, "depth"),
         (lambda: ZigzagScan((4, 4), 3.5), TypeError, "pattern"),
     ],
 )
@@ -244,7 +244,7 @@ def test_errors_say_what_was_expected(call, error, match):
 
 def test_unknown_pattern_lists_valid_names():
     with pytest.raises(ValueError) as info:
-        scan_orders("snake", 4, 1)
+        layer_orders("snake", 4, 1)
     for name in ("zigzag8", "hilbert8", "sweep4", "random8", "video_sst"):
         assert name in str(info.value)
 
@@ -260,7 +260,7 @@ def test_families_have_distinct_orders_where_the_grid_allows(grid):
     assert _distinct("zigzag8", grid) == 8
     assert _distinct("sweep4", grid) == 4
     # Opposite parities: a corner-to-corner Hilbert path runs along one axis only, so the
-    # transposed curve is the same path (docs/scans.md).
+    # transposed curve is the same path (docs/orders.md).
     assert _distinct("hilbert8", grid) == (8 if (h + w) % 2 == 0 else 4)
     if h * w >= 8:
         assert _distinct("random8", grid) == 8

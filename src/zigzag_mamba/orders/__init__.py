@@ -14,7 +14,7 @@ A *pattern* names a family of orders; layer ``i`` uses ``family[i % len(family)]
 ``hilbert{1,2,4,8}`` a generalised Hilbert curve (any H x W, every step a 4-neighbour move),
                      then its transpose, for each of the 4 start corners
 ``random{1,2,4,8}``  seeded random permutations, identical in every process
-``video_<s|t...>``   for (T, H, W) grids: layer d scans along ``string[d % len]``; an ``s``
+``video_<s|t...>``   for (T, H, W) grids: layer d reads along ``string[d % len]``; an ``s``
                      layer reads each frame as its own sequence in the next zigzag order, a ``t``
                      layer reads each pixel's time series, alternately forward and backward
 ==================  ===============================================================
@@ -26,8 +26,9 @@ The patterns and their orders live in :mod:`.patterns`; :class:`ZigzagScan`, one
 as a module (for any grid, with optional prefix tokens), in :mod:`.zigzag`.
 """
 
-from zigzag_mamba.scans.patterns import (
+from zigzag_mamba.orders.patterns import (
     _PATTERNS,
+    NO_PATTERN,
     Grid,
     Orders,
     PatternBuilder,
@@ -36,13 +37,13 @@ from zigzag_mamba.scans.patterns import (
     check_order,
     check_pattern,
     is_video_pattern,
+    layer_orders,
     list_patterns,
     pattern_family,
     register_pattern,
-    scan_orders,
     zigzag_orders,
 )
-from zigzag_mamba.scans.zigzag import (
+from zigzag_mamba.orders.zigzag import (
     GRID_CACHE_SIZE,
     PREFIX_POSITIONS,
     Layout,
@@ -53,6 +54,7 @@ from zigzag_mamba.scans.zigzag import (
 
 __all__ = [
     "GRID_CACHE_SIZE",
+    "NO_PATTERN",
     "PREFIX_POSITIONS",
     "_PATTERNS",
     "Grid",
@@ -66,10 +68,10 @@ __all__ = [
     "check_order",
     "check_pattern",
     "is_video_pattern",
+    "layer_orders",
     "list_patterns",
     "pattern_family",
     "register_pattern",
-    "scan_orders",
     "with_prefix",
     "zigzag_orders",
 ]

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zigzag_mamba import ZigzagScan
-from zigzag_mamba.scans import GRID_CACHE_SIZE, scan_orders, with_prefix
+from zigzag_mamba.orders import GRID_CACHE_SIZE, layer_orders, with_prefix
 
 
 @pytest.mark.parametrize("pattern", ["zigzag8", "hilbert4", "sweep4", "random2"])
@@ -21,14 +21,14 @@ def test_a_grid_per_call_gives_the_orders_of_a_module_built_for_it(pattern):
         assert torch.equal(anywhere.permute(x, grid=grid), fixed.permute(x))
         assert torch.equal(anywhere.unpermute(anywhere.permute(x, grid), grid), x)
         order, inverse = anywhere.orders_for(x, grid)
-        assert torch.equal(order, scan_orders(pattern, grid, 6)[5])
+        assert torch.equal(order, layer_orders(pattern, grid, 6)[5])
         assert torch.equal(inverse, torch.argsort(order))
 
 
 def test_a_module_built_for_one_grid_takes_others_per_call():
     zigzag = ZigzagScan((4, 4), "zigzag8", layer_idx=3)
     x = torch.randn(2, 12, 5)
-    assert torch.equal(zigzag.permute(x, grid=(3, 4)), x[:, scan_orders("zigzag8", (3, 4), 4)[3]])
+    assert torch.equal(zigzag.permute(x, grid=(3, 4)), x[:, layer_orders("zigzag8", (3, 4), 4)[3]])
     # The default grid still uses the buffers; the same grid given explicitly too.
     x16 = torch.randn(2, 16, 5)
     assert torch.equal(zigzag.permute(x16, grid=(4, 4)), zigzag.permute(x16))
@@ -70,7 +70,7 @@ def test_the_cache_is_per_device():
 
 def test_prefix_tokens_are_read_at_their_slot_and_come_back_in_place():
     grid, k = (3, 4), 2
-    patch_order = scan_orders("zigzag8", grid, 2)[1]
+    patch_order = layer_orders("zigzag8", grid, 2)[1]
     x = torch.randn(2, k + 12, 3)
     for position, slot in [("end", 12), ("middle", 6), ("start", 0)]:
         zigzag = ZigzagScan(grid, "zigzag8", 1, num_prefix_tokens=k, prefix_position=position)
@@ -150,7 +150,7 @@ def test_bad_grids_and_prefixes_are_named(kwargs, call, error, match):
 
 
 def test_the_grid_orders_op_passes_opcheck_and_matches_the_module():
-    from zigzag_mamba.scans.zigzag import _grid_orders
+    from zigzag_mamba.orders.zigzag import _grid_orders
 
     args = (torch.empty(0), "hilbert8", 3, [3, 4], 1, "middle")
     torch.library.opcheck(_grid_orders, args)

@@ -18,7 +18,7 @@ from torch import nn
 
 from zigzag_mamba.ops.permute import inverse_order, permute_tokens
 from zigzag_mamba.ops.utils import tensor_version
-from zigzag_mamba.scans.patterns import (
+from zigzag_mamba.orders.patterns import (
     _PATTERNS,
     Grid,
     _is_int,

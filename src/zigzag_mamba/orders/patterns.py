@@ -1,4 +1,4 @@
-"""The pattern registry and the orders of every built-in pattern (see :mod:`zigzag_mamba.scans`).
+"""The pattern registry and the orders of every built-in pattern (see :mod:`zigzag_mamba.orders`).
 
 Convention: ``order[i]`` is the raster index ``r * W + c`` of the token visited at step ``i``;
 video orders are 2-D, ``(num_sequences, seq_len)``.
@@ -20,6 +20,9 @@ Orders = list[torch.Tensor]
 PatternBuilder = Callable[[Grid], "torch.Tensor | Sequence[torch.Tensor]"]
 
 _VIDEO = re.compile(r"video_([st]+)")
+#: The name of ``pattern=None`` where a name must be written (tables, flags, file names): no
+#: permutation, the tokens read in raster order.
+NO_PATTERN = "none"
 
 
 # --------------------------------------------------------------------------- grids
@@ -356,14 +359,14 @@ def check_layer_idx(layer_idx: object) -> int:
     return int(layer_idx)
 
 
-def scan_orders(
+def layer_orders(
     pattern: str | torch.Tensor | Sequence, grid: int | Sequence[int], depth: int
 ) -> Orders:
     """The order each of ``depth`` layers uses: layer ``i`` gets ``family[i % k]``.
 
     Example::
 
-        >>> [o[:4].tolist() for o in scan_orders("zigzag2", (4, 4), depth=3)]
+        >>> [o[:4].tolist() for o in layer_orders("zigzag2", (4, 4), depth=3)]
         [[0, 1, 2, 3], [0, 4, 8, 12], [0, 1, 2, 3]]
     """
     if not isinstance(depth, int) or depth < 0:

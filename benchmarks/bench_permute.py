@@ -34,7 +34,7 @@ import triton
 from benchlib import LiveReport, median_call_seconds
 
 from zigzag_mamba.ops.backends import resolve
-from zigzag_mamba.ops.permute import inverse_order, permute_tokens
+from zigzag_mamba.ops.permute import Permutation, permute_tokens
 from zigzag_mamba.ops.permute.triton import default_block_l, gather_tokens
 from zigzag_mamba.orders import zigzag_orders
 
@@ -88,7 +88,7 @@ def measure(shape, dtype_name: str, device: str, args) -> dict[str, object]:
     """GB/s of every contender at one size."""
     x = torch.randn(shape, device=device).to(DTYPES[dtype_name])
     order, order_kind = scan_order(shape[1], device)
-    inverse = inverse_order(order)
+    permutation = Permutation.of(order)
     expected = x[:, order]
     out = torch.empty_like(x)
     contenders: dict[str, Callable[[], object]] = {
@@ -100,8 +100,8 @@ def measure(shape, dtype_name: str, device: str, args) -> dict[str, object]:
     row: dict[str, object] = {"size": "x".join(map(str, shape)), "dtype": dtype_name}
     row["order"] = order_kind
     if device == "cuda":
-        check(permute_tokens(x, order, inverse), expected, "op")
-        contenders["op"] = lambda: permute_tokens(x, order, inverse)
+        check(permute_tokens(x, permutation), expected, "op")
+        contenders["op"] = lambda: permute_tokens(x, permutation)
         row["op backend"] = resolve("permute_tokens", "cuda")
     for name, fn in contenders.items():
         row[name] = gbps(x, seconds_per_call(fn, device, args.warmup, args.repeats))

@@ -8,8 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zigzag_mamba import ZigzagScan
-from zigzag_mamba.orders import GRID_CACHE_SIZE, layer_orders, with_prefix
+from zigzag_mamba import ZigzagScan, register_pattern
+from zigzag_mamba.orders import CACHE_SIZE, layer_layout, layer_orders, with_prefix
+from zigzag_mamba.orders.layout import _grid_orders, _layout
 
 
 @pytest.mark.parametrize("pattern", ["zigzag8", "hilbert4", "sweep4", "random2"])
@@ -20,9 +21,9 @@ def test_a_grid_per_call_gives_the_orders_of_a_module_built_for_it(pattern):
         x = torch.randn(2, grid[0] * grid[1], 3)
         assert torch.equal(anywhere.permute(x, grid=grid), fixed.permute(x))
         assert torch.equal(anywhere.unpermute(anywhere.permute(x, grid), grid), x)
-        order, inverse = anywhere.orders_for(x, grid)
+        (order, inverse), seq_len = anywhere.layout(x, grid)
         assert torch.equal(order, layer_orders(pattern, grid, 6)[5])
-        assert torch.equal(inverse, torch.argsort(order))
+        assert torch.equal(inverse, torch.argsort(order)) and seq_len == grid[0] * grid[1]
 
 
 def test_a_module_built_for_one_grid_takes_others_per_call():
@@ -32,7 +33,7 @@ def test_a_module_built_for_one_grid_takes_others_per_call():
     # The default grid still uses the buffers; the same grid given explicitly too.
     x16 = torch.randn(2, 16, 5)
     assert torch.equal(zigzag.permute(x16, grid=(4, 4)), zigzag.permute(x16))
-    assert list(zigzag._grid_cache) == [((3, 4), torch.device("cpu"))]
+    assert zigzag.layout(x16, grid=(4, 4)).permutation.order is zigzag.order
 
 
 def test_video_grids_per_call():
@@ -45,27 +46,41 @@ def test_video_grids_per_call():
     assert torch.equal(anywhere.unpermute(y, grid=(2, 3, 4)), x)
 
 
-def test_orders_are_built_once_per_grid_and_the_cache_is_bounded(monkeypatch):
-    zigzag = ZigzagScan(None, "zigzag8", layer_idx=2)
+def test_a_layout_is_built_once_and_the_cache_is_bounded(monkeypatch):
+    from zigzag_mamba.orders import layout as layout_module
+
+    _layout.cache_clear()
     built = []
-    layout = zigzag._cpu_layout
-    monkeypatch.setattr(zigzag, "_cpu_layout", lambda grid: built.append(grid) or layout(grid))
+    family = layout_module.pattern_family
+    monkeypatch.setattr(
+        layout_module, "pattern_family", lambda p, g: built.append(g) or family(p, g)
+    )
+    zigzag, other = ZigzagScan(None, "zigzag8", layer_idx=2), ZigzagScan(None, "zigzag8", 2)
     x = torch.randn(1, 12, 2)
-    first = zigzag.orders_for(x, (3, 4))
-    for grid in [(3, 4), [3, 4], (3, 4)]:
-        again = zigzag.orders_for(x, grid)
-        assert again[0] is first[0] and again[1] is first[1]
+    first = zigzag.layout(x, (3, 4)).permutation
+    for module, grid in [(zigzag, (3, 4)), (zigzag, [3, 4]), (other, (3, 4))]:
+        assert module.layout(x, grid).permutation.order is first.order
+    assert layer_layout("zigzag8", (3, 4), 2).permutation.inverse is first.inverse
     assert built == [(3, 4)]
-    for n in range(1, GRID_CACHE_SIZE + 3):
+    for n in range(1, CACHE_SIZE + 3):
         zigzag.permute(torch.randn(1, n, 2), grid=(1, n))
-    assert len(zigzag._grid_cache) == GRID_CACHE_SIZE
+    assert _layout.cache_info().currsize == CACHE_SIZE
 
 
 def test_the_cache_is_per_device():
     zigzag = ZigzagScan(None, "zigzag8")
-    zigzag.permute(torch.randn(1, 6, 2), grid=(2, 3))
-    zigzag.permute(torch.randn(1, 6, 2, device="meta"), grid=(2, 3))
-    assert {device.type for _, device in zigzag._grid_cache} == {"cpu", "meta"}
+    cpu = zigzag.layout(torch.randn(1, 6, 2), grid=(2, 3)).permutation
+    meta = zigzag.layout(torch.randn(1, 6, 2, device="meta"), grid=(2, 3)).permutation
+    assert cpu.order.device.type == "cpu" and meta.order.device.type == "meta"
+
+
+def test_a_replaced_pattern_is_not_served_from_the_cache():
+    register_pattern("replaced_later", lambda grid: torch.arange(grid[0] * grid[1]))
+    assert layer_layout("replaced_later", (2, 3)).permutation.order.tolist() == [0, 1, 2, 3, 4, 5]
+    register_pattern(
+        "replaced_later", lambda grid: torch.arange(grid[0] * grid[1]).flip(0), overwrite=True
+    )
+    assert layer_layout("replaced_later", (2, 3)).permutation.order.tolist() == [5, 4, 3, 2, 1, 0]
 
 
 def test_prefix_tokens_are_read_at_their_slot_and_come_back_in_place():
@@ -150,8 +165,6 @@ def test_bad_grids_and_prefixes_are_named(kwargs, call, error, match):
 
 
 def test_the_grid_orders_op_passes_opcheck_and_matches_the_module():
-    from zigzag_mamba.orders.zigzag import _grid_orders
-
     args = (torch.empty(0), "hilbert8", 3, [3, 4], 1, "middle")
     torch.library.opcheck(_grid_orders, args)
     order, inverse = _grid_orders(*args)

@@ -53,7 +53,7 @@ def test_paired_ratio_pairs_the_repeats():
 def test_paired_blocks_share_weights_and_inputs():
     blocks = benchlib.paired_scan_blocks(16, 64, 2, CPU, torch.float32)
     zigzag, plain = blocks["zigzag8"], blocks["pattern=None"]
-    assert plain.inputs is zigzag.inputs and plain.module.permutation is None
+    assert plain.inputs is zigzag.inputs and plain.module.zigzag is None
     parameters = zip(zigzag.module.named_parameters(), plain.module.parameters(), strict=True)
     assert all(torch.equal(p, q) for (_, p), q in parameters)
     out_zigzag, out_plain = (w.fn(*w.inputs) for w in (zigzag, plain))

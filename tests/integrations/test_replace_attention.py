@@ -61,7 +61,7 @@ def test_transformers_vit(model):
     mixers = [layer.attention for layer in layers]
     assert all(isinstance(m, ViTMixer) and m.kind == "transformers" for m in mixers)
     assert [m.mixer.layer_idx for m in mixers] == [0, 1, 2]
-    assert all(m.mixer.permutation.num_prefix_tokens == 1 for m in mixers)
+    assert all(m.mixer.zigzag.num_prefix_tokens == 1 for m in mixers)
     assert mixers[0].mixer.mixer.d_state == 8
     assert not any("q_proj" in name or "query" in name for name in vit.state_dict())
     seen = capture(mixers)
@@ -126,7 +126,7 @@ def test_a_timm_shaped_model():
     mixers = [block.attn for block in vit.blocks]
     assert all(isinstance(m, ViTMixer) and m.kind == "timm" for m in mixers)
     assert [m.mixer.layer_idx for m in mixers] == [0, 1, 2]
-    assert all(m.mixer.permutation.num_prefix_tokens == 3 for m in mixers)
+    assert all(m.mixer.zigzag.num_prefix_tokens == 3 for m in mixers)
     for size, grid in [((8, 8), (4, 4)), ((8, 12), (4, 6)), ((6, 10), (3, 5))]:
         seen = capture(mixers)
         out = vit(torch.randn(2, 1, *size))
@@ -140,7 +140,7 @@ def test_timm_shaped_options_reach_the_mixers():
     vit = TimmLikeViT(reg_tokens=0).to(torch.float64)
     replace_attention(vit, pattern="sweep2", mixer="bidirectional", prefix_position="middle")
     zigma = vit.blocks[1].attn.mixer
-    assert zigma.permutation.pattern == "sweep2" and zigma.permutation.prefix_position == "middle"
+    assert zigma.zigzag.pattern == "sweep2" and zigma.zigzag.prefix_position == "middle"
     assert type(zigma.mixer).__name__ == "BiMamba"
     assert zigma.mixer.in_proj.weight.dtype == torch.float64
     assert vit(torch.randn(1, 1, 8, 8, dtype=torch.float64)).dtype == torch.float64

@@ -40,7 +40,7 @@ def test_timm_vision_transformer(kwargs, prefix):
     mixers = [block.attn for block in model.blocks]
     assert all(isinstance(m, ViTMixer) and m.kind == "timm" for m in mixers)
     assert [m.mixer.layer_idx for m in mixers] == [0, 1, 2]
-    assert {m.mixer.permutation.num_prefix_tokens for m in mixers} == {prefix}
+    assert {m.mixer.zigzag.num_prefix_tokens for m in mixers} == {prefix}
     grids = mixer_grids(model)
     out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 10) and grids == [(8, 8)] * 3

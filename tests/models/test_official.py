@@ -205,7 +205,7 @@ def test_bidirectional_v2_checkpoint_loads_strictly():
     del sd["pos_embed"]
     config = official_config(**{**OFFICIAL_PARAMS, "scan_type": "v2", "use_pe": 0})
     model = ZigMaBackbone.from_official(sd, **config)
-    assert model.blocks[0].permutation is None and model.pos_embed is None
+    assert model.blocks[0].zigzag is None and model.pos_embed is None
 
 
 def test_official_b1_config_has_134_6_m_parameters():

@@ -138,7 +138,7 @@ def test_swapping_the_scan_changes_outputs_not_parameters(x):
 
 def test_no_scan_is_a_plain_mamba_block(x):
     block = ZigMaBlock(DIM, pattern=None)
-    assert block.permutation is None
+    assert block.zigzag is None
     randomise(block, 4)
     n = rms_norm(x, block.norm.weight)
     torch.testing.assert_close(block(x), x + n + block.mixer(n))

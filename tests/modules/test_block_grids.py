@@ -125,9 +125,9 @@ def test_the_output_keeps_the_input_token_order():
 
 def test_prefix_tokens_without_a_pattern_are_read_after_the_raster_tokens():
     block = ZigMaBlock(DIM, (2, 3), pattern=None, num_prefix_tokens=1)
-    assert block.permutation.pattern == "sweep"
-    assert block.permutation.order.tolist() == [1, 2, 3, 4, 5, 6, 0]
-    assert ZigMaBlock(DIM, (2, 3), pattern=None).permutation is None
+    assert block.zigzag.pattern == "sweep"
+    assert block.zigzag.order.tolist() == [1, 2, 3, 4, 5, 6, 0]
+    assert ZigMaBlock(DIM, (2, 3), pattern=None).zigzag is None
 
 
 def test_the_mixer_is_the_blocks_mixer_path():
@@ -226,5 +226,5 @@ def test_a_block_builds_from_its_width_alone():
     x = torch.randn(2, 24, DIM)
     assert ZigMaBlock(DIM)(x, grid=(4, 6)).shape == x.shape
     block = ZigMaBlock(DIM, pattern="hilbert8", layer_idx=2)
-    assert block.permutation.pattern == "hilbert8" and block.permutation.grid is None
+    assert block.zigzag.pattern == "hilbert8" and block.zigzag.grid is None
     assert block(x, grid=(6, 4)).shape == x.shape

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from zigzag_mamba import ZigzagScan
-from zigzag_mamba.ops import inverse_order, permute_tokens
+from zigzag_mamba.ops import Permutation, inverse_order, permute_tokens
 from zigzag_mamba.ops.permute import _permute_tokens
 
 
@@ -91,37 +91,42 @@ def test_bf16_autocast():
     assert model.proj.weight.grad is not None
 
 
-def test_a_wrong_inverse_is_refused_before_it_gives_wrong_gradients():
-    x = torch.randn(2, 9, 3)
-    order = random_order(9)
-    wrong = inverse_order(order).roll(1)  # a permutation, but not order's inverse
-    with pytest.raises(ValueError, match="inverse is not the inverse of order"):
-        permute_tokens(x, order, wrong)
-    with pytest.raises(ValueError, match="inverse is not the inverse of order"):
-        permute_tokens(x, order, torch.full((9,), 100))  # out of range: refused, not gathered
-
-
-def test_an_order_that_is_not_a_permutation_is_refused():
+@pytest.mark.parametrize(
+    ("order", "match"),
+    [
+        ([0, 1, 1, 2, 3], r"repeats \[1\], misses \[4\]"),
+        ([0, 1, 2, 3, 9], r"out-of-range values \[9\]"),
+    ],
+)
+def test_an_order_that_is_not_a_permutation_is_refused(order, match):
     x = torch.randn(2, 5, 3)
-    with pytest.raises(ValueError, match=r"not a permutation of range\(5\)"):
-        permute_tokens(x, torch.tensor([0, 1, 1, 2, 3]))
+    with pytest.raises(ValueError, match=rf"not a permutation of range\(5\): {match}"):
+        permute_tokens(x, torch.tensor(order))
+    with pytest.raises(ValueError, match=match):
+        Permutation.of(torch.tensor(order))
 
 
-def test_a_pair_is_verified_once_and_again_after_an_in_place_change(monkeypatch):
+def test_a_permutation_is_checked_once_a_plain_order_at_every_call(monkeypatch):
     module = importlib.import_module("zigzag_mamba.ops.permute")
     calls = []
-    verify = module._is_inverse_pair
-    monkeypatch.setattr(module, "_is_inverse_pair", lambda *a: calls.append(1) or verify(*a))
+    check = module.check_permutation
+    monkeypatch.setattr(module, "check_permutation", lambda o: calls.append(1) or check(o))
     x = torch.randn(2, 8, 3)
     order = random_order(8)
-    inverse = inverse_order(order)
+    permutation = Permutation.of(order)
+    assert torch.equal(permutation.inverse, torch.argsort(order)) and len(calls) == 1
     for _ in range(3):
-        assert torch.equal(permute_tokens(x, order, inverse), x[:, order])
+        assert torch.equal(permute_tokens(x, permutation), x[:, order])
     assert len(calls) == 1
-    inverse.copy_(inverse.roll(1))  # in place: verified again, and now wrong
-    with pytest.raises(ValueError, match="not the inverse"):
-        permute_tokens(x, order, inverse)
-    assert len(calls) == 2
+    for _ in range(2):
+        assert torch.equal(permute_tokens(x, order), x[:, order])
+    assert len(calls) == 3
+
+
+def test_the_inverted_permutation_undoes_it():
+    x = torch.randn(2, 10, 3)
+    permutation = Permutation.of(random_order(10))
+    assert torch.equal(permute_tokens(permute_tokens(x, permutation), permutation.inverted()), x)
 
 
 @pytest.mark.parametrize("which", ["order", "inverse"])
@@ -130,7 +135,7 @@ def test_indices_on_another_device_are_named(which):
     pair = {"order": torch.arange(6), "inverse": torch.arange(6)}
     pair[which] = pair[which].to("meta")
     with pytest.raises(ValueError, match=f"{which} is on meta but the tokens are on cpu"):
-        permute_tokens(x, pair["order"], pair["inverse"])
+        permute_tokens(x, Permutation(**pair))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
@@ -149,14 +154,12 @@ def test_empty_batches_and_sequences(shape):
     assert torch.equal(x.grad, torch.zeros(shape))
 
 
-def test_inference_tensors_keep_no_version_and_are_verified_at_every_use():
+def test_inference_tensors():
     with torch.inference_mode():
         x = torch.randn(2, 16, 3)
         order = random_order(16)
-        inverse = inverse_order(order)
-        for _ in range(2):
-            assert torch.equal(permute_tokens(x, order, inverse), x[:, order])
-        with pytest.raises(ValueError, match="not the inverse"):
-            permute_tokens(x, order, inverse.flip(0))
+        assert torch.equal(permute_tokens(x, Permutation.of(order)), x[:, order])
+        with pytest.raises(ValueError, match="not a permutation"):
+            permute_tokens(x, order.clamp(max=3))
         zigzag = ZigzagScan((4, 4), "zigzag8", layer_idx=2)
         assert torch.equal(zigzag.unpermute(zigzag.permute(x)), x)

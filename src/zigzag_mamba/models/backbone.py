@@ -142,14 +142,14 @@ class ZigMaBackbone(nn.Module):
 
     @torch.no_grad()
     def init_non_persistent_buffers(self) -> None:
-        """Recompute what is a pure function of the config: the scan orders and the fixed
+        """Recompute what is a pure function of the config: the token orders and the fixed
         sin-cos table (a frozen parameter, kept in checkpoints as the official ``pos_embed``).
 
-        Call it after ``to_empty()`` when the model was built on the meta device.
+        ``to_empty()`` refills the orders itself; a loaded state dict brings the table.
         """
         for block in self.blocks:
-            if block.permutation is not None:
-                block.permutation.init_non_persistent_buffers()
+            if block.zigzag is not None:
+                block.zigzag.init_non_persistent_buffers()
         if self.pos_embed_type == "sincos":
             table = sincos_2d(self.dim, *self.grid[-2:])
             self.pos_embed.copy_(table.repeat(max(self.num_frames, 1), 1).unsqueeze(0))
@@ -284,7 +284,6 @@ class ZigMaBackbone(nn.Module):
         config = ZigMaConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
         model = cls(config, device="meta", dtype=dtype, **overrides)
         model = model.to_empty(device=device or "cpu")
-        model.init_non_persistent_buffers()
         model.load_state_dict(load_file(directory / WEIGHTS_NAME), strict=True)
         return model
 

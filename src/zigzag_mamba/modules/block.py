@@ -47,7 +47,7 @@ def modulate(
     return x if shift is None else x * (1 + scale[:, None]) + shift[:, None]
 
 
-def _permutation(
+def _zigzag_scan(
     grid: int | Sequence[int] | None,
     pattern: str | torch.Tensor | Sequence | None,
     layer_idx: int,
@@ -161,7 +161,7 @@ class ZigMaBlock(nn.Module):
         self.layer_idx = layer_idx
         self.norm = nn.RMSNorm(dim, eps=norm_eps, **factory)
         self.mixer = _MIXERS[mixer](dim, layer_idx=layer_idx, **(ssm_cfg or {}), **factory)
-        self.permutation = _permutation(
+        self.zigzag = _zigzag_scan(
             grid, pattern, layer_idx, num_prefix_tokens, prefix_position, device
         )
         self.msa = self.norm_msa = None
@@ -210,9 +210,9 @@ class ZigMaBlock(nn.Module):
         (B, L, D, in h's dtype) and the mixer's input, permuted (B', seq_len, D); B' = B * L /
         seq_len differs from B for video patterns.
         """
-        order, inverse, seq_len = self._layout(h, grid)
+        permutation, seq_len = self._layout(h, grid)
         residual, h_norm, x = mixer_in(
-            h, residual, self.norm.weight, shift, scale, order, inverse, self.norm.eps
+            h, residual, self.norm.weight, shift, scale, permutation, self.norm.eps
         )
         return residual, h_norm, rearrange(x, "b (n l) d -> (b n) l d", l=seq_len)
 
@@ -225,20 +225,20 @@ class ZigMaBlock(nn.Module):
     ) -> torch.Tensor:
         """Stage 2, one op: unpermute the mixer's output ``y``, gate it ((B, D) or
         None) and add it to ``h_norm`` (B, L, D)."""
-        order, inverse, seq_len = self._layout(h_norm, grid)
+        permutation, seq_len = self._layout(h_norm, grid)
         # Sequences per sample, rather than the batch size: einops cannot split 0 rows by 0.
         y = rearrange(y, "(b n) l d -> b (n l) d", n=h_norm.shape[1] // seq_len)
-        return mixer_out(h_norm, gate, y, order, inverse)
+        return mixer_out(h_norm, gate, y, permutation)
 
     def _layout(self, h: torch.Tensor, grid: int | Sequence[int] | None) -> Layout:
         """The order, inverse and sequence length for the tokens ``h`` of ``grid``, checked."""
         if not isinstance(h, torch.Tensor) or h.dim() != 3 or h.shape[2] != self.dim:
             shape = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
             raise ValueError(f"x must be tokens (B, L, dim={self.dim}), got {shape}")
-        if self.permutation is None:
+        if self.zigzag is None:
             _check_grid_without_order(h, grid)
-            return Layout(None, None, h.shape[1])
-        return self.permutation.layout(h, grid)
+            return Layout(None, h.shape[1])
+        return self.zigzag.layout(h, grid)
 
     def _cross_attend(
         self, h: torch.Tensor, context: torch.Tensor | None, shift, scale, gate
@@ -322,7 +322,7 @@ class ZigMaMixer(nn.Module):
             raise ValueError(f"mixer must be one of {sorted(_MIXERS)}, got {mixer!r}")
         factory = {"device": device, "dtype": dtype}
         self.mixer = _MIXERS[mixer](dim, layer_idx=layer_idx, **(ssm_cfg or {}), **factory)
-        self.permutation = _permutation(
+        self.zigzag = _zigzag_scan(
             grid, pattern, layer_idx, num_prefix_tokens, prefix_position, device
         )
 
@@ -331,10 +331,10 @@ class ZigMaMixer(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[2] != self.dim:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be tokens (B, L, dim={self.dim}), got {shape}")
-        if self.permutation is None:
+        if self.zigzag is None:
             _check_grid_without_order(x, grid)
             return self.mixer(x)
-        order, inverse, seq_len = self.permutation.layout(x, grid)
-        y = permute_tokens(x, order, inverse).reshape(-1, seq_len, self.dim)
+        permutation, seq_len = self.zigzag.layout(x, grid)
+        y = permute_tokens(x, permutation).reshape(-1, seq_len, self.dim)
         y = self.mixer(y).reshape(x.shape)
-        return permute_tokens(y, inverse, order)
+        return permute_tokens(y, permutation.inverted())

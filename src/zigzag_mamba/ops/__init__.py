@@ -13,10 +13,16 @@ from zigzag_mamba.ops.mixer_io import (
     mixer_out,
     mixer_out_reference,
 )
-from zigzag_mamba.ops.permute import inverse_order, permute_tokens, permute_tokens_reference
+from zigzag_mamba.ops.permute import (
+    Permutation,
+    inverse_order,
+    permute_tokens,
+    permute_tokens_reference,
+)
 from zigzag_mamba.ops.selective_scan import selective_scan, selective_scan_reference
 
 __all__ = [
+    "Permutation",
     "backends",
     "causal_conv1d",
     "causal_conv1d_reference",

@@ -47,15 +47,6 @@ def new_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) 
     return torch.full(shape, fill, dtype=dtype, device=device)
 
 
-def tensor_version(tensor: torch.Tensor) -> int | None:
-    """How many times ``tensor`` was changed in place, or None for an inference tensor (which
-    keeps no count): a check cached by version must then run at every use."""
-    try:
-        return tensor._version
-    except RuntimeError:
-        return None
-
-
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (and >= 1): Triton block sizes must be powers of two."""
     return 1 << max(n - 1, 0).bit_length()

@@ -22,13 +22,24 @@ A *pattern* names a family of orders; layer ``i`` uses ``family[i % len(family)]
 Video orders are 2-D: ``(num_sequences, seq_len)``, ``(T, H*W)`` for ``s`` and ``(H*W, T)`` for
 ``t`` layers; flattened, they are permutations of the ``T*H*W`` tokens laid out ``(t, h, w)``.
 
-The patterns and their orders live in :mod:`.patterns`; :class:`ZigzagScan`, one layer's order
-as a module (for any grid, with optional prefix tokens), in :mod:`.zigzag`.
+The patterns and their orders live in :mod:`.patterns`; a layer's order on a grid, built once
+and kept, with its inverse and its prefix tokens, in :mod:`.layout`; :class:`ZigzagScan`, one
+layer's order as a module (for any grid, with optional prefix tokens), in :mod:`.zigzag`.
 """
 
+from zigzag_mamba.orders.layout import (
+    CACHE_SIZE,
+    PREFIX_POSITIONS,
+    Layout,
+    check_num_prefix_tokens,
+    check_prefix_position,
+    layer_layout,
+    with_prefix,
+)
 from zigzag_mamba.orders.patterns import (
     _PATTERNS,
     NO_PATTERN,
+    ExplicitOrders,
     Grid,
     Orders,
     PatternBuilder,
@@ -43,20 +54,14 @@ from zigzag_mamba.orders.patterns import (
     register_pattern,
     zigzag_orders,
 )
-from zigzag_mamba.orders.zigzag import (
-    GRID_CACHE_SIZE,
-    PREFIX_POSITIONS,
-    Layout,
-    ZigzagScan,
-    check_num_prefix_tokens,
-    with_prefix,
-)
+from zigzag_mamba.orders.zigzag import ZigzagScan
 
 __all__ = [
-    "GRID_CACHE_SIZE",
+    "CACHE_SIZE",
     "NO_PATTERN",
     "PREFIX_POSITIONS",
     "_PATTERNS",
+    "ExplicitOrders",
     "Grid",
     "Layout",
     "Orders",
@@ -67,7 +72,9 @@ __all__ = [
     "check_num_prefix_tokens",
     "check_order",
     "check_pattern",
+    "check_prefix_position",
     "is_video_pattern",
+    "layer_layout",
     "layer_orders",
     "list_patterns",
     "pattern_family",

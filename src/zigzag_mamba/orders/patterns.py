@@ -1,7 +1,8 @@
 """The pattern registry and the orders of every built-in pattern (see :mod:`zigzag_mamba.orders`).
 
 Convention: ``order[i]`` is the raster index ``r * W + c`` of the token visited at step ``i``;
-video orders are 2-D, ``(num_sequences, seq_len)``.
+video orders are 2-D, ``(num_sequences, seq_len)``. Nothing here is cached: a layer's order is
+built once per grid by :mod:`zigzag_mamba.orders.layout`, which keeps it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import re
 from collections.abc import Callable, Sequence
 
 import torch
+
+from zigzag_mamba.ops.permute import check_permutation
 
 Grid = tuple[int, ...]
 Orders = list[torch.Tensor]
@@ -67,7 +70,6 @@ def _snake(H: int, W: int, corner: int, by_columns: bool) -> torch.Tensor:
     return idx.reshape(-1)
 
 
-@functools.cache
 def _zigzag_orders(H: int, W: int) -> torch.Tensor:
     return torch.stack(
         [_snake(H, W, corner, cols) for corner in range(4) for cols in (False, True)]
@@ -86,7 +88,7 @@ def zigzag_orders(H: int, W: int) -> torch.Tensor:
         [0, 1, 2, 5, 4, 3]
     """
     H, W = as_grid((H, W))
-    return _zigzag_orders(H, W).clone()
+    return _zigzag_orders(H, W)
 
 
 def _sweep_orders(H: int, W: int) -> torch.Tensor:
@@ -133,7 +135,6 @@ def _gilbert(
     )
 
 
-@functools.cache
 def _hilbert_base(H: int, W: int) -> torch.Tensor:
     """A continuous generalised Hilbert curve from the top-left corner of an H x W grid.
 
@@ -271,19 +272,20 @@ def check_order(order: object, grid: Grid) -> torch.Tensor:
             f"an order for grid {grid} must have L = {L} entries, shape (L,) or "
             f"(num_sequences, seq_len); got shape {tuple(order.shape)}"
         )
-    flat = order.reshape(-1).long()
-    in_range = (flat >= 0) & (flat < L)
-    if not bool(in_range.all()):
-        bad = flat[~in_range][:5].tolist()
-        raise ValueError(f"order is not a permutation of range({L}): out-of-range values {bad}")
-    counts = torch.bincount(flat, minlength=L)
-    if not bool((counts == 1).all()):
-        missing = (counts == 0).nonzero().flatten()[:5].tolist()
-        repeated = (counts > 1).nonzero().flatten()[:5].tolist()
-        raise ValueError(
-            f"order is not a permutation of range({L}): repeats {repeated}, misses {missing}"
-        )
-    return order.long()
+    order = order.long()
+    check_permutation(order)
+    return order
+
+
+class ExplicitOrders(tuple):
+    """A user's own family of orders, as given: each (L,), or (n, seq_len) for sequences split
+    per frame or pixel, checked against a grid when it is used. Compared and hashed by identity,
+    so that what is built from it can be cached."""
+
+    __slots__ = ()
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
+    __hash__ = object.__hash__
 
 
 def pattern_family(pattern: str | torch.Tensor | Sequence, grid: int | Sequence[int]) -> Orders:
@@ -293,18 +295,8 @@ def pattern_family(pattern: str | torch.Tensor | Sequence, grid: int | Sequence[
     sequence of orders (each (L,) or, for sequences split per frame/pixel, (n, seq_len)).
     """
     grid = as_grid(grid)
-    if isinstance(pattern, str):
-        family = _named_family(pattern, grid)
-    elif isinstance(pattern, torch.Tensor):
-        family = [pattern] if pattern.dim() == 1 else list(pattern)
-    elif isinstance(pattern, Sequence) and len(pattern) > 0:
-        first = pattern[0]
-        nested = isinstance(first, torch.Tensor | Sequence) and not isinstance(first, str)
-        family = list(pattern) if nested else [pattern]
-    else:
-        raise TypeError(
-            f"pattern must be a name, an order or a sequence of orders, got {pattern!r}"
-        )
+    pattern = check_pattern(pattern)
+    family = _named_family(pattern, grid) if isinstance(pattern, str) else list(pattern)
     if not family:
         raise ValueError(f"pattern {pattern!r} gave no orders for grid {grid}")
     return [check_order(order, grid) for order in family]
@@ -315,16 +307,26 @@ def is_video_pattern(pattern: object) -> bool:
     return isinstance(pattern, str) and _VIDEO.fullmatch(pattern) is not None
 
 
-def check_pattern(pattern: object) -> str | torch.Tensor | Sequence:
-    """``pattern`` if it can name a family without a grid: a known name, or explicit orders
-    (checked against a grid when they are used)."""
+def check_pattern(pattern: object) -> str | ExplicitOrders:
+    """``pattern`` as a known name, or explicit orders as :class:`ExplicitOrders` (copied, and
+    checked against a grid when they are used)."""
     if isinstance(pattern, str):
         if not (is_video_pattern(pattern) or pattern in _PATTERNS):
             raise ValueError(_unknown_pattern(pattern))
         return pattern
-    if isinstance(pattern, torch.Tensor) or (isinstance(pattern, Sequence) and len(pattern) > 0):
+    if isinstance(pattern, ExplicitOrders):
         return pattern
-    raise TypeError(f"pattern must be a name, an order or a sequence of orders, got {pattern!r}")
+    if isinstance(pattern, torch.Tensor):
+        family = [pattern] if pattern.dim() <= 1 else list(pattern)
+    elif isinstance(pattern, Sequence) and len(pattern) > 0:
+        first = pattern[0]
+        nested = isinstance(first, torch.Tensor | Sequence) and not isinstance(first, str)
+        family = list(pattern) if nested else [pattern]
+    else:
+        raise TypeError(
+            f"pattern must be a name, an order or a sequence of orders, got {pattern!r}"
+        )
+    return ExplicitOrders(o.clone() if isinstance(o, torch.Tensor) else o for o in family)
 
 
 def _unknown_pattern(name: str) -> str:

@@ -14,8 +14,9 @@ the mixer's input, already permuted; :func:`mixer_out` reads ``h_norm`` and ``y`
 writes the block's output. Each is a ``torch.library`` custom op with a fake rule and a
 hand-written backward (itself a custom op), so ``torch.compile`` traces them without graph
 breaks. Their backend (registry op ``"mixer_io"``): Triton kernels (:mod:`.triton`) for CUDA
-tensors when Triton can run, else the PyTorch code in :mod:`.reference`, which computes in fp32
-(float64 for float64 inputs) and rounds once at the end. Double backward is not supported: the
+tensors when Triton can run, else the PyTorch code in :mod:`.pytorch`, which computes in fp32
+(float64 for float64 inputs) and rounds once at the end; :mod:`.reference` holds the
+definitions. Double backward is not supported: the
 backward ops raise a clear error when differentiated (the ``*_reference`` functions can be).
 """
 
@@ -31,7 +32,7 @@ from zigzag_mamba.ops.backends import (
 )
 from zigzag_mamba.ops.mixer_io.inputs import MixerIn, MixerInSaved, MixerOut, MixerOutSaved
 from zigzag_mamba.ops.mixer_io.reference import mixer_in_reference, mixer_out_reference
-from zigzag_mamba.ops.permute import checked_inverse
+from zigzag_mamba.ops.permute import Permutation, as_permutation
 from zigzag_mamba.ops.utils import compute_dtype, double_backward_unsupported, no_context, or_empty
 
 __all__ = [
@@ -53,7 +54,7 @@ _DIFFERENTIABLE_TWICE = (
 )
 
 register_triton_backend(OP, f"{__name__}.triton", dtypes=_KERNEL_DTYPES)
-register_backend(OP, "torch", f"{__name__}.reference", ("cpu", "cuda", "mps", "xpu"))
+register_backend(OP, "torch", f"{__name__}.pytorch", ("cpu", "cuda", "mps", "xpu"))
 
 
 def _backend(*tensors: torch.Tensor | None) -> str:
@@ -193,8 +194,7 @@ def mixer_in(
     norm_weight: torch.Tensor,
     shift: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
-    order: torch.Tensor | None = None,
-    inverse: torch.Tensor | None = None,
+    order: torch.Tensor | Permutation | None = None,
     eps: float = 1e-5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Residual add, RMSNorm, adaLN modulation and permutation, in one pass over the tokens.
@@ -206,8 +206,9 @@ def mixer_in(
             None in block 0, where the residual starts as ``h``.
         norm_weight: (D,) the RMSNorm weight.
         shift, scale: (B, D) per-sample adaLN modulation, or None without conditioning.
-        order: (L,) int64 token order on ``h``'s device, or None for no permutation.
-        inverse: ``argsort(order)``; pass the cached one, otherwise it is computed.
+        order: the token order, an int64 tensor (L,) on ``h``'s device (checked at this call)
+            or a :class:`~zigzag_mamba.ops.permute.Permutation` (checked when it was made); None
+            for no permutation.
         eps: RMSNorm epsilon.
 
     Returns:
@@ -230,7 +231,7 @@ def mixer_in(
     _check_like("norm_weight", norm_weight, h, h.shape[2:])
     _check_like("shift", shift, h, (h.shape[0], h.shape[2]))
     _check_like("scale", scale, h, (h.shape[0], h.shape[2]))
-    inverse = _inverse_for(order, inverse, h)
+    order, inverse = _permutation(order, h)
     return _mixer_in(h, residual, norm_weight, shift, scale, order, inverse, eps)
 
 
@@ -238,8 +239,7 @@ def mixer_out(
     h_norm: torch.Tensor,
     gate: torch.Tensor | None,
     y: torch.Tensor,
-    order: torch.Tensor | None = None,
-    inverse: torch.Tensor | None = None,
+    order: torch.Tensor | Permutation | None = None,
 ) -> torch.Tensor:
     """Unpermute, gate and add, in one pass: ``h_norm + gate * y[:, inverse]``.
 
@@ -247,7 +247,7 @@ def mixer_out(
         h_norm: (B, L, D) the normalised tokens returned by :func:`mixer_in`.
         gate: (B, D) the per-sample adaLN gate, or None for a gate of 1.
         y: (B, L, D) the mixer's output, in the mixer's (permuted) order.
-        order, inverse: the same token order (and cached inverse) given to :func:`mixer_in`.
+        order: the token order given to :func:`mixer_in`.
 
     Returns:
         (B, L, D) the block's output in natural token order, in ``h_norm``'s dtype.
@@ -263,7 +263,7 @@ def mixer_out(
     _check_tokens("h_norm", h_norm)
     _check_like("gate", gate, h_norm, (h_norm.shape[0], h_norm.shape[2]))
     _check_like("y", y, h_norm, h_norm.shape)
-    inverse = _inverse_for(order, inverse, h_norm)
+    order, inverse = _permutation(order, h_norm)
     return _mixer_out(h_norm, gate, y, order, inverse)
 
 
@@ -299,11 +299,7 @@ def _kind(x: object) -> str:
     return str(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def _inverse_for(
-    order: torch.Tensor | None, inverse: torch.Tensor | None, x: torch.Tensor
-) -> torch.Tensor | None:
-    if order is None:
-        if inverse is not None:
-            raise ValueError("inverse given without order")
-        return None
-    return checked_inverse(order, inverse, x)
+def _permutation(
+    order: torch.Tensor | Permutation | None, x: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    return (None, None) if order is None else as_permutation(order, x)

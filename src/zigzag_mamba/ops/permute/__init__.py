@@ -1,20 +1,21 @@
 """Token permutation along the sequence axis: ``permute_tokens(x, order) == x[:, order]``.
 
-One ``torch.library`` custom op with a fake (shape) rule and an autograd rule, so that
-``torch.compile`` traces through it without a graph break and each device picks its backend
-without callers changing: a Triton row gather (:mod:`.triton`) for CUDA tensors when Triton can
-run, ``index_select`` everywhere else (backend ``"torch"``). The backward of a permutation is
-the permutation by the inverse order, i.e. the same op with ``order`` and ``inverse`` swapped,
-so it uses the same kernel and higher derivatives come free.
+A :class:`Permutation` is an order together with its inverse, checked once when it is made: the
+backward of a permutation is the gather by the inverse, so a wrong inverse would give a right
+forward and wrong gradients. The ops that permute (this one and the mixer's stages in
+:mod:`zigzag_mamba.ops.mixer_io`) take a Permutation as it is, and check a plain order tensor
+at every call.
 
-That backward is only right if ``inverse`` really is the inverse of ``order``, so a caller's
-``inverse`` is verified on its first use with that ``order`` (and again after either changes in
-place); verified pairs are remembered by identity in a small table (:func:`checked_inverse`).
+One ``torch.library`` custom op with a fake (shape) rule and an autograd rule whose backward is
+the same op with ``order`` and ``inverse`` swapped (so higher derivatives come free);
+``torch.compile`` traces it without a graph break. Backends (registry op ``"permute_tokens"``):
+a Triton row gather (:mod:`.triton`) for CUDA tensors when Triton can run, ``index_select``
+(:mod:`.pytorch`) everywhere else.
 """
 
 from __future__ import annotations
 
-import weakref
+from typing import NamedTuple
 
 import torch
 
@@ -24,24 +25,116 @@ from zigzag_mamba.ops.backends import (
     register_backend,
     register_triton_backend,
 )
-from zigzag_mamba.ops.utils import tensor_version
+from zigzag_mamba.ops.permute.reference import permute_tokens_reference
+
+__all__ = [
+    "Permutation",
+    "check_permutation",
+    "inverse_order",
+    "permute_tokens",
+    "permute_tokens_reference",
+]
 
 OP = "permute_tokens"
 
 # Registration order is preference order for "auto": Triton first wherever it can run.
 register_triton_backend(OP, f"{__name__}.triton")
-register_backend(OP, "torch", __name__, ("cpu", "cuda", "mps", "xpu"))
+register_backend(OP, "torch", f"{__name__}.pytorch", ("cpu", "cuda", "mps", "xpu"))
 
 
-def permute_tokens_reference(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """The definition: ``x[:, order]``."""
-    return x[:, order]
+def inverse_order(order: torch.Tensor) -> torch.Tensor:
+    """``inverse`` such that ``inverse[order[i]] == i`` (``argsort`` of a permutation, in O(L))."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device, dtype=order.dtype)
+    return inverse
 
 
-def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The ``torch`` backend: ``x[:, index]`` by ``index_select``, up to twice as fast as
-    advanced indexing on the CPU."""
-    return x.index_select(1, index)
+def check_permutation(order: torch.Tensor) -> None:
+    """Raise a ValueError, naming values out of range, repeated or missing, unless the flat
+    ``order`` is a permutation of ``range(L)``. Reads the values (one device sync)."""
+    flat = order.reshape(-1)
+    n = flat.numel()
+    in_range = (flat >= 0) & (flat < n)
+    if not bool(in_range.all()):
+        bad = flat[~in_range][:5].tolist()
+        raise ValueError(f"order is not a permutation of range({n}): out-of-range values {bad}")
+    counts = torch.bincount(flat, minlength=n)
+    if not bool((counts == 1).all()):
+        missing = (counts == 0).nonzero().flatten()[:5].tolist()
+        repeated = (counts > 1).nonzero().flatten()[:5].tolist()
+        raise ValueError(
+            f"order is not a permutation of range({n}): repeats {repeated}, misses {missing}"
+        )
+
+
+class Permutation(NamedTuple):
+    """A token order (L,) and its inverse, ``inverse[order[i]] == i``, both int64 on one device.
+
+    Make one with :meth:`of`, which checks the order and computes the inverse;
+    :meth:`~zigzag_mamba.ZigzagScan.layout` gives the ones of a pattern. The ops take it without
+    reading its values again (so it costs no device sync per call, and traces under
+    ``torch.compile``).
+
+    Example::
+
+        >>> p = Permutation.of(torch.tensor([2, 0, 1]))
+        >>> p.inverse.tolist()
+        [1, 2, 0]
+    """
+
+    order: torch.Tensor
+    inverse: torch.Tensor
+
+    @classmethod
+    def of(cls, order: torch.Tensor) -> Permutation:
+        """The permutation of ``order`` (L,), checked (:func:`check_permutation`)."""
+        _check_index("order", order)
+        check_permutation(order)
+        return cls(order, inverse_order(order))
+
+    def to(self, device: torch.device | str) -> Permutation:
+        """Both tensors on ``device``."""
+        return Permutation(self.order.to(device), self.inverse.to(device))
+
+    def inverted(self) -> Permutation:
+        """The permutation that undoes this one (the gather back into raster order)."""
+        return Permutation(self.inverse, self.order)
+
+
+def _check_index(name: str, index: object, x: torch.Tensor | None = None) -> None:
+    """An int tensor (L,), with L and the device of the tokens ``x`` when given."""
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"{name} must be an integer tensor, got {type(index).__name__}")
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (int64), got {index.dtype}")
+    if x is None:
+        if index.dim() != 1:
+            raise ValueError(f"{name} must have shape (L,), got {tuple(index.shape)}")
+        return
+    if index.device != x.device:
+        raise ValueError(f"{name} is on {index.device} but the tokens are on {x.device}")
+    if index.shape != (x.shape[1],):
+        raise ValueError(
+            f"{name} must have shape (L,) = ({x.shape[1]},) for tokens of shape "
+            f"{tuple(x.shape)}, got {tuple(index.shape)}"
+        )
+
+
+def as_permutation(order: torch.Tensor | Permutation, x: torch.Tensor) -> Permutation:
+    """``order`` as a :class:`Permutation` for permuting the tokens of ``x`` (B, L, ...).
+
+    Checks dtypes, devices and shapes against ``x`` at every call (metadata only). A plain
+    tensor is checked to be a permutation (its values are read, except inside
+    ``torch.compile`` or on the meta device) and its inverse computed.
+    """
+    if isinstance(order, Permutation):
+        _check_index("order", order.order, x)
+        _check_index("inverse", order.inverse, x)
+        return order
+    _check_index("order", order, x)
+    if not torch.compiler.is_compiling() and order.device.type != "meta":
+        check_permutation(order)
+    return Permutation(order, inverse_order(order))
 
 
 @torch.library.custom_op("zigzag_mamba::permute_tokens", mutates_args=())
@@ -68,109 +161,11 @@ def _backward(ctx, grad: torch.Tensor):
 _permute_tokens.register_autograd(_backward, setup_context=_setup_context)
 
 
-def inverse_order(order: torch.Tensor) -> torch.Tensor:
-    """``inverse`` such that ``inverse[order[i]] == i`` (``argsort`` of a permutation, in O(L))."""
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device, dtype=order.dtype)
-    return inverse
+def permute_tokens(x: torch.Tensor, order: torch.Tensor | Permutation) -> torch.Tensor:
+    """Reorder the tokens of ``x`` (B, L, ...): returns ``x[:, order]``.
 
-
-# Verified pairs, by identity: ids -> (weak references, versions). A model holds a few pairs
-# per layer; when the table is full it starts over (and pairs are verified again).
-_VERIFIED_LIMIT = 1024
-_verified: dict[tuple[int, ...], tuple] = {}
-
-
-def _versions(tensors: tuple[torch.Tensor, ...]) -> tuple[int | None, ...]:
-    return tuple(tensor_version(t) for t in tensors)
-
-
-def _is_verified(tensors: tuple[torch.Tensor, ...]) -> bool:
-    """Whether these very tensors were verified together, and are unchanged since."""
-    entry = _verified.get(tuple(map(id, tensors)))
-    if entry is None:
-        return False
-    refs, versions = entry
-    alive = all(ref() is t for ref, t in zip(refs, tensors, strict=True))
-    return alive and versions == _versions(tensors)
-
-
-def _remember(tensors: tuple[torch.Tensor, ...]) -> None:
-    versions = _versions(tensors)
-    if None in versions:  # inference tensors keep no version: they are verified at every use
-        return
-    if len(_verified) >= _VERIFIED_LIMIT:
-        _verified.clear()
-    _verified[tuple(map(id, tensors))] = (tuple(weakref.ref(t) for t in tensors), versions)
-
-
-def _is_permutation(order: torch.Tensor) -> bool:
-    index = torch.arange(order.numel(), device=order.device, dtype=order.dtype)
-    return bool(torch.equal(order.sort().values, index))
-
-
-def _is_inverse_pair(order: torch.Tensor, inverse: torch.Tensor) -> bool:
-    """Whether ``inverse[order[i]] == i`` for all i, with both in range (one device sync)."""
-    n = order.numel()
-    if n == 0:
-        return True
-    in_range = ((order >= 0) & (order < n)).all() & ((inverse >= 0) & (inverse < n)).all()
-    # Clamped, so that an out-of-range index cannot fault the device before the check says so.
-    round_trip = inverse.clamp(0, n - 1)[order.clamp(0, n - 1)]
-    index = torch.arange(n, device=order.device, dtype=round_trip.dtype)
-    return bool(in_range & (round_trip == index).all())
-
-
-def _check_index(name: str, index: torch.Tensor, x: torch.Tensor) -> None:
-    if not isinstance(index, torch.Tensor):
-        raise TypeError(f"{name} must be an integer tensor, got {type(index).__name__}")
-    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor (int64), got {index.dtype}")
-    if index.device != x.device:
-        raise ValueError(f"{name} is on {index.device} but the tokens are on {x.device}")
-    if index.shape != (x.shape[1],):
-        raise ValueError(
-            f"{name} must have shape (L,) = ({x.shape[1]},) for tokens of shape "
-            f"{tuple(x.shape)}, got {tuple(index.shape)}"
-        )
-
-
-def checked_inverse(
-    order: torch.Tensor, inverse: torch.Tensor | None, x: torch.Tensor
-) -> torch.Tensor:
-    """``inverse`` (or, when None, ``inverse_order(order)``) for permuting ``x`` (B, L, ...).
-
-    Checks dtypes, devices and shapes against ``x`` at every call (metadata only), and on the
-    first use of a pair (or of ``order`` alone, when ``inverse`` is None) that ``order`` is a
-    permutation and ``inverse`` its inverse: a wrong ``inverse`` would give a right forward and
-    a wrong gradient. The values are not read inside ``torch.compile`` or on the meta device.
-    """
-    _check_index("order", order, x)
-    if inverse is not None:
-        _check_index("inverse", inverse, x)
-    tensors = (order,) if inverse is None else (order, inverse)
-    readable = not torch.compiler.is_compiling() and order.device.type != "meta"
-    if readable and not _is_verified(tensors):
-        if inverse is None and not _is_permutation(order):
-            raise ValueError(f"order is not a permutation of range({order.numel()})")
-        if inverse is not None and not _is_inverse_pair(order, inverse):
-            raise ValueError(
-                "inverse is not the inverse of order (inverse[order[i]] must be i, and order a "
-                "permutation); pass inverse=None to have it computed"
-            )
-        _remember(tensors)
-    return inverse_order(order) if inverse is None else inverse
-
-
-def permute_tokens(
-    x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Reorder the tokens of ``x`` (B, L, C): returns ``x[:, order]``.
-
-    ``order`` (L,) must be a permutation of ``range(L)`` (int64, on ``x``'s device).
-    ``inverse`` is ``argsort(order)``; pass it when you have it cached, otherwise it is
-    computed. Both are verified on their first use together (:func:`checked_inverse`), so that
-    a wrong ``inverse`` cannot silently give wrong gradients.
+    ``order``: an int64 tensor (L,) on ``x``'s device, checked to be a permutation of
+    ``range(L)`` at this call, or a :class:`Permutation` (checked when it was made).
 
     Example::
 
@@ -181,4 +176,4 @@ def permute_tokens(
     """
     if x.dim() < 2:
         raise ValueError(f"permute_tokens expects x of shape (B, L, ...), got {tuple(x.shape)}")
-    return _permute_tokens(x, order, checked_inverse(order, inverse, x))
+    return _permute_tokens(x, *as_permutation(order, x))

@@ -245,9 +245,9 @@ def test_numba_kernels_leave_torch_thread_count_alone():
 
 def test_use_backend_and_environment_variable_pick_the_implementation(monkeypatch):
     calls = []
-    chunked = importlib.import_module("zigzag_mamba.ops.selective_scan.chunked")
-    forward = chunked.forward
-    monkeypatch.setattr(chunked, "forward", lambda *a: calls.append("torch") or forward(*a))
+    pytorch = importlib.import_module("zigzag_mamba.ops.selective_scan.pytorch")
+    forward = pytorch.forward
+    monkeypatch.setattr(pytorch, "forward", lambda *a: calls.append("torch") or forward(*a))
     reference = scan_module.selective_scan_reference
     spy_ref = lambda *args, **kw: calls.append("reference") or reference(*args, **kw)
     monkeypatch.setattr(scan_module, "selective_scan_reference", spy_ref)
@@ -389,3 +389,18 @@ def test_reference_backend_supports_double_backward():
     fn = lambda *args: selective_scan(*args, delta_softplus=True)
     with zigzag_mamba.use_backend(selective_scan="reference"):
         assert torch.autograd.gradgradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=["z-D-bias", "grouped-plain"])
+def test_the_reference_backend_runs_the_loop_inside_the_op(case):
+    # Inside torch.compile selective_scan cannot step around its custom op: forced to
+    # "reference", the op runs the loop as its backend, and autograd through it as the backward.
+    inputs = make_inputs(case)
+    fn = lambda **kw: selective_scan(**kw)
+    with zigzag_mamba.use_backend(selective_scan="reference"):
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+        out, last, grads, seeds = run(inputs, case, compiled)
+    ref_out, ref_last, ref_grads, _ = run(inputs, case, selective_scan_reference, seeds)
+    assert torch.equal(out, ref_out) and torch.equal(last, ref_last)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=0, atol=1e-6, msg=name)

@@ -9,8 +9,10 @@ backend -> the backend the registry picks (registry op ``"causal_conv1d"``), in 
 - ``causal_conv1d`` (CUDA): the causal-conv1d package's kernel (:mod:`.causal_conv1d`), 2 to 4
   taps (other widths run the ``torch`` backend);
 - ``torch`` (any device): ``F.conv1d`` with K - 1 zeros of left padding and one group per
-  channel (:mod:`.reference`); its backward runs the kernels autograd would (SiLU's backward on
+  channel (:mod:`.pytorch`); its backward runs the kernels autograd would (SiLU's backward on
   the recomputed pre-activation, then the convolution's), in x's dtype.
+
+:mod:`.reference` holds the definition, :func:`causal_conv1d_reference`.
 
 Each backend module has ``forward(x, weight, bias, silu) -> out`` and ``backward(dout, x,
 weight, bias, silu) -> (dx, dweight, dbias)``. With the CUDA kernels (Triton, the package) the
@@ -50,7 +52,7 @@ _PACKAGE_TAPS = range(2, 5)  # the causal-conv1d package's kernel takes 2 to 4 t
 # check tests, before the package's (docs/backends.md says why).
 register_triton_backend(OP, f"{__name__}.triton", dtypes=_KERNEL_DTYPES)
 register_backend(OP, "causal_conv1d", f"{__name__}.causal_conv1d", ("cuda",), dtypes=_KERNEL_DTYPES)
-register_backend(OP, "torch", f"{__name__}.reference", ("cpu", "cuda", "mps", "xpu"))
+register_backend(OP, "torch", f"{__name__}.pytorch", ("cpu", "cuda", "mps", "xpu"))
 
 
 def conv_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:

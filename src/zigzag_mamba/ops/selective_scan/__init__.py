@@ -37,9 +37,10 @@ custom op ``zigzag_mamba::selective_scan_bwd``) -> the backend the registry pick
 - ``triton`` (CUDA): Triton kernels (:mod:`.triton`), with no CUDA build to install;
 - ``mamba_ssm`` (CUDA, only when forced): mamba-ssm's kernel (:mod:`.mamba_ssm`);
 - ``numba`` (CPU): fused kernels compiled by numba (:mod:`.numba`);
-- ``torch`` (any device): a chunked scan in PyTorch (:mod:`.chunked`);
-- ``reference``: :func:`selective_scan_reference`, the loop every backend is tested against;
-  when it is forced, :func:`selective_scan` calls it directly, bypassing the op.
+- ``torch`` (any device): a chunked scan in PyTorch (:mod:`.pytorch`);
+- ``reference``: :func:`selective_scan_reference` (:mod:`.reference`), the loop every backend
+  is tested against; when it is forced, :func:`selective_scan` calls it directly, bypassing the
+  op, so that autograd differentiates it (twice, too).
 
 Each backend module has ``forward(inputs, chunk) -> (out, last_state, checkpoints)`` and
 ``backward(inputs, checkpoints, dout, dlast, chunk) -> ScanGrads``. Every backend except
@@ -110,10 +111,10 @@ register_backend(
 )
 register_triton_backend(OP, f"{__name__}.triton", dtypes=_KERNEL_DTYPES)
 register_backend(OP, "numba", f"{__name__}.numba", ("cpu",), probe=_numba_probe)
-register_backend(OP, "torch", f"{__name__}.chunked", _ALL_DEVICES)
+register_backend(OP, "torch", f"{__name__}.pytorch", _ALL_DEVICES)
 # Forced, "reference" makes selective_scan() run the loop itself, differentiated by autograd
-# (a custom op cannot be); a direct call of the op then runs the exact chunked scan.
-register_backend(OP, "reference", f"{__name__}.chunked", _ALL_DEVICES)
+# (a custom op cannot be); inside torch.compile the op runs the loop as a backend.
+register_backend(OP, "reference", f"{__name__}.reference", _ALL_DEVICES)
 
 
 def num_checkpoints(length: int) -> int:
@@ -253,7 +254,7 @@ def selective_scan(
     x = ScanInputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     check_inputs(x)
     # Under torch.compile the op runs (the forced choice lives in a context variable, which
-    # Dynamo cannot read); forced to "reference", it runs the exact chunked scan.
+    # Dynamo cannot read); forced to "reference", it runs the loop as its backend.
     if not torch.compiler.is_compiling() and requested(OP) == "reference":
         return selective_scan_reference(*x, return_last_state)
     out, last, _ = _selective_scan_fwd(*x)

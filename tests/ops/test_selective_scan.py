@@ -220,13 +220,12 @@ def test_numba_kernels_write_every_output():
     b, d, length, n, chunk = 2, 4, 70, 3, 16
     nan = lambda *shape: torch.full(shape, float("nan"))
     out, last, ckpt = nan(b, d, length), nan(b, d, n), nan(b, d, -(-length // chunk), n)
-    kernels.selective_scan_forward(*arrays, True, chunk, out.numpy(), last.numpy(), ckpt.numpy())
+    kernels.selective_scan_forward(arrays, True, chunk, out.numpy(), last.numpy(), ckpt.numpy())
     grads = [nan(b, d, length) for _ in range(3)] + [nan(b, d, n), nan(b, d), nan(b, d)]
     parts = [torch.zeros(b, 2, 1, length, n) for _ in range(2)]
-    kernels.selective_scan_backward(
-        torch.randn(b, d, length).numpy(), torch.randn(b, d, n).numpy(), *arrays, True, chunk,
-        ckpt.numpy(), *(t.numpy() for t in grads + parts),
-    )  # fmt: skip
+    dout, dlast = torch.randn(b, d, length).numpy(), torch.randn(b, d, n).numpy()
+    outputs = tuple(t.numpy() for t in grads + parts)
+    kernels.selective_scan_backward(dout, dlast, arrays, True, chunk, ckpt.numpy(), outputs)
     for tensor in (out, last, ckpt, *grads, *parts):
         assert torch.isfinite(tensor).all()
 

@@ -15,10 +15,29 @@ NOTE = (
     "what existed before it (module, inputs)."
 )
 COLUMNS = (
-    "suite", "name", "backend", "label", "mode", "size", "tokens", "batch", "dim", "dtype",
-    "params", "status", "median_ms", "min_ms", "max_ms", "spread_pct", "repeats", "inner",
-    "peak_mib", "tokens_per_s", "gbps", "note",
-)  # fmt: skip
+    "suite",
+    "name",
+    "backend",
+    "label",
+    "mode",
+    "size",
+    "tokens",
+    "batch",
+    "dim",
+    "dtype",
+    "params",
+    "status",
+    "median_ms",
+    "min_ms",
+    "max_ms",
+    "spread_pct",
+    "repeats",
+    "inner",
+    "peak_mib",
+    "tokens_per_s",
+    "gbps",
+    "note",
+)
 
 
 def _crossover_words(cross: dict) -> str:

@@ -22,12 +22,26 @@ RUN_KEYS = ("data", "image_size", "random_flip")
 # long it runs, and how it samples. The weights it goes on to learn are those one run would.
 RESUME_MAY_CHANGE = frozenset(
     {
-        "out_dir", "steps", "max_seconds", "device", "num_workers", "compile",
-        "grad_checkpointing", "log_every", "ckpt_every", "sample_every", "sample_steps",
-        "sample_method", "sample_eps", "cfg_scale", "grid_columns", "grid_rows", "eval_samples",
+        "out_dir",
+        "steps",
+        "max_seconds",
+        "device",
+        "num_workers",
+        "compile",
+        "grad_checkpointing",
+        "log_every",
+        "ckpt_every",
+        "sample_every",
+        "sample_steps",
+        "sample_method",
+        "sample_eps",
+        "cfg_scale",
+        "grid_columns",
+        "grid_rows",
+        "eval_samples",
         "progress",
     }
-)  # fmt: skip
+)
 # What it may change too, although the run then learns differently from that step on.
 RESUME_CHANGES_LEARNING = frozenset(
     {"lr", "weight_decay", "beta1", "beta2", "warmup_steps", "grad_clip", "ema_decay", "precision"}

@@ -47,9 +47,24 @@ def _tap(ptr, base, ds, ts, d_ok, L, s_d, s_l):
 
 
 @triton.jit
-def _pre_activation(x_ptr, x_base, w_ptr, b_ptr, ds, ts, d_ok, L, s_xd, s_xl, s_wd, s_wk,
-                    K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_L: tl.constexpr):  # fmt: skip
+def _pre_activation(
+    x_ptr,
+    x_base,
+    w_ptr,
+    b_ptr,
+    ds,
+    ts,
+    d_ok,
+    L,
+    s_xd,
+    s_xl,
+    s_wd,
+    s_wk,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     """bias + sum_k weight[k] * x[t - K + 1 + k] at steps ``ts`` (fp32)."""
     acc = tl.zeros((BLOCK_D, BLOCK_L), tl.float32)
     if HAS_BIAS:
@@ -62,20 +77,50 @@ def _pre_activation(x_ptr, x_base, w_ptr, b_ptr, ds, ts, d_ok, L, s_xd, s_xl, s_
 
 @triton.jit
 def _conv_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr,
-    D, L,
-    s_xb, s_xd, s_xl, s_ob, s_od, s_ol, s_wd, s_wk,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    D,
+    L,
+    s_xb,
+    s_xd,
+    s_xl,
+    s_ob,
+    s_od,
+    s_ol,
+    s_wd,
+    s_wk,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     # Batch and step tiles share grid axis 0, which (unlike axis 1) has no 65535 limit.
     l_blocks = tl.cdiv(L, BLOCK_L)
     batch = (tl.program_id(0) // l_blocks).to(tl.int64)
     ts = (tl.program_id(0) % l_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
     ds = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = ds < D
-    acc = _pre_activation(x_ptr, batch * s_xb, w_ptr, b_ptr, ds, ts, d_ok, L, s_xd, s_xl,
-                          s_wd, s_wk, K, HAS_BIAS, BLOCK_D, BLOCK_L)  # fmt: skip
+    acc = _pre_activation(
+        x_ptr,
+        batch * s_xb,
+        w_ptr,
+        b_ptr,
+        ds,
+        ts,
+        d_ok,
+        L,
+        s_xd,
+        s_xl,
+        s_wd,
+        s_wk,
+        K,
+        HAS_BIAS,
+        BLOCK_D,
+        BLOCK_L,
+    )
     if SILU:
         acc = acc * tl.sigmoid(acc)
     mask = d_ok[:, None] & (ts < L)[None, :]
@@ -85,12 +130,34 @@ def _conv_fwd_kernel(
 
 @triton.jit
 def _conv_bwd_kernel(
-    x_ptr, w_ptr, b_ptr, g_ptr, dx_ptr, part_w_ptr, part_b_ptr,
-    D, L,
-    s_xb, s_xd, s_xl, s_gb, s_gd, s_gl, s_dxb, s_dxd, s_dxl, s_wd, s_wk,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, CHUNK_L: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    g_ptr,
+    dx_ptr,
+    part_w_ptr,
+    part_b_ptr,
+    D,
+    L,
+    s_xb,
+    s_xd,
+    s_xl,
+    s_gb,
+    s_gd,
+    s_gl,
+    s_dxb,
+    s_dxd,
+    s_dxl,
+    s_wd,
+    s_wk,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
+    CHUNK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     chunks = tl.cdiv(L, CHUNK_L)
     batch = (tl.program_id(0) // chunks).to(tl.int64)
     first = (tl.program_id(0) % chunks) * CHUNK_L
@@ -108,8 +175,24 @@ def _conv_bwd_kernel(
         for j in tl.static_range(K):
             g = _tap(g_ptr, g_base, ds, ts + j, d_ok, L, s_gd, s_gl)
             if SILU:
-                pre = _pre_activation(x_ptr, x_base, w_ptr, b_ptr, ds, ts + j, d_ok, L, s_xd,
-                                      s_xl, s_wd, s_wk, K, HAS_BIAS, BLOCK_D, BLOCK_L)  # fmt: skip
+                pre = _pre_activation(
+                    x_ptr,
+                    x_base,
+                    w_ptr,
+                    b_ptr,
+                    ds,
+                    ts + j,
+                    d_ok,
+                    L,
+                    s_xd,
+                    s_xl,
+                    s_wd,
+                    s_wk,
+                    K,
+                    HAS_BIAS,
+                    BLOCK_D,
+                    BLOCK_L,
+                )
                 sig = tl.sigmoid(pre)
                 g = g * sig * (1.0 + pre * (1.0 - sig))
             w = tl.load(w_ptr + ds * s_wd + (K - 1 - j) * s_wk, mask=d_ok, other=0.0)
@@ -123,8 +206,9 @@ def _conv_bwd_kernel(
         offsets = batch * s_dxb + ds[:, None] * s_dxd + ts[None, :].to(tl.int64) * s_dxl
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     part = tl.program_id(0).to(tl.int64) * D + ds
-    tl.store(part_w_ptr + part[:, None] * K + ks[None, :], acc_w,
-             mask=d_ok[:, None] & (ks < K)[None, :])  # fmt: skip
+    tl.store(
+        part_w_ptr + part[:, None] * K + ks[None, :], acc_w, mask=d_ok[:, None] & (ks < K)[None, :]
+    )
     if HAS_BIAS:
         tl.store(part_b_ptr + part, acc_b, mask=d_ok)
 
@@ -152,11 +236,21 @@ def forward(
     grid = (batch * triton.cdiv(length, block_l), triton.cdiv(channels, block_d))
     with launch_device(x):
         _conv_fwd_kernel[grid](
-            x, weight, x if bias is None else bias, out,
-            channels, length, *x.stride(), *out.stride(), *weight.stride(),
-            K=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu,
-            BLOCK_D=block_d, BLOCK_L=block_l,
-        )  # fmt: skip
+            x,
+            weight,
+            x if bias is None else bias,
+            out,
+            channels,
+            length,
+            *x.stride(),
+            *out.stride(),
+            *weight.stride(),
+            K=weight.shape[1],
+            HAS_BIAS=bias is not None,
+            SILU=silu,
+            BLOCK_D=block_d,
+            BLOCK_L=block_l,
+        )
     return out
 
 
@@ -188,12 +282,27 @@ def backward(
         grid = (batch * chunks, triton.cdiv(channels, block_d))
         with launch_device(x):
             _conv_bwd_kernel[grid](
-                x, weight, x if bias is None else bias, dout, dx, part_w,
+                x,
+                weight,
+                x if bias is None else bias,
+                dout,
+                dx,
+                part_w,
                 part_w if part_b is None else part_b,
-                channels, length, *x.stride(), *dout.stride(), *dx.stride(), *weight.stride(),
-                K=taps, HAS_BIAS=bias is not None, SILU=silu, CHUNK_L=chunk_l,
-                BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_K=next_power_of_2(taps),
-            )  # fmt: skip
+                channels,
+                length,
+                *x.stride(),
+                *dout.stride(),
+                *dx.stride(),
+                *weight.stride(),
+                K=taps,
+                HAS_BIAS=bias is not None,
+                SILU=silu,
+                CHUNK_L=chunk_l,
+                BLOCK_D=block_d,
+                BLOCK_L=block_l,
+                BLOCK_K=next_power_of_2(taps),
+            )
     dweight = part_w.sum(0).to(weight.dtype)
     dbias = None if part_b is None else part_b.sum(0).to(bias.dtype)
     return dx, dweight, dbias

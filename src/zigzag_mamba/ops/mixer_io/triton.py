@@ -41,12 +41,25 @@ def _tile(batch, rows, L, D, cols, inv_ptr, PERMUTE: tl.constexpr):
 
 @triton.jit
 def _mixer_in_fwd_kernel(
-    h_ptr, res_ptr, w_ptr, shift_ptr, scale_ptr, inv_ptr,
-    res_out_ptr, hn_out_ptr, xs_out_ptr,
-    L, D, eps,
-    HAS_RESIDUAL: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
-    PERMUTE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    h_ptr,
+    res_ptr,
+    w_ptr,
+    shift_ptr,
+    scale_ptr,
+    inv_ptr,
+    res_out_ptr,
+    hn_out_ptr,
+    xs_out_ptr,
+    L,
+    D,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    PERMUTE: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     row_blocks = tl.cdiv(L, BLOCK_L)
     batch = (tl.program_id(0) // row_blocks).to(tl.int64)
     rows = (tl.program_id(0) % row_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -72,12 +85,29 @@ def _mixer_in_fwd_kernel(
 
 @triton.jit
 def _mixer_in_bwd_kernel(
-    g_res_ptr, g_hn_ptr, g_xs_ptr, r_ptr, w_ptr, scale_ptr, inv_ptr,
-    g_h_ptr, g_res_in_ptr, part_w_ptr, part_shift_ptr, part_scale_ptr,
-    L, D, eps,
-    HAS_RESIDUAL: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
-    PERMUTE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    g_res_ptr,
+    g_hn_ptr,
+    g_xs_ptr,
+    r_ptr,
+    w_ptr,
+    scale_ptr,
+    inv_ptr,
+    g_h_ptr,
+    g_res_in_ptr,
+    part_w_ptr,
+    part_shift_ptr,
+    part_scale_ptr,
+    L,
+    D,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    PERMUTE: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     chunks = tl.cdiv(L, CHUNK)
     batch = (tl.program_id(0) // chunks).to(tl.int64)
     first_row = (tl.program_id(0) % chunks) * CHUNK
@@ -125,11 +155,18 @@ def _mixer_in_bwd_kernel(
 
 @triton.jit
 def _mixer_out_fwd_kernel(
-    hn_ptr, gate_ptr, y_ptr, inv_ptr, out_ptr,
-    L, D,
-    HAS_GATE: tl.constexpr, PERMUTE: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    hn_ptr,
+    gate_ptr,
+    y_ptr,
+    inv_ptr,
+    out_ptr,
+    L,
+    D,
+    HAS_GATE: tl.constexpr,
+    PERMUTE: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     row_blocks = tl.cdiv(L, BLOCK_L)
     batch = (tl.program_id(0) // row_blocks).to(tl.int64)
     rows = (tl.program_id(0) % row_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -145,11 +182,20 @@ def _mixer_out_fwd_kernel(
 
 @triton.jit
 def _mixer_out_bwd_kernel(
-    g_out_ptr, gate_ptr, y_ptr, inv_ptr, g_y_ptr, part_gate_ptr,
-    L, D,
-    HAS_GATE: tl.constexpr, PERMUTE: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    g_out_ptr,
+    gate_ptr,
+    y_ptr,
+    inv_ptr,
+    g_y_ptr,
+    part_gate_ptr,
+    L,
+    D,
+    HAS_GATE: tl.constexpr,
+    PERMUTE: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     chunks = tl.cdiv(L, CHUNK)
     batch = (tl.program_id(0) // chunks).to(tl.int64)
     first_row = (tl.program_id(0) % chunks) * CHUNK
@@ -203,13 +249,26 @@ def mixer_in_forward(a: MixerIn) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     grid = (triton.cdiv(length, block_l) * batch,)
     with launch_device(h):
         _mixer_in_fwd_kernel[grid](
-            h, _or(a.residual, h), a.norm_weight.contiguous(), _or(a.shift, h), _or(a.scale, h),
-            _or(a.inverse, h), res_out, h_norm, x,
-            length, channels, a.eps,
-            HAS_RESIDUAL=a.residual is not None, HAS_SHIFT=a.shift is not None,
-            HAS_SCALE=a.scale is not None, PERMUTE=a.inverse is not None,
-            BLOCK_L=block_l, BLOCK_D=block_d, num_warps=_num_warps(block_d),
-        )  # fmt: skip
+            h,
+            _or(a.residual, h),
+            a.norm_weight.contiguous(),
+            _or(a.shift, h),
+            _or(a.scale, h),
+            _or(a.inverse, h),
+            res_out,
+            h_norm,
+            x,
+            length,
+            channels,
+            a.eps,
+            HAS_RESIDUAL=a.residual is not None,
+            HAS_SHIFT=a.shift is not None,
+            HAS_SCALE=a.scale is not None,
+            PERMUTE=a.inverse is not None,
+            BLOCK_L=block_l,
+            BLOCK_D=block_d,
+            num_warps=_num_warps(block_d),
+        )
     return res_out, h_norm, x
 
 
@@ -231,15 +290,30 @@ def mixer_in_backward(
     if residual_out.numel() > 0:
         with launch_device(g_h):
             _mixer_in_bwd_kernel[(chunks * batch,)](
-                g_residual.contiguous(), g_h_norm.contiguous(), g_x.contiguous(),
-                residual_out.contiguous(), saved.norm_weight.contiguous(), _or(scale, g_h),
-                _or(saved.inverse, g_h), g_h, _or(g_res_in, g_h), part_w,
-                _or(part_shift, part_w), _or(part_scale, part_w),
-                length, channels, saved.eps,
-                HAS_RESIDUAL=saved.has_residual, HAS_SHIFT=shift is not None,
-                HAS_SCALE=scale is not None, PERMUTE=saved.inverse is not None,
-                CHUNK=chunk, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=_num_warps(block_d),
-            )  # fmt: skip
+                g_residual.contiguous(),
+                g_h_norm.contiguous(),
+                g_x.contiguous(),
+                residual_out.contiguous(),
+                saved.norm_weight.contiguous(),
+                _or(scale, g_h),
+                _or(saved.inverse, g_h),
+                g_h,
+                _or(g_res_in, g_h),
+                part_w,
+                _or(part_shift, part_w),
+                _or(part_scale, part_w),
+                length,
+                channels,
+                saved.eps,
+                HAS_RESIDUAL=saved.has_residual,
+                HAS_SHIFT=shift is not None,
+                HAS_SCALE=scale is not None,
+                PERMUTE=saved.inverse is not None,
+                CHUNK=chunk,
+                BLOCK_L=block_l,
+                BLOCK_D=block_d,
+                num_warps=_num_warps(block_d),
+            )
     g_weight = part_w.sum((0, 1)).to(saved.norm_weight.dtype)
     return g_h, g_res_in, g_weight, _reduce(part_shift, shift), _reduce(part_scale, scale)
 
@@ -254,11 +328,19 @@ def mixer_out_forward(a: MixerOut) -> torch.Tensor:
     block_l, block_d = _row_tiling(length, channels)
     with launch_device(out):
         _mixer_out_fwd_kernel[(triton.cdiv(length, block_l) * batch,)](
-            h_norm, _or(a.gate, h_norm), a.y.contiguous(), _or(a.inverse, h_norm), out,
-            length, channels,
-            HAS_GATE=a.gate is not None, PERMUTE=a.inverse is not None,
-            BLOCK_L=block_l, BLOCK_D=block_d, num_warps=_num_warps(block_d),
-        )  # fmt: skip
+            h_norm,
+            _or(a.gate, h_norm),
+            a.y.contiguous(),
+            _or(a.inverse, h_norm),
+            out,
+            length,
+            channels,
+            HAS_GATE=a.gate is not None,
+            PERMUTE=a.inverse is not None,
+            BLOCK_L=block_l,
+            BLOCK_D=block_d,
+            num_warps=_num_warps(block_d),
+        )
     return out
 
 
@@ -276,12 +358,21 @@ def mixer_out_backward(
     if g_out.numel() > 0:
         with launch_device(g_y):
             _mixer_out_bwd_kernel[(chunks * batch,)](
-                g_out.contiguous(), _or(gate, g_y), saved.y.contiguous(),
-                _or(saved.inverse, g_y), g_y, _or(part_gate, g_y),
-                length, channels,
-                HAS_GATE=gate is not None, PERMUTE=saved.inverse is not None,
-                CHUNK=chunk, BLOCK_L=block_l, BLOCK_D=block_d, num_warps=_num_warps(block_d),
-            )  # fmt: skip
+                g_out.contiguous(),
+                _or(gate, g_y),
+                saved.y.contiguous(),
+                _or(saved.inverse, g_y),
+                g_y,
+                _or(part_gate, g_y),
+                length,
+                channels,
+                HAS_GATE=gate is not None,
+                PERMUTE=saved.inverse is not None,
+                CHUNK=chunk,
+                BLOCK_L=block_l,
+                BLOCK_D=block_d,
+                num_warps=_num_warps(block_d),
+            )
     return g_y, _reduce(part_gate, gate)
 
 

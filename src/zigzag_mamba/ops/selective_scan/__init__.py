@@ -206,8 +206,9 @@ def _backward(ctx, dout, dlast, _dcheckpoints):
     x = ScanInputs(*tensors, ctx.delta_softplus)
     if dout is None:
         dout = torch.zeros_like(x.u)
-    grads = _selective_scan_bwd(dout, dlast, list(x.tensors), x.delta_softplus, checkpoints,
-                                ctx.backend)  # fmt: skip
+    grads = _selective_scan_bwd(
+        dout, dlast, list(x.tensors), x.delta_softplus, checkpoints, ctx.backend
+    )
     return (*(None if t is None else g for g, t in zip(grads, x.tensors, strict=True)), None)
 
 

@@ -89,9 +89,9 @@ def _tile_gate(steps, gate, dgate):
 
 
 @njit(cache=True, fastmath=FAST, error_model="numpy")
-def _forward_block(b, g, d0, width, u, delta, A, Bt, Ct, Dv, z, bias, softplus, chunk, out, last,
-                   ckpt):  # fmt: skip
+def _forward_block(b, g, d0, width, inputs, softplus, chunk, out, last, ckpt):
     wide_vectors()
+    u, delta, A, Bt, Ct, Dv, z, bias = inputs
     length, n_state, dtype = u.shape[2], A.shape[1], u.dtype
     has_z = z.shape[2] == length
     x, a = stack_tile(n_state, dtype), stack_tile(n_state, dtype)
@@ -138,23 +138,23 @@ def _forward_block(b, g, d0, width, u, delta, A, Bt, Ct, Dv, z, bias, softplus, 
 
 
 @njit(cache=True, parallel=True)
-def selective_scan_forward(u, delta, A, Bt, Ct, Dv, z, bias, softplus, chunk, out, last, ckpt):
-    """Fill ``out`` (nb, nd, L), ``last`` (nb, nd, N) and ``ckpt`` (see the module docstring)."""
+def selective_scan_forward(inputs, softplus, chunk, out, last, ckpt):
+    """Fill ``out`` (nb, nd, L), ``last`` (nb, nd, N) and ``ckpt`` from ``inputs``, the tuple
+    (u, delta, A, Bt, Ct, Dv, z, bias) (see the module docstring)."""
+    u, Bt = inputs[0], inputs[3]
     n_batch, n_chan, n_group = u.shape[0], u.shape[1], Bt.shape[1]
     n_block = n_group * -(-(n_chan // n_group) // LANES)
     for job in prange(n_batch * n_block):
         b = job // n_block
         g, d0, width = block_bounds(n_chan, n_group, job % n_block)
-        _forward_block(b, g, d0, width, u, delta, A, Bt, Ct, Dv, z, bias, softplus, chunk, out,
-                       last, ckpt)  # fmt: skip
+        _forward_block(b, g, d0, width, inputs, softplus, chunk, out, last, ckpt)
 
 
 @njit(cache=True, fastmath=FAST, error_model="numpy")
-def _backward_block(
-    b, g, s, d0, width, dout, dlast, u, delta, A, Bt, Ct, Dv, z, bias, softplus, chunk, ckpt,
-    du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part,
-):  # fmt: skip
+def _backward_block(b, g, s, d0, width, dout, dlast, inputs, softplus, chunk, ckpt, grads):
     wide_vectors()
+    u, delta, A, Bt, Ct, Dv, z, bias = inputs
+    du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part = grads
     length, n_state, dtype = u.shape[2], A.shape[1], u.dtype
     has_z = z.shape[2] == length
     # carry[n, w]: a_{t+1} * adj_{t+1}, what the later steps pass back to step t.
@@ -263,17 +263,16 @@ def _backward_block(
 
 
 @njit(cache=True, parallel=True)
-def selective_scan_backward(
-    dout, dlast, u, delta, A, Bt, Ct, Dv, z, bias, softplus, chunk, ckpt,
-    du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part,
-):  # fmt: skip
-    """Gradients of the forward above given ``dout`` (nb, nd, L) and ``dlast`` (nb, nd, N).
+def selective_scan_backward(dout, dlast, inputs, softplus, chunk, ckpt, grads):
+    """Gradients of the forward above given ``dout`` (nb, nd, L) and ``dlast`` (nb, nd, N), into
+    ``grads``, the tuple (du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part).
 
     ``du``, ``ddelta``, ``dz`` are written in full. ``dA_part`` (nb, nd, N), ``dD_part`` and
     ``dbias_part`` (nb, nd) hold per-batch terms (the caller sums over nb). ``dB_part`` and
     ``dC_part`` (nb, G, S, L, N) must be zero on entry: job (b, g, s) adds the terms of the s-th
     of S slices of group g's channel blocks; the caller sums over S.
     """
+    u, Bt, dB_part = inputs[0], inputs[3], grads[6]
     n_batch, n_chan = u.shape[0], u.shape[1]
     n_group, n_split = Bt.shape[1], dB_part.shape[2]
     per_block = -(-(n_chan // n_group) // LANES)
@@ -282,10 +281,7 @@ def selective_scan_backward(
         g, s = rest // n_split, rest % n_split
         for k in range(s * per_block // n_split, (s + 1) * per_block // n_split):
             _, d0, width = block_bounds(n_chan, n_group, g * per_block + k)
-            _backward_block(
-                b, g, s, d0, width, dout, dlast, u, delta, A, Bt, Ct, Dv, z, bias, softplus,
-                chunk, ckpt, du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part,
-            )  # fmt: skip
+            _backward_block(b, g, s, d0, width, dout, dlast, inputs, softplus, chunk, ckpt, grads)
 
 
 # One numba kernel at a time in this process. numba's workqueue threading layer (the one left
@@ -321,7 +317,8 @@ def _state_last(bc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return grouped.to(dtype).transpose(-1, -2).contiguous()
 
 
-def _arrays(x: ScanInputs, dtype: torch.dtype) -> list[np.ndarray]:
+def _arrays(x: ScanInputs, dtype: torch.dtype) -> tuple[np.ndarray, ...]:
+    """The kernels' inputs (u, delta, A, Bt, Ct, Dv, z, bias) in ``dtype``."""
     u = x.u
     zeros = torch.zeros(u.shape[1], dtype=dtype)
     tensors = [
@@ -334,7 +331,7 @@ def _arrays(x: ScanInputs, dtype: torch.dtype) -> list[np.ndarray]:
         u.new_empty((*u.shape[:2], 0), dtype=dtype) if x.z is None else x.z.to(dtype),
         zeros if x.delta_bias is None else x.delta_bias.to(dtype).contiguous(),
     ]
-    return [t.numpy() for t in tensors]
+    return tuple(t.numpy() for t in tensors)
 
 
 def forward(x: ScanInputs, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -348,7 +345,7 @@ def forward(x: ScanInputs, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     ckpt = torch.empty(n_batch, n_chan, -(-length // chunk), n_state, dtype=dtype)
     with _torch_thread_count():
         selective_scan_forward(
-            *arrays, x.delta_softplus, chunk, out.numpy(), last.numpy(), ckpt.numpy()
+            arrays, x.delta_softplus, chunk, out.numpy(), last.numpy(), ckpt.numpy()
         )
     return out.to(x.u.dtype), last, ckpt
 
@@ -375,12 +372,16 @@ def backward(
         dB_part, dC_part = (
             torch.zeros(n_batch, n_group, splits, length, n_state, dtype=dtype) for _ in range(2)
         )
+        grads = (du, ddelta, dz, dA_part, dD_part, dbias_part, dB_part, dC_part)
         selective_scan_backward(
-            dout.to(dtype).numpy(), dlast.to(dtype).contiguous().numpy(), *arrays,
-            x.delta_softplus, chunk, checkpoints.contiguous().numpy(), du.numpy(),
-            ddelta.numpy(), dz.numpy(), dA_part.numpy(), dD_part.numpy(), dbias_part.numpy(),
-            dB_part.numpy(), dC_part.numpy(),
-        )  # fmt: skip
+            dout.to(dtype).numpy(),
+            dlast.to(dtype).contiguous().numpy(),
+            arrays,
+            x.delta_softplus,
+            chunk,
+            checkpoints.contiguous().numpy(),
+            tuple(t.numpy() for t in grads),
+        )
     dB, dC = (part.sum(2).transpose(-1, -2).reshape(x.B.shape) for part in (dB_part, dC_part))
     return ScanGrads(
         du,

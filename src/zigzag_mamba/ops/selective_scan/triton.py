@@ -140,11 +140,22 @@ def _chain(values, sums, A, init, last, reverse: bool) -> None:
     # Short sequences take fewer chunks per step (in the interpreter, every element costs).
     block_rows = min(_CHAIN_ROWS, next_power_of_2(rows))
     chain_kernel[(triton.cdiv(rows, block_rows),)](
-        values, sums, A, values if init is None else init, values if last is None else last,
-        rows, channels, n_state, n_chunks,
-        REVERSE=reverse, HAS_INIT=init is not None, STORE_LAST=last is not None,
-        ROWS=block_rows, K=min(_CHAIN_CHUNKS, next_power_of_2(n_chunks)), num_warps=4,
-    )  # fmt: skip
+        values,
+        sums,
+        A,
+        values if init is None else init,
+        values if last is None else last,
+        rows,
+        channels,
+        n_state,
+        n_chunks,
+        REVERSE=reverse,
+        HAS_INIT=init is not None,
+        STORE_LAST=last is not None,
+        ROWS=block_rows,
+        K=min(_CHAIN_CHUNKS, next_power_of_2(n_chunks)),
+        num_warps=4,
+    )
 
 
 def forward(
@@ -182,16 +193,40 @@ def forward(
     with launch_device(u):
         if n_chunks:
             chunk_end_kernel[grid](
-                u_, delta, A, Bg, bias, ckpt, sums, *sizes,
-                BLOCK_D=block_d, T=chunk, num_warps=warps, **_flags(x),
-            )  # fmt: skip
+                u_,
+                delta,
+                A,
+                Bg,
+                bias,
+                ckpt,
+                sums,
+                *sizes,
+                BLOCK_D=block_d,
+                T=chunk,
+                num_warps=warps,
+                **_flags(x),
+            )
         _chain(ckpt, sums, A, None, last, reverse=False)
         if n_chunks:
             output_kernel[grid](
-                u_, delta, A, Bg, Cg, D, z, bias, ckpt, out, *sizes,
-                HAS_D=x.D is not None, HAS_Z=x.z is not None,
-                BLOCK_D=block_d, T=chunk, num_warps=warps, **_flags(x),
-            )  # fmt: skip
+                u_,
+                delta,
+                A,
+                Bg,
+                Cg,
+                D,
+                z,
+                bias,
+                ckpt,
+                out,
+                *sizes,
+                HAS_D=x.D is not None,
+                HAS_Z=x.z is not None,
+                BLOCK_D=block_d,
+                T=chunk,
+                num_warps=warps,
+                **_flags(x),
+            )
     return out, last, ckpt
 
 
@@ -254,18 +289,59 @@ def backward(
     with launch_device(u):
         if n_chunks:
             chunk_carry_kernel[(batch * groups * fwd_blocks, n_chunks)](
-                gout, delta, A, Cg, z, bias, carries, sums, *sizes, fwd_blocks, n_state, n_chunks,
-                BLOCK_D=fwd_block, T=chunk, num_warps=_warps(num_warps, _FWD_LAUNCH[1]), **has,
-            )  # fmt: skip
+                gout,
+                delta,
+                A,
+                Cg,
+                z,
+                bias,
+                carries,
+                sums,
+                *sizes,
+                fwd_blocks,
+                n_state,
+                n_chunks,
+                BLOCK_D=fwd_block,
+                T=chunk,
+                num_warps=_warps(num_warps, _FWD_LAUNCH[1]),
+                **has,
+            )
         _chain(carries, sums, A, None if dlast is None else dlast.contiguous(), None, reverse=True)
         if n_chunks:
             gradient_kernel[(batch * groups * split, n_tiles)](
-                gout, u_, delta, A, Bg, Cg, D, z, bias, checkpoints.contiguous(), carries,
-                scratch, du, ddelta, du if dz is None else dz, dA, dD, dbias, dB, dC,
-                *sizes, blocks, split, n_state, n_chunks, n_tiles,
-                HAS_D=x.D is not None, BLOCK_D=block, T=chunk, TILE=tile, num_warps=warps,
+                gout,
+                u_,
+                delta,
+                A,
+                Bg,
+                Cg,
+                D,
+                z,
+                bias,
+                checkpoints.contiguous(),
+                carries,
+                scratch,
+                du,
+                ddelta,
+                du if dz is None else dz,
+                dA,
+                dD,
+                dbias,
+                dB,
+                dC,
+                *sizes,
+                blocks,
+                split,
+                n_state,
+                n_chunks,
+                n_tiles,
+                HAS_D=x.D is not None,
+                BLOCK_D=block,
+                T=chunk,
+                TILE=tile,
+                num_warps=warps,
                 **has,
-            )  # fmt: skip
+            )
     return ScanGrads(
         du,
         ddelta,

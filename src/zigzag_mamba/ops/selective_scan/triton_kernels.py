@@ -54,10 +54,24 @@ def _chunk_tile(L, channels, per_group, blocks, BLOCK_D: tl.constexpr, T: tl.con
 
 @triton.jit
 def chunk_end_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, ends_ptr, sums_ptr,
-    L, channels, per_group, blocks, n_state, n_chunks,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr,
-):  # fmt: skip
+    u_ptr,
+    delta_ptr,
+    A_ptr,
+    B_ptr,
+    bias_ptr,
+    ends_ptr,
+    sums_ptr,
+    L,
+    channels,
+    per_group,
+    blocks,
+    n_state,
+    n_chunks,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    T: tl.constexpr,
+):
     batch, group, chunk, d, d_mask, t, mask = _chunk_tile(
         L, channels, per_group, blocks, BLOCK_D, T
     )
@@ -80,11 +94,26 @@ def chunk_end_kernel(
 
 @triton.jit
 def chunk_carry_kernel(
-    gout_ptr, delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, carries_ptr, sums_ptr,
-    L, channels, per_group, blocks, n_state, n_chunks,
-    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, T: tl.constexpr,
-):  # fmt: skip
+    gout_ptr,
+    delta_ptr,
+    A_ptr,
+    C_ptr,
+    z_ptr,
+    bias_ptr,
+    carries_ptr,
+    sums_ptr,
+    L,
+    channels,
+    per_group,
+    blocks,
+    n_state,
+    n_chunks,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    T: tl.constexpr,
+):
     batch, group, chunk, d, d_mask, t, mask = _chunk_tile(
         L, channels, per_group, blocks, BLOCK_D, T
     )
@@ -110,11 +139,21 @@ def chunk_carry_kernel(
 
 @triton.jit
 def chain_kernel(
-    values_ptr, sums_ptr, A_ptr, init_ptr, last_ptr,
-    rows, channels, n_state, n_chunks,
-    REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_LAST: tl.constexpr,
-    ROWS: tl.constexpr, K: tl.constexpr,
-):  # fmt: skip
+    values_ptr,
+    sums_ptr,
+    A_ptr,
+    init_ptr,
+    last_ptr,
+    rows,
+    channels,
+    n_state,
+    n_chunks,
+    REVERSE: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    STORE_LAST: tl.constexpr,
+    ROWS: tl.constexpr,
+    K: tl.constexpr,
+):
     """Join the chunks: s <- exp(A * sums[c]) * s + values[c], chunk after chunk (last to first
     when REVERSE), from ``init`` (or zero). Each values[c] is replaced by the s entering chunk
     c; the final s goes to ``last`` (with STORE_LAST). One row is one (batch, channel, state),
@@ -164,11 +203,29 @@ def chain_kernel(
 
 @triton.jit
 def output_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, out_ptr,
-    L, channels, per_group, blocks, n_state, n_chunks,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, T: tl.constexpr,
-):  # fmt: skip
+    u_ptr,
+    delta_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    ckpt_ptr,
+    out_ptr,
+    L,
+    channels,
+    per_group,
+    blocks,
+    n_state,
+    n_chunks,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    T: tl.constexpr,
+):
     batch, group, chunk, d, d_mask, t, mask = _chunk_tile(
         L, channels, per_group, blocks, BLOCK_D, T
     )
@@ -199,13 +256,42 @@ def output_kernel(
 
 @triton.jit
 def gradient_kernel(
-    gout_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
-    ckpt_ptr, carries_ptr, scratch_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
-    L, channels, per_group, blocks, splits, n_state, n_chunks, n_tiles,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, T: tl.constexpr, TILE: tl.constexpr,
-):  # fmt: skip
+    gout_ptr,
+    u_ptr,
+    delta_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    ckpt_ptr,
+    carries_ptr,
+    scratch_ptr,
+    du_ptr,
+    ddelta_ptr,
+    dz_ptr,
+    dA_ptr,
+    dD_ptr,
+    dbias_ptr,
+    dB_ptr,
+    dC_ptr,
+    L,
+    channels,
+    per_group,
+    blocks,
+    splits,
+    n_state,
+    n_chunks,
+    n_tiles,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    T: tl.constexpr,
+    TILE: tl.constexpr,
+):
     """Program (batch, group, split), tile of TILE steps (a whole number of chunks): every
     gradient of the tile for the channel blocks split, split + splits, ... of the group.
 

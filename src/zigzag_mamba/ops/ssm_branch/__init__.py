@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from zigzag_mamba.ops.backends import backend_module, implementation
 from zigzag_mamba.ops.conv import conv_backend
 from zigzag_mamba.ops.selective_scan import CHUNK, ScanInputs
+from zigzag_mamba.ops.ssm_branch.inputs import BranchInputs
 from zigzag_mamba.ops.ssm_branch.reference import split_xz, ssm_branch_reference
 from zigzag_mamba.ops.utils import (
     compute_dtype,
@@ -38,28 +39,30 @@ from zigzag_mamba.ops.utils import (
     no_context,
 )
 
-__all__ = ["ssm_branch", "ssm_branch_reference"]
+__all__ = ["BranchInputs", "ssm_branch", "ssm_branch_reference"]
 
 
-def _backends(xz, conv_weight, conv_bias, A, D, delta_bias) -> list[str]:
+def _backends(b: BranchInputs) -> list[str]:
     """[conv backend, scan backend] for these inputs (the scan's u, delta, B, C and z have xz's
     dtype)."""
-    x, _ = split_xz(xz)
-    scan = implementation("selective_scan", xz.device.type, xz, A, D, delta_bias)
-    return [conv_backend(x, conv_weight, conv_bias), scan]
+    x, _ = split_xz(b.xz)
+    scan = implementation("selective_scan", b.xz.device.type, b.xz, b.A, b.D, b.delta_bias)
+    return [conv_backend(x, b.conv_weight, b.conv_bias), scan]
 
 
-def _recompute(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias,
-               conv: str) -> tuple[torch.Tensor, torch.Tensor, ScanInputs]:  # fmt: skip
+def _recompute(b: BranchInputs, conv: str) -> tuple[torch.Tensor, torch.Tensor, ScanInputs]:
     """(x, dt, the scan's inputs): the branch up to the scan."""
-    rank, n_state = dt_proj_weight.shape[1], A.shape[1]
-    x, z = split_xz(xz)
-    u = backend_module("causal_conv1d", conv).forward(x, conv_weight, conv_bias, True)
-    dt, B, C = F.linear(u.transpose(1, 2), x_proj_weight).split([rank, n_state, n_state], dim=-1)
-    delta = F.linear(dt, dt_proj_weight)
-    scan = ScanInputs(u, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D, z,
-                      delta_bias, True)  # fmt: skip
-    return x, dt, scan
+    rank, n_state = b.dt_proj_weight.shape[1], b.A.shape[1]
+    x, z = split_xz(b.xz)
+    u = backend_module("causal_conv1d", conv).forward(x, b.conv_weight, b.conv_bias, True)
+    projected = F.linear(u.transpose(1, 2), b.x_proj_weight)
+    dt, B, C = projected.split([rank, n_state, n_state], dim=-1)  # (B, L, R), (B, L, N) x 2
+    delta = F.linear(dt, b.dt_proj_weight).transpose(1, 2)
+    return (
+        x,
+        dt,
+        ScanInputs(u, delta, b.A, B.transpose(1, 2), C.transpose(1, 2), b.D, z, b.delta_bias, True),
+    )
 
 
 @torch.library.custom_op("zigzag_mamba::ssm_branch_fwd", mutates_args=())
@@ -78,11 +81,11 @@ def _ssm_branch_fwd(
     if xz.numel() == 0:  # no batch, step or channel: nothing to run (or ready for it)
         y, checkpoints = _fake_outputs(xz, A)
         return y.zero_(), checkpoints.zero_()
-    conv, scan = _backends(xz, conv_weight, conv_bias, A, D, delta_bias)
+    b = BranchInputs(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias)
+    conv, scan = _backends(b)
     with no_autocast(xz):
-        xz = xz.flip(1) if reverse else xz
-        *_, inputs = _recompute(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
-                                delta_bias, conv)  # fmt: skip
+        b = b._replace(xz=xz.flip(1)) if reverse else b
+        *_, inputs = _recompute(b, conv)
         y, _, checkpoints = backend_module("selective_scan", scan).forward(inputs, CHUNK)
     return (y.flip(-1) if reverse else y.contiguous()), checkpoints.contiguous()
 
@@ -110,16 +113,15 @@ def _ssm_branch_bwd(
     """Gradients of the eight tensor inputs of ``ssm_branch_fwd`` (``inputs``), in their dtypes
     (an absent optional input's gradient travels as an empty tensor); ``conv`` and ``scan`` name
     the backends the forward ran."""
-    xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias = inputs
-    if xz.numel() == 0:
-        return [xz.new_empty(0) if t is None else torch.zeros_like(t) for t in inputs]
-    with no_autocast(xz):
+    b = BranchInputs(*inputs)
+    if b.xz.numel() == 0:
+        return [b.xz.new_empty(0) if t is None else torch.zeros_like(t) for t in inputs]
+    with no_autocast(b.xz):
         if reverse:
-            xz, dy = xz.flip(1), dy.flip(-1)
-        x, dt, branch = _recompute(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A,
-                                   D, delta_bias, conv)  # fmt: skip
-        grads = backend_module("selective_scan", scan).backward(branch, checkpoints, dy, None,
-                                                                CHUNK)  # fmt: skip
+            b, dy = b._replace(xz=b.xz.flip(1)), dy.flip(-1)
+        x, dt, branch = _recompute(b, conv)
+        scan_backend = backend_module("selective_scan", scan)
+        grads = scan_backend.backward(branch, checkpoints, dy, None, CHUNK)
         du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = (
             None if g is None else g.to(t.dtype) for g, t in zip(grads, branch.tensors, strict=True)
         )
@@ -129,26 +131,26 @@ def _ssm_branch_bwd(
         # copies); the weights' gradients sum per-batch products.
         # delta = dt @ dt_proj_weight^T
         d_dt_proj_weight = (ddelta @ dt).sum(0)
-        d_dt = dt_proj_weight.T @ ddelta  # (B, R, L)
+        d_dt = b.dt_proj_weight.T @ ddelta  # (B, R, L)
         del ddelta, dt
         # (dt, B, C) = u^T @ x_proj_weight^T
         dproj = torch.cat([d_dt, dB, dC], dim=1)  # (B, R + 2N, L)
         del d_dt, dB, dC
         d_x_proj_weight = (dproj @ u.transpose(1, 2)).sum(0)
-        du = du.add_(x_proj_weight.T @ dproj)  # du is the scan's fresh output
+        du = du.add_(b.x_proj_weight.T @ dproj)  # du is the scan's fresh output
         del dproj, u
         dx, d_conv_weight, d_conv_bias = backend_module("causal_conv1d", conv).backward(
-            du, x, conv_weight, conv_bias, True
+            du, x, b.conv_weight, b.conv_bias, True
         )
         del du
         # Channel-major, as autograd's backward of split_xz makes it: one copy of whatever
         # layout dx and dz have, and the in_proj's backward takes its transpose as it is.
-        dxz = torch.cat([dx, dz], dim=1).to(xz.dtype)
+        dxz = torch.cat([dx, dz], dim=1).to(b.xz.dtype)
         if reverse:
             dxz = dxz.flip(-1)
     found = (d_conv_weight, d_conv_bias, d_x_proj_weight, d_dt_proj_weight, dA, dD, ddelta_bias)
     weights = (
-        xz.new_empty(0) if t is None else g.to(t.dtype).contiguous()
+        b.xz.new_empty(0) if t is None else g.to(t.dtype).contiguous()
         for g, t in zip(found, inputs[1:], strict=True)
     )
     return [dxz.transpose(1, 2), *weights]
@@ -167,7 +169,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*tensors, output[1])
     ctx.reverse = reverse
     # The backward runs the forward's backends, whatever is forced when it runs.
-    ctx.backends = _backends(*tensors[:3], *tensors[5:])
+    ctx.backends = _backends(BranchInputs(*tensors))
 
 
 def _backward(ctx, dy, _dcheckpoints):
@@ -227,6 +229,6 @@ def ssm_branch(
     if xz.dim() != 3 or xz.shape[2] % 2 or conv_weight.shape[0] != xz.shape[2] // 2:
         shapes = f"xz {tuple(xz.shape)} and conv_weight {tuple(conv_weight.shape)}"
         raise ValueError(f"expected xz (B, L, 2E) and conv_weight (E, K), got {shapes}")
-    y, _ = _ssm_branch_fwd(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
-                           delta_bias, reverse)  # fmt: skip
+    b = BranchInputs(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias)
+    y, _ = _ssm_branch_fwd(*b, reverse)
     return y

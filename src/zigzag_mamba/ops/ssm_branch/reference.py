@@ -23,8 +23,8 @@ def ssm_branch_reference(
 ) -> torch.Tensor:
     """conv + SiLU -> x_proj -> dt_proj -> selective scan gated by z; see ``ssm_branch``."""
     if reverse:
-        return ssm_branch_reference(xz.flip(1), conv_weight, conv_bias, x_proj_weight,
-                                    dt_proj_weight, A, D, delta_bias).flip(-1)  # fmt: skip
+        weights = (conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias)
+        return ssm_branch_reference(xz.flip(1), *weights).flip(-1)
     rank, n_state = dt_proj_weight.shape[1], A.shape[1]
     x, z = split_xz(xz)
     u = causal_conv1d(x, conv_weight, conv_bias, activation="silu")

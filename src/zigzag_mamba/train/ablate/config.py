@@ -157,8 +157,15 @@ def config_with_preset(preset: str | None, **overrides: Any) -> AblationConfig:
 
 # Settings that do not change any run's numbers: which runs, how to report them, where to compute.
 _NOT_PROTOCOL = (
-    "out_dir", "patterns", "seeds", "baseline", "intervals", "confidence", "threads", "progress",
-)  # fmt: skip
+    "out_dir",
+    "patterns",
+    "seeds",
+    "baseline",
+    "intervals",
+    "confidence",
+    "threads",
+    "progress",
+)
 
 
 def protocol(config: AblationConfig, model: dict[str, Any], train: dict[str, Any]) -> dict:

@@ -21,9 +21,17 @@ HEADINGS = {
     "fd": "Frechet distance of samples (fixed random conv features; not FID)",
 }
 CSV_FIELDS = (
-    "pattern", "seed", "steps", "heldout_loss", "fd", "final_train_loss", "train_seconds",
-    "eval_seconds", "parameters", "threads",
-)  # fmt: skip
+    "pattern",
+    "seed",
+    "steps",
+    "heldout_loss",
+    "fd",
+    "final_train_loss",
+    "train_seconds",
+    "eval_seconds",
+    "parameters",
+    "threads",
+)
 
 
 def summarise(results: list[dict[str, Any]], config: AblationConfig) -> list[dict[str, Any]]:
@@ -243,11 +251,20 @@ def _paired_panel(axis, summary: list[dict[str, Any]], config: AblationConfig) -
             scale = 100 / base[metric]["mean"]
             error = None
             if not math.isnan(paired["low"]):
-                error = [[(paired["mean"] - paired["low"]) * scale],
-                         [(paired["high"] - paired["mean"]) * scale]]  # fmt: skip
+                error = [
+                    [(paired["mean"] - paired["low"]) * scale],
+                    [(paired["high"] - paired["mean"]) * scale],
+                ]
             label = METRICS[metric] if x == 0 else None
-            axis.errorbar(x - 0.1 + 0.2 * k, paired["mean"] * scale, yerr=error, fmt="os"[k],
-                          color=f"C{k}", capsize=4, label=label)  # fmt: skip
+            axis.errorbar(
+                x - 0.1 + 0.2 * k,
+                paired["mean"] * scale,
+                yerr=error,
+                fmt="os"[k],
+                color=f"C{k}",
+                capsize=4,
+                label=label,
+            )
     axis.axhline(0, color="0.5", linewidth=0.8)
     axis.set_xticks(range(len(others)), [row["pattern"] for row in others], rotation=30)
     axis.set_xlim(-0.5, max(len(others), 1) - 0.5)

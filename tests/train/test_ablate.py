@@ -12,15 +12,15 @@ from zigzag_mamba.cli import main
 from zigzag_mamba.train.ablate import AblationConfig, AblationError, config_with_preset
 from zigzag_mamba.train.ablate import run as ablate_run
 from zigzag_mamba.train.ablate.data import Evaluation, open_study_data
+from zigzag_mamba.train.ablate.photos import PhotoCrops
 from zigzag_mamba.train.ablate.report import summarise
-from zigzag_mamba.train.interpolant import Interpolant
-from zigzag_mamba.train.photos import PhotoCrops
-from zigzag_mamba.train.stats import (
+from zigzag_mamba.train.ablate.stats import (
     TooFewSeedsError,
     estimate,
     paired_differences,
     paired_estimate,
 )
+from zigzag_mamba.train.interpolant import Interpolant
 
 QUICK = ["ablate", "--quick", "--no-progress"]
 # Two-sided 95% Student-t critical values from a printed t table (2 and 3 degrees of freedom).

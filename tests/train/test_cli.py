@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from zigzag_mamba.cli import build_parser, main
+from zigzag_mamba.train.apps.options import DEFAULT_MODEL, resolve_train_options
 from zigzag_mamba.train.checkpoint import load_checkpoint
-from zigzag_mamba.train.options import DEFAULT_MODEL, resolve_train_options
 
 TINY = [
     "--data", "digits", "--batch-size", "8", "--model-arg", "dim=16", "--model-arg", "depth=2",

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from zigzag_mamba.train import demo
+from zigzag_mamba.train.apps import demo
 from zigzag_mamba.train.data import DigitsDataset
 
 

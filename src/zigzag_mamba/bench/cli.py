@@ -13,6 +13,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from zigzag_mamba.cli import add_threads_argument
+
 DEFAULT_OUT = Path("benchmarks") / "results"
 DESCRIPTION = (
     "Time and memory of ZigMa blocks, backbones and ops against attention. Defaults are the "
@@ -48,13 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--min-repeats", type=int, help="repeats per point, at least")
     add("--max-call", type=float, help="skip sizes at which a call would take longer (s)")
     add("--op-max-call", type=float, help="the same for the op-level sweep")
-    add(
-        "--threads",
-        type=_positive_int,
-        metavar="N",
-        help="CPU threads for PyTorch and the numba kernels (default: PyTorch's choice, one per "
-        "core)",
-    )
+    add_threads_argument(parser)
     add("--compile", action="store_true", help="also time torch.compile'd blocks, backbones")
     add(
         "--compile-mode",
@@ -71,13 +67,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="after the sweep, profile these blocks (forward+backward) at the largest L",
     )
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -20,15 +20,7 @@ from zigzag_mamba.train.data import DigitsDataset, ImageFolder, LatentDataset, o
 from zigzag_mamba.train.ema import EMA
 from zigzag_mamba.train.interpolant import Interpolant
 from zigzag_mamba.train.metrics import FrechetDistance, feature_stats, frechet_distance
-from zigzag_mamba.train.samplers import (
-    Solution,
-    generate,
-    guided_model,
-    sample_ode,
-    sample_sde,
-    solve_ode,
-    solve_sde,
-)
+from zigzag_mamba.train.samplers import generate, guided_model, sample_ode, sample_sde
 from zigzag_mamba.train.trainer import NonFiniteLossError, Trainer
 
 __all__ = [
@@ -39,7 +31,6 @@ __all__ = [
     "Interpolant",
     "LatentDataset",
     "NonFiniteLossError",
-    "Solution",
     "TrainConfig",
     "Trainer",
     "feature_stats",
@@ -49,6 +40,4 @@ __all__ = [
     "open_dataset",
     "sample_ode",
     "sample_sde",
-    "solve_ode",
-    "solve_sde",
 ]

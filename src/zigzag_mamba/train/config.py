@@ -1,7 +1,10 @@
-"""The training configuration: one flat dataclass, settable from flags or a YAML/JSON file."""
+"""The training configuration: one flat dataclass, settable from flags or a YAML/JSON file, and
+the helpers every settings dataclass of the commands shares (:func:`option`, :func:`add_flags`).
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -9,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 
-def _opt(default: Any, help: str) -> Any:
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with a default and the help text its flag shows."""
     return field(default=default, metadata={"help": help})
 
 
@@ -23,46 +27,46 @@ class TrainConfig:
         0.0001
     """
 
-    out_dir: str = _opt("outputs/train", "folder for checkpoints, logs and sample grids")
-    steps: int = _opt(10_000, "optimizer steps to train for (in total, counting a resume)")
-    max_seconds: float = _opt(
+    out_dir: str = option("outputs/train", "folder for checkpoints, logs and sample grids")
+    steps: int = option(10_000, "optimizer steps to train for (in total, counting a resume)")
+    max_seconds: float = option(
         0.0, "stop early after this much training time, ending as at the last step (0: no limit)"
     )
-    batch_size: int = _opt(64, "global batch per optimizer step (all processes and micro-steps)")
-    grad_accum: int = _opt(1, "micro-steps whose gradients are summed before each step")
-    lr: float = _opt(1e-4, "AdamW learning rate")
-    weight_decay: float = _opt(
+    batch_size: int = option(64, "global batch per optimizer step (all processes and micro-steps)")
+    grad_accum: int = option(1, "micro-steps whose gradients are summed before each step")
+    lr: float = option(1e-4, "AdamW learning rate")
+    weight_decay: float = option(
         0.0, "AdamW weight decay (never on biases, norms, 1-D and _no_weight_decay parameters)"
     )
-    beta1: float = _opt(0.9, "AdamW beta1")
-    beta2: float = _opt(0.999, "AdamW beta2")
-    warmup_steps: int = _opt(0, "linear learning-rate warm-up from 0")
-    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
-    ema_decay: float = _opt(0.9999, "decay of the exponential moving average of the weights")
-    path: str = _opt("linear", "interpolant path: linear, gvp or vp")
-    prediction: str = _opt("velocity", "what the model predicts: velocity, noise or score")
-    weighting: str = _opt("none", "loss weighting: none, velocity or likelihood")
-    train_eps: float = _opt(1e-5, "distance kept from singular ends of time in training")
-    sample_eps: float = _opt(1e-3, "distance kept from singular ends of time in sampling")
-    cfg_dropout: float = _opt(0.1, "probability of training with the null class (for CFG)")
-    precision: str = _opt("auto", "auto (bf16 autocast on CUDA when supported), fp32 or bf16")
-    compile: bool = _opt(False, "torch.compile the model")
-    grad_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
-    device: str = _opt("auto", "auto, cpu, cuda, cuda:1, ...")
-    num_workers: int = _opt(0, "data-loader worker processes")
-    seed: int = _opt(0, "seeds data order, noise, times and label dropout")
-    log_every: int = _opt(10, "steps between rows of loss.csv")
-    ckpt_every: int = _opt(1000, "steps between checkpoints (and one at the end; 0: end only)")
-    sample_every: int = _opt(1000, "steps between sample grids (and one at the end; 0: end only)")
-    sample_steps: int = _opt(50, "sampler steps for sample grids")
-    sample_method: str = _opt("heun", "ODE method for sample grids: euler, heun, dopri5, ...")
-    cfg_scale: float = _opt(4.0, "classifier-free guidance scale for sample grids")
-    grid_columns: int = _opt(8, "images per row of a sample grid")
-    grid_rows: int = _opt(
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.999, "AdamW beta2")
+    warmup_steps: int = option(0, "linear learning-rate warm-up from 0")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 disables)")
+    ema_decay: float = option(0.9999, "decay of the exponential moving average of the weights")
+    path: str = option("linear", "interpolant path: linear, gvp or vp")
+    prediction: str = option("velocity", "what the model predicts: velocity, noise or score")
+    weighting: str = option("none", "loss weighting: none, velocity or likelihood")
+    train_eps: float = option(1e-5, "distance kept from singular ends of time in training")
+    sample_eps: float = option(1e-3, "distance kept from singular ends of time in sampling")
+    cfg_dropout: float = option(0.1, "probability of training with the null class (for CFG)")
+    precision: str = option("auto", "auto (bf16 autocast on CUDA when supported), fp32 or bf16")
+    compile: bool = option(False, "torch.compile the model")
+    grad_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
+    num_workers: int = option(0, "data-loader worker processes")
+    seed: int = option(0, "seeds data order, noise, times and label dropout")
+    log_every: int = option(10, "steps between rows of loss.csv")
+    ckpt_every: int = option(1000, "steps between checkpoints (and one at the end; 0: end only)")
+    sample_every: int = option(1000, "steps between sample grids (and one at the end; 0: end only)")
+    sample_steps: int = option(50, "sampler steps for sample grids")
+    sample_method: str = option("heun", "ODE method for sample grids: euler, heun, dopri5, ...")
+    cfg_scale: float = option(4.0, "classifier-free guidance scale for sample grids")
+    grid_columns: int = option(8, "images per row of a sample grid")
+    grid_rows: int = option(
         0, "rows of a sample grid, row i showing class i (0: one per class up to 16, or 8 rows)"
     )
-    eval_samples: int = _opt(0, "samples generated for the metric hooks at each sample grid")
-    progress: bool = _opt(True, "show a progress bar")
+    eval_samples: int = option(0, "samples generated for the metric hooks at each sample grid")
+    progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1 or self.steps < 0:
@@ -83,6 +87,59 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training options: {', '.join(unknown)}")
         return cls(**values)
+
+    @classmethod
+    def from_shared(cls, settings: Any, **overrides: Any) -> TrainConfig:
+        """The fields ``settings`` (another settings dataclass) shares with TrainConfig by name,
+        then ``overrides``.
+
+        Example::
+
+            >>> @dataclass
+            ... class Quick:
+            ...     steps: int = 20
+            ...     lr: float = 1e-3
+            ...     threads: int = 1          # not a training option: left out
+            >>> config = TrainConfig.from_shared(Quick(), out_dir="outputs/quick")
+            >>> config.steps, config.lr, config.out_dir
+            (20, 0.001, 'outputs/quick')
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        shared = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+        return cls(**{**{k: v for k, v in shared.items() if k in names}, **overrides})
+
+
+def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, settings: type) -> None:
+    """One flag per field of the dataclass ``settings`` (``--name-with-dashes``), with the
+    field's help and default in its help text; a flag not given sets nothing, so the parsed
+    namespace holds only what was given.
+
+    Booleans get ``--x/--no-x``; lists take one or more values of their items' type.
+    """
+    defaults = settings()
+    for f in dataclasses.fields(settings):
+        default = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        kwargs: dict[str, Any] = {
+            "default": argparse.SUPPRESS,
+            "help": f"{f.metadata['help']} (default: {shown})".replace("%", "%%"),
+        }
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, list):
+            kwargs.update(
+                type=type(default[0]), nargs="+", metavar=f.name.removesuffix("s").upper()
+            )
+        else:
+            kwargs["type"] = type(default)
+        parser.add_argument(flag, **kwargs)
+
+
+def given(args: argparse.Namespace, settings: type) -> dict[str, Any]:
+    """The fields of the dataclass ``settings`` that the flags of :func:`add_flags` set."""
+    names = {f.name for f in dataclasses.fields(settings)}
+    return {k: v for k, v in vars(args).items() if k in names}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

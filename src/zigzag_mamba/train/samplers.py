@@ -4,16 +4,12 @@
 ``linspace(t_start, t_end, num_steps + 1)``: Euler makes one velocity call per step, Heun two,
 and the Euler-Maruyama SDE one (its last step is a noise-free Euler step). ``dopri5`` and the other
 torchdiffeq methods run through ``torchdiffeq.odeint`` when it is installed.
-
-:func:`solve_ode` and :func:`solve_sde` return a :class:`Solution` that also reports how many
-times the velocity was evaluated; :func:`sample_ode` and :func:`sample_sde` return the tensor only.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -25,26 +21,6 @@ from zigzag_mamba.train.interpolant import Interpolant, VelocityFn, time_dtype
 _FIXED_GRID = ("midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
 
 
-@dataclass(frozen=True)
-class Solution:
-    """A sampler's result: the final state and the number of velocity evaluations (NFE)."""
-
-    x: Tensor
-    nfe: int
-
-
-class _Counted:
-    """A velocity function that counts its calls."""
-
-    def __init__(self, fn: VelocityFn) -> None:
-        self.fn = fn
-        self.calls = 0
-
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        self.calls += 1
-        return self.fn(x, t)
-
-
 def _grid(t_start: float, t_end: float, num_steps: int) -> list[float]:
     if num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}")
@@ -53,28 +29,6 @@ def _grid(t_start: float, t_end: float, num_steps: int) -> list[float]:
 
 def _times(x: Tensor, t: float) -> Tensor:
     return torch.full((x.shape[0],), t, dtype=time_dtype(x), device=x.device)
-
-
-def solve_ode(
-    velocity_fn: VelocityFn,
-    x0: Tensor,
-    num_steps: int,
-    method: str = "euler",
-    t_start: float = 0.0,
-    t_end: float = 1.0,
-    *,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-) -> Solution:
-    """Integrate ``dx/dt = velocity_fn(x, t)`` like :func:`sample_ode`, and count the calls."""
-    fn = _Counted(velocity_fn)
-    if method == "euler":
-        x = _euler(fn, x0, _grid(t_start, t_end, num_steps))
-    elif method == "heun":
-        x = _heun(fn, x0, _grid(t_start, t_end, num_steps))
-    else:
-        x = _torchdiffeq(fn, x0, num_steps, method, t_start, t_end, rtol, atol)
-    return Solution(x, fn.calls)
 
 
 def sample_ode(
@@ -105,7 +59,11 @@ def sample_ode(
         >>> torch.allclose(x1, torch.full_like(x1, 3.0))
         True
     """
-    return solve_ode(velocity_fn, x0, num_steps, method, t_start, t_end, rtol=rtol, atol=atol).x
+    if method == "euler":
+        return _euler(velocity_fn, x0, _grid(t_start, t_end, num_steps))
+    if method == "heun":
+        return _heun(velocity_fn, x0, _grid(t_start, t_end, num_steps))
+    return _torchdiffeq(velocity_fn, x0, num_steps, method, t_start, t_end, rtol, atol)
 
 
 def _euler(fn: VelocityFn, x: Tensor, grid: list[float]) -> Tensor:
@@ -155,38 +113,6 @@ def _torchdiffeq(
     return path[-1]
 
 
-def solve_sde(
-    velocity_fn: VelocityFn,
-    x0: Tensor,
-    num_steps: int,
-    interpolant: Interpolant | None = None,
-    *,
-    diffusion_scale: float = 1.0,
-    t_start: float = 0.0,
-    t_end: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> Solution:
-    """Euler-Maruyama for the interpolant's SDE; see :func:`sample_sde`."""
-    interpolant = interpolant or Interpolant()
-    fn = _Counted(velocity_fn)
-    grid = _grid(t_start, t_end, num_steps)
-    x = x0
-    for i, (t, t_next) in enumerate(itertools.pairwise(grid)):
-        dt = t_next - t
-        times = _times(x, t)
-        v = fn(x, times)
-        if i == num_steps - 1:
-            x = x + dt * v
-            break
-        # w_t = scale * sigma_t, so the drift's (w_t / 2) * score is (scale / 2) * sigma_t *
-        # score, which stays finite at both ends even for a velocity model.
-        drift = v + 0.5 * diffusion_scale * interpolant.sigma_score(v, x, times)
-        w = diffusion_scale * interpolant.coefficients(times)[1]
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = x + dt * drift + (w * dt).sqrt().reshape(-1, *[1] * (x.dim() - 1)) * noise
-    return Solution(x, fn.calls)
-
-
 def sample_sde(
     velocity_fn: VelocityFn,
     x0: Tensor,
@@ -214,16 +140,23 @@ def sample_sde(
         >>> x1.shape
         torch.Size([8, 2])
     """
-    return solve_sde(
-        velocity_fn,
-        x0,
-        num_steps,
-        interpolant,
-        diffusion_scale=diffusion_scale,
-        t_start=t_start,
-        t_end=t_end,
-        generator=generator,
-    ).x
+    interpolant = interpolant or Interpolant()
+    grid = _grid(t_start, t_end, num_steps)
+    x = x0
+    for i, (t, t_next) in enumerate(itertools.pairwise(grid)):
+        dt = t_next - t
+        times = _times(x, t)
+        v = velocity_fn(x, times)
+        if i == num_steps - 1:
+            x = x + dt * v
+            break
+        # w_t = scale * sigma_t, so the drift's (w_t / 2) * score is (scale / 2) * sigma_t *
+        # score, which stays finite at both ends even for a velocity model.
+        drift = v + 0.5 * diffusion_scale * interpolant.sigma_score(v, x, times)
+        w = diffusion_scale * interpolant.coefficients(times)[1]
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = x + dt * drift + (w * dt).sqrt().reshape(-1, *[1] * (x.dim() - 1)) * noise
+    return x
 
 
 def guided_model(

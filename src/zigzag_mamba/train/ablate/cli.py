@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from zigzag_mamba.train.ablate.config import PRESETS, AblationConfig
+from zigzag_mamba.train.config import add_flags, given
 
 
 def register(subparsers) -> None:
@@ -31,21 +31,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--quick", action="store_const", const="quick", dest="preset", help="--preset quick"
     )
-    defaults = AblationConfig()
-    for field in dataclasses.fields(AblationConfig):
-        default = getattr(defaults, field.name)
-        flag = "--" + field.name.replace("_", "-")
-        shown = " ".join(map(str, default)) if isinstance(default, list) else default
-        help_text = f"{field.metadata['help']} (default: {shown})".replace("%", "%%")
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-        elif isinstance(default, list):
-            metavar = field.name.removesuffix("s").upper()  # PATTERN, SEED
-            parser.add_argument(
-                flag, type=type(default[0]), nargs="+", metavar=metavar, help=help_text
-            )
-        else:
-            parser.add_argument(flag, type=type(default), help=help_text)
+    add_flags(parser, AblationConfig)
     parser.set_defaults(func=_ablate)
 
 
@@ -53,10 +39,8 @@ def _ablate(args: argparse.Namespace) -> int:
     from zigzag_mamba.train.ablate.config import AblationError, config_with_preset
     from zigzag_mamba.train.ablate.run import run_ablation
 
-    names = {f.name for f in dataclasses.fields(AblationConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in names}
     try:
-        config = config_with_preset(getattr(args, "preset", None), **overrides)
+        config = config_with_preset(getattr(args, "preset", None), **given(args, AblationConfig))
         report = run_ablation(config)
     except (AblationError, FileNotFoundError) as exc:
         print(f"zigma ablate: error: {exc}", file=sys.stderr)

@@ -17,20 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from zigzag_mamba.orders import NO_PATTERN, list_patterns
+from zigzag_mamba.train.config import option
 
 #: Seeds the evaluation noise, the sampling noise and the feature network (never the run seed).
 EVAL_SEED = 20240318
 PROTOCOL_VERSION = 1
-#: The fixed feature space of the Frechet distance (see zigzag_mamba.train.features).
+#: The fixed feature space of the Frechet distance (see zigzag_mamba.train.ablate.features).
 FEATURE_WIDTH, FEATURE_SCALES = 16, (1, 2, 4)
 
 
 class AblationError(ValueError):
     """An ablation was asked for with settings or data it cannot use."""
-
-
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -43,14 +40,16 @@ class AblationConfig:
         900
     """
 
-    out_dir: str = _opt("outputs/ablation", "results folder (resumed if it exists)")
-    data: str = _opt(
+    out_dir: str = option("outputs/ablation", "results folder (resumed if it exists)")
+    data: str = option(
         "photos", "'photos' (crops of scikit-learn's two photographs), 'digits', or a folder"
     )
-    image_size: int = _opt(16, "crop side for photos; images and digits are resized to it")
-    photo_scale: int = _opt(4, "photos are shrunk this many times before cropping")
-    holdout: float = _opt(0.2, "held-out fraction of the digits or a folder (photos: fixed tiles)")
-    train_crops: int = _opt(32768, "training crops drawn from the photos per seed")
+    image_size: int = option(16, "crop side for photos; images and digits are resized to it")
+    photo_scale: int = option(4, "photos are shrunk this many times before cropping")
+    holdout: float = option(
+        0.2, "held-out fraction of the digits or a folder (photos: fixed tiles)"
+    )
+    train_crops: int = option(32768, "training crops drawn from the photos per seed")
     patterns: list[str] = field(
         default_factory=lambda: ["all"],
         metadata={"help": "patterns; 'all': every registered 2-D one and 'none' (no permutation)"},
@@ -59,24 +58,24 @@ class AblationConfig:
         default_factory=lambda: [0, 1, 2],
         metadata={"help": "seeds; each trains every pattern once"},
     )
-    steps: int = _opt(900, "training steps per run")
-    batch_size: int = _opt(64, "training batch")
-    lr: float = _opt(2e-3, "AdamW learning rate")
-    warmup_steps: int = _opt(50, "learning-rate warm-up steps")
-    ema_decay: float = _opt(0.995, "EMA decay (samples and scores use the EMA weights)")
-    dim: int = _opt(64, "model width")
-    depth: int = _opt(8, "Mamba blocks (8: each of zigzag8's orders once)")
-    patch_size: int = _opt(2, "patch size (16x16 images, patch 2: an 8x8 token grid)")
-    eval_images: int = _opt(512, "held-out images scored by the held-out loss")
-    eval_times: int = _opt(8, "points of the fixed t-grid of the held-out loss")
-    eval_samples: int = _opt(512, "EMA samples for the Frechet distance")
-    sample_steps: int = _opt(8, "Heun steps per sample (2 model calls each)")
-    baseline: str = _opt("zigzag8", "pattern the others are compared with, seed by seed")
-    intervals: bool = _opt(True, "report 95% t-intervals (needs >= 2 seeds)")
-    confidence: float = _opt(0.95, "confidence level of the intervals")
-    threads: int = _opt(1, "CPU threads for PyTorch")
-    device: str = _opt("auto", "auto, cpu, cuda, ...")
-    progress: bool = _opt(True, "show progress bars")
+    steps: int = option(900, "training steps per run")
+    batch_size: int = option(64, "training batch")
+    lr: float = option(2e-3, "AdamW learning rate")
+    warmup_steps: int = option(50, "learning-rate warm-up steps")
+    ema_decay: float = option(0.995, "EMA decay (samples and scores use the EMA weights)")
+    dim: int = option(64, "model width")
+    depth: int = option(8, "Mamba blocks (8: each of zigzag8's orders once)")
+    patch_size: int = option(2, "patch size (16x16 images, patch 2: an 8x8 token grid)")
+    eval_images: int = option(512, "held-out images scored by the held-out loss")
+    eval_times: int = option(8, "points of the fixed t-grid of the held-out loss")
+    fd_samples: int = option(512, "EMA samples for the Frechet distance")
+    sample_steps: int = option(8, "Heun steps per sample (2 model calls each)")
+    baseline: str = option("zigzag8", "pattern the others are compared with, seed by seed")
+    intervals: bool = option(True, "report 95% t-intervals (needs >= 2 seeds)")
+    confidence: float = option(0.95, "confidence level of the intervals")
+    threads: int = option(1, "CPU threads for PyTorch")
+    device: str = option("auto", "auto, cpu, cuda, ...")
+    progress: bool = option(True, "show progress bars")
 
     def resolved_patterns(self) -> list[str]:
         """The patterns to run, with ``all`` expanded and repeats dropped, in the given order."""
@@ -109,7 +108,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "depth": 2,
         "eval_images": 64,
         "eval_times": 4,
-        "eval_samples": 64,
+        "fd_samples": 64,
         "sample_steps": 2,
         "intervals": False,
     },
@@ -133,7 +132,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "patch_size": 2,
         "eval_images": 512,
         "eval_times": 8,
-        "eval_samples": 512,
+        "fd_samples": 512,
         "sample_steps": 8,
         "baseline": "zigzag8",
         "intervals": True,

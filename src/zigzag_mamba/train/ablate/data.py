@@ -19,7 +19,7 @@ from zigzag_mamba.train.ablate.config import (
     AblationConfig,
     AblationError,
 )
-from zigzag_mamba.train.features import RandomConvFeatures
+from zigzag_mamba.train.ablate.features import RandomConvFeatures
 from zigzag_mamba.train.interpolant import Interpolant
 from zigzag_mamba.train.metrics import GaussianStats, feature_stats, frechet_distance
 
@@ -90,7 +90,7 @@ def open_study_data(config: AblationConfig) -> StudyData:
 
 
 def _photos(config: AblationConfig) -> StudyData:
-    from zigzag_mamba.train.photos import PhotoCrops
+    from zigzag_mamba.train.ablate.photos import PhotoCrops
 
     size, scale = config.image_size, config.photo_scale
     try:
@@ -153,9 +153,9 @@ class Evaluation:
       parts of the training interval), with noise drawn once from :data:`EVAL_SEED`. Averaged
       over the grid it estimates the training objective on unseen images, with stratified
       times and no fresh randomness, so two runs differ only by their weights.
-    - ``fd``: the Frechet distance between ``eval_samples`` EMA samples (Heun, from noise drawn
+    - ``fd``: the Frechet distance between ``fd_samples`` EMA samples (Heun, from noise drawn
       from :data:`EVAL_SEED`) and the reference images (:class:`StudyData`), in the features of
-      a fixed random conv network (:class:`~zigzag_mamba.train.features.RandomConvFeatures`),
+      a fixed random conv network (:class:`~zigzag_mamba.train.ablate.features.RandomConvFeatures`),
       each feature divided by its standard deviation over the reference images so that every
       feature counts alike (otherwise the few with the largest spread decide the distance).
     """
@@ -173,7 +173,7 @@ class Evaluation:
         reference = self._features(data.fd_reference)
         self.feature_scale = reference.std(dim=0).clamp_min(1e-12)
         self.reference = feature_stats(reference / self.feature_scale)
-        self.eval_samples = config.eval_samples
+        self.fd_samples = config.fd_samples
 
     def _features(self, images: Tensor) -> Tensor:
         return self.features(images.detach().cpu().clamp(-1, 1))
@@ -206,7 +206,7 @@ class Evaluation:
     def score(self, trainer) -> dict[str, Any]:
         """Score a trained :class:`~zigzag_mamba.train.trainer.Trainer`'s EMA weights."""
         by_t = self.heldout_loss(trainer.ema.module, trainer.interpolant, trainer.device)
-        samples, _ = trainer.sample(self.eval_samples, seed=EVAL_SEED)
+        samples, _ = trainer.sample(self.fd_samples, seed=EVAL_SEED)
         return {
             "heldout_loss": math.fsum(by_t) / len(by_t),
             "fd": self.frechet(samples),

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from zigzag_mamba.train.ablate.config import AblationConfig
-from zigzag_mamba.train.stats import Estimate, estimate, paired_estimate
+from zigzag_mamba.train.ablate.stats import Estimate, estimate, paired_estimate
 
 #: The two scores, lower is better for both.
 METRICS = {"heldout_loss": "held-out loss", "fd": "Frechet distance"}

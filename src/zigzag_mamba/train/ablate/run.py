@@ -127,24 +127,17 @@ def build_run_model(config: AblationConfig, shape: tuple[int, ...], pattern: str
 
 
 def train_config(config: AblationConfig, seed: int, run_dir: Path) -> TrainConfig:
-    return TrainConfig(
+    return TrainConfig.from_shared(
+        config,
         out_dir=str(run_dir),
-        steps=config.steps,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        warmup_steps=config.warmup_steps,
-        ema_decay=config.ema_decay,
         cfg_dropout=0.0,
         seed=seed,
         log_every=max(1, min(10, config.steps // 20)),
         ckpt_every=max(1, config.steps // 4),
         sample_every=0,
-        sample_steps=config.sample_steps,
         sample_method="heun",
         grid_rows=4,
         grid_columns=8,
-        device=config.device,
-        progress=config.progress,
     )
 
 
@@ -248,7 +241,7 @@ def _reference(
     """Scores of real images, for scale: what a generator of the training images would get."""
     train = data.train_set(0)
     images = torch.stack(
-        [train[i][0] for i in evenly_spaced(len(train), config.eval_samples).tolist()]
+        [train[i][0] for i in evenly_spaced(len(train), config.fd_samples).tolist()]
     )
     reference = {
         "fd_training_images": evaluation.frechet(images),

@@ -17,44 +17,41 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from zigzag_mamba.train.config import TrainConfig, option
 from zigzag_mamba.train.threads import torch_threads
-
-
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class DemoConfig:
     """Settings of ``zigma demo``; the defaults fit in 10 minutes on 2 CPU cores."""
 
-    out_dir: str = _opt("outputs/demo", "where samples.png, orders.png, loss.csv, ... go")
-    steps: int = _opt(1200, "training steps (fewer if max_minutes runs out first)")
-    max_minutes: float = _opt(10.0, "wall-clock budget for the whole demo")
-    batch_size: int = _opt(64, "training batch")
-    lr: float = _opt(2e-3, "AdamW learning rate")
-    warmup_steps: int = _opt(50, "learning-rate warm-up steps")
-    ema_decay: float = _opt(0.995, "EMA decay (short runs want a short memory)")
-    dim: int = _opt(64, "model width")
-    depth: int = _opt(8, "Mamba blocks (8: each zigzag order once)")
-    patch_size: int = _opt(2, "patch size: 2 makes a 4x4 grid of tokens from an 8x8 digit")
-    cfg_scale: float = _opt(2.0, "classifier-free guidance scale for the samples")
-    sample_steps: int = _opt(8, "Heun steps for sampling (2 model calls each)")
-    eval_per_class: int = _opt(50, "samples per digit for the scores")
-    seed: int = _opt(0, "seed for everything")
-    threads: int = _opt(
+    out_dir: str = option("outputs/demo", "where samples.png, orders.png, loss.csv, ... go")
+    steps: int = option(1200, "training steps (fewer if max_minutes runs out first)")
+    max_minutes: float = option(10.0, "wall-clock budget for the whole demo")
+    batch_size: int = option(64, "training batch")
+    lr: float = option(2e-3, "AdamW learning rate")
+    warmup_steps: int = option(50, "learning-rate warm-up steps")
+    ema_decay: float = option(0.995, "EMA decay (short runs want a short memory)")
+    dim: int = option(64, "model width")
+    depth: int = option(8, "Mamba blocks (8: each zigzag order once)")
+    patch_size: int = option(2, "patch size: 2 makes a 4x4 grid of tokens from an 8x8 digit")
+    cfg_scale: float = option(2.0, "classifier-free guidance scale for the samples")
+    sample_steps: int = option(8, "Heun steps for sampling (2 model calls each)")
+    eval_per_class: int = option(50, "samples per digit for the scores")
+    seed: int = option(0, "seed for everything")
+    threads: int = option(
         1,
         "CPU threads for PyTorch and the numba kernels (a second thread slowed this small "
         "model on 2 shared cores)",
     )
-    progress: bool = _opt(True, "show progress bars")
+    progress: bool = option(True, "show progress bars")
 
 
 class DigitClassifier(nn.Module):
@@ -142,7 +139,6 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
 
 def _run(config: DemoConfig) -> dict[str, Any]:
     from zigzag_mamba.train.build import build_model, model_spec
-    from zigzag_mamba.train.config import TrainConfig
     from zigzag_mamba.train.data import DigitsDataset
     from zigzag_mamba.train.trainer import Trainer
     from zigzag_mamba.viz import draw_orders
@@ -167,23 +163,14 @@ def _run(config: DemoConfig) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     model = build_model(spec)
     reserve = 75.0  # seconds kept for the final samples, the scores and the pictures
-    train_config = TrainConfig(
-        out_dir=str(out),
-        steps=config.steps,
+    train_config = TrainConfig.from_shared(
+        config,
         max_seconds=max(10.0, config.max_minutes * 60 - reserve - (time.perf_counter() - began)),
-        batch_size=config.batch_size,
-        lr=config.lr,
-        warmup_steps=config.warmup_steps,
-        ema_decay=config.ema_decay,
-        seed=config.seed,
         log_every=25,
         ckpt_every=0,
         sample_every=0,
-        sample_steps=config.sample_steps,
-        cfg_scale=config.cfg_scale,
         grid_rows=10,
         grid_columns=10,
-        progress=config.progress,
         device="cpu",
     )
     trainer = Trainer(model, train, train_config, model_config=spec)

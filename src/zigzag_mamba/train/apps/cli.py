@@ -1,4 +1,4 @@
-"""The ``zigma train``, ``zigma sample``, ``zigma demo`` and ``zigma ablate`` commands.
+"""The ``zigma train``, ``zigma sample`` and ``zigma demo`` commands.
 
 Options come from flags, optionally on top of a YAML or JSON file (``--config``) whose keys
 are the flag names with underscores, plus ``data``, ``image_size``, ``random_flip`` and
@@ -10,15 +10,14 @@ place. Heavy imports happen inside the handlers.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from zigzag_mamba.train.ablate.cli import register as register_ablate
-from zigzag_mamba.train.config import TrainConfig
-from zigzag_mamba.train.options import DEFAULT_DATA, DEFAULT_MODEL, resolve_train_options
+from zigzag_mamba.cli import add_threads_argument, positive_int, set_threads
+from zigzag_mamba.train.apps.options import DEFAULT_DATA, DEFAULT_MODEL, resolve_train_options
+from zigzag_mamba.train.config import TrainConfig, add_flags, given
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -31,37 +30,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def add_threads_argument(parser: argparse.ArgumentParser) -> None:
-    """``--threads N``: the CPU threads of PyTorch and of the numba kernels, which follow it."""
-    parser.add_argument(
-        "--threads",
-        type=_positive_int,
-        metavar="N",
-        help="CPU threads for PyTorch and the numba kernels (default: PyTorch's choice, one "
-        "per core; on a busy machine 1 can be several times faster, see docs/training.md)",
-    )
-
-
-def set_threads(args: argparse.Namespace) -> None:
-    threads = getattr(args, "threads", None)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
 def register(subparsers) -> None:
     _register_train(subparsers)
     _register_sample(subparsers)
     _register_demo(subparsers)
-    register_ablate(subparsers)
 
 
 # -- zigma train ---------------------------------------------------------------------------
@@ -111,21 +83,8 @@ def _register_train(subparsers) -> None:
         "with the options of the run's config.json as defaults",
     )
     add_threads_argument(parser)
-    _add_config_flags(parser)
+    add_flags(parser.add_argument_group("training options (TrainConfig)"), TrainConfig)
     parser.set_defaults(func=_train)
-
-
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("training options (TrainConfig)")
-    defaults = TrainConfig()
-    for field in dataclasses.fields(TrainConfig):
-        default = getattr(defaults, field.name)
-        flag = "--" + field.name.replace("_", "-")
-        help_text = f"{field.metadata['help']} (default: {default})"
-        if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            group.add_argument(flag, type=type(default), help=help_text)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -216,10 +175,10 @@ def _register_sample(subparsers) -> None:
     parser.add_argument("--out", default="samples.png", help="PNG grid to write")
     parser.add_argument(
         "--num",
-        type=_positive_int,
+        type=positive_int,
         help="number of samples (default: a row of --columns per class, or 64 unconditionally)",
     )
-    parser.add_argument("--columns", type=_positive_int, default=8, help="images per grid row")
+    parser.add_argument("--columns", type=positive_int, default=8, help="images per grid row")
     parser.add_argument(
         "--labels",
         type=int,
@@ -333,7 +292,7 @@ def _sample_labels(args: argparse.Namespace, num_classes: int, device):
 
 
 def _register_demo(subparsers) -> None:
-    from zigzag_mamba.train.demo import DemoConfig
+    from zigzag_mamba.train.apps.demo import DemoConfig
 
     parser = subparsers.add_parser(
         "demo",
@@ -343,29 +302,13 @@ def _register_demo(subparsers) -> None:
             "classifier-free guidance, and score it with a digit classifier trained on the "
             "spot. Writes samples.png, orders.png, loss.csv and metrics.json."
         ),
-        formatter_class=_HelpFormatter,
     )
-    defaults = DemoConfig()
-    for field in dataclasses.fields(DemoConfig):
-        default = getattr(defaults, field.name)
-        flag = "--" + field.name.replace("_", "-")
-        if isinstance(default, bool):
-            parser.add_argument(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                default=default,
-                help=field.metadata["help"],
-            )
-        else:
-            parser.add_argument(
-                flag, type=type(default), default=default, help=field.metadata["help"]
-            )
+    add_flags(parser, DemoConfig)
     parser.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from zigzag_mamba.train.demo import DemoConfig, run_demo
+    from zigzag_mamba.train.apps.demo import DemoConfig, run_demo
 
-    names = {f.name for f in dataclasses.fields(DemoConfig)}
-    run_demo(DemoConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    run_demo(DemoConfig(**given(args, DemoConfig)))
     return 0

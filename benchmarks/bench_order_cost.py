@@ -24,17 +24,11 @@ import functools
 from collections.abc import Iterator
 
 import torch
-from benchlib import (
-    DTYPES,
-    LiveReport,
-    add_block_arguments,
-    paired_ratio,
-    paired_scan_blocks,
-    parse_block_arguments,
-    time_interleaved,
-)
 
-from zigzag_mamba.bench.timing import machine_info
+from zigzag_mamba.bench.cli import add_block_arguments, parse_block_arguments
+from zigzag_mamba.bench.contenders import paired_order_blocks
+from zigzag_mamba.bench.report import LiveReport
+from zigzag_mamba.bench.timing import DTYPES, machine_info, paired_ratio, time_interleaved
 
 DEFAULTS = {  # device -> (lengths, dim, batch, dtype, repeats)
     "cpu": ("4096", 384, 1, "fp32", 30),
@@ -60,7 +54,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> Iterator[str]:
         "|---:|---|---:|---:|---:|---|",
     )
     for length in (int(v) for v in args.lengths.split(",")):
-        blocks = paired_scan_blocks(args.dim, length, args.batch, device, DTYPES[args.dtype])
+        blocks = paired_order_blocks(args.dim, length, args.batch, device, DTYPES[args.dtype])
         for mode in MODES:
             calls = {name: functools.partial(w.run, mode) for name, w in blocks.items()}
             timings = time_interleaved(calls, device, repeats=args.repeats, warmup=2)

@@ -31,14 +31,14 @@ from pathlib import Path
 
 import torch
 import triton
-from benchlib import LiveReport, median_call_seconds
 
+from zigzag_mamba.bench.report import LiveReport
+from zigzag_mamba.bench.timing import DTYPES, median_call_seconds
 from zigzag_mamba.ops.backends import resolve
 from zigzag_mamba.ops.permute import Permutation, permute_tokens
 from zigzag_mamba.ops.permute.triton import default_block_l, gather_tokens
 from zigzag_mamba.orders import zigzag_orders
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_SIZES = (
     "8x16384x768:bf16,8x16384x768:fp32,8x4096x768:bf16,32x1024x1152:bf16,"
     "4x16384x600:fp16,64x4096x3:fp32"

@@ -4,12 +4,12 @@ scan's checkpoints, and recomputes the conv and the projections in the backward)
 block with ``recompute = False`` (plain autograd, which keeps every intermediate).
 
 It is one block with one set of weights and inputs; only the mixer's ``recompute`` flag changes
-between calls, and the calls alternate (:func:`benchlib.time_interleaved`), so that a difference
-of a few percent is not drowned by the drift of a shared machine. Reported per L and mode: each
-path's median time, the median (and quartiles) of the per-repeat ratios recompute / autograd,
-and each path's peak memory during one call beyond the block and its inputs (see ``_peak``: on
-the CPU measured in a fresh process, reproducible to a fraction of a MiB even on a busy machine;
-the times are not).
+between calls, and the calls alternate (:func:`zigzag_mamba.bench.timing.time_interleaved`), so
+that a difference of a few percent is not drowned by the drift of a shared machine. Reported per
+L and mode: each path's median time, the median (and quartiles) of the per-repeat ratios
+recompute / autograd, and each path's peak memory during one call beyond the block and its
+inputs (see ``_peak``: on the CPU measured in a fresh process, reproducible to a fraction of a
+MiB even on a busy machine; the times are not).
 
 With ``--images``, a second table gives the peak memory of one forward+backward of ZigMa-B/2
 (both ways) and of DiT-B/2 at those image sides (a stack is where recomputing pays).
@@ -36,17 +36,18 @@ import sys
 from collections.abc import Iterator
 
 import torch
-from benchlib import (
+
+from zigzag_mamba.bench.cli import add_block_arguments, parse_block_arguments
+from zigzag_mamba.bench.contenders import backbone_tokens, backbone_workload, block_workload
+from zigzag_mamba.bench.report import LiveReport
+from zigzag_mamba.bench.timing import (
     DTYPES,
-    LiveReport,
-    add_block_arguments,
+    MIB,
+    machine_info,
     paired_ratio,
-    parse_block_arguments,
+    peak_memory,
     time_interleaved,
 )
-
-from zigzag_mamba.bench.contenders import backbone_tokens, backbone_workload, block_workload
-from zigzag_mamba.bench.timing import MIB, machine_info, peak_memory
 from zigzag_mamba.modules import Mamba
 
 DEFAULTS = {  # device -> (lengths, dim, batch, dtype, repeats)

@@ -34,9 +34,9 @@ from collections.abc import Callable
 import numba
 import torch
 import torch.nn.functional as F
-from benchlib import median_call_seconds, paired_ratio, time_interleaved
 
 import zigzag_mamba
+from zigzag_mamba.bench.timing import median_call_seconds, paired_ratio, time_interleaved
 from zigzag_mamba.ops import selective_scan, selective_scan_reference
 
 

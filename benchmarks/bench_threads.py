@@ -45,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import LiveReport
+from zigzag_mamba.bench.report import LiveReport
 
 # Settings that would change what a variant measures, removed from the workers' environment.
 _THREAD_ENV = (

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from benchlib import LiveReport, call_seconds
 from torch import nn
 
 from zigzag_mamba.bench.contenders import (
@@ -40,7 +39,8 @@ from zigzag_mamba.bench.contenders import (
     DiTBackbone,
     randomize_modulation,
 )
-from zigzag_mamba.bench.timing import MIB, machine_info, peak_memory, synchronize
+from zigzag_mamba.bench.report import LiveReport
+from zigzag_mamba.bench.timing import MIB, call_seconds, machine_info, peak_memory, synchronize
 from zigzag_mamba.models.backbone import CONFIGS, ZigMaBackbone
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

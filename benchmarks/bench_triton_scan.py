@@ -33,9 +33,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from benchlib import LiveReport, median_call_seconds
 
 from zigzag_mamba import use_backend
+from zigzag_mamba.bench.report import LiveReport
+from zigzag_mamba.bench.timing import median_call_seconds
 from zigzag_mamba.ops.selective_scan import (
     CHUNK,
     ScanInputs,

@@ -22,6 +22,8 @@ DESCRIPTION = (
     "OUT/MACHINE/ (OUT/MACHINE-quick for --quick, so that a quick run never overwrites a full "
     "one)."
 )
+# What a block benchmark's DEFAULTS give per device, in this order.
+_BLOCK_SETTINGS = ("lengths", "dim", "batch", "dtype", "repeats")
 # torch.compile's modes (kept here so that --help needs no torch import).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -178,6 +180,32 @@ def _profiles(names: list[str], settings, out_dir: Path) -> list[Path]:
         path.write_text(table + "\n")
         paths.append(path)
     return paths
+
+
+def add_block_arguments(parser: argparse.ArgumentParser, devices: list[str], repeats: str) -> None:
+    """--device, --lengths, --dim, --batch, --dtype, --repeats (help ``repeats``) and --out;
+    the ones left out take the device's defaults (:func:`parse_block_arguments`)."""
+    from zigzag_mamba.bench.timing import DTYPES
+
+    parser.add_argument("--device", default=devices[0], choices=devices)
+    parser.add_argument("--lengths", help="comma-separated token counts")
+    parser.add_argument("--dim", type=int)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--dtype", choices=list(DTYPES))
+    parser.add_argument("--repeats", type=int, help=repeats)
+    parser.add_argument("--out", type=Path, help="also write the Markdown table here")
+
+
+def parse_block_arguments(
+    parser: argparse.ArgumentParser, defaults: dict[str, tuple]
+) -> argparse.Namespace:
+    """The parsed arguments, each block setting not given taken from ``defaults[device]``
+    (lengths, dim, batch, dtype, repeats)."""
+    args = parser.parse_args()
+    for key, value in zip(_BLOCK_SETTINGS, defaults[args.device], strict=True):
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

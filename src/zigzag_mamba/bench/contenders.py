@@ -327,3 +327,14 @@ def backbone_tokens(image: int) -> int:
 
 def parameter_count(workload: Workload) -> int:
     return 0 if workload.module is None else sum(p.numel() for p in workload.module.parameters())
+
+
+def paired_order_blocks(
+    dim: int, length: int, batch: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, Workload]:
+    """The zigzag8 block and the ``pattern=None`` block with the same weights and the same inputs:
+    the two sides of what the token order costs."""
+    zigzag = block_workload("zigma", dim, length, batch, device, dtype)
+    plain = block_workload("zigma-none", dim, length, batch, device, dtype)
+    plain.module.load_state_dict(zigzag.module.state_dict())
+    return {"zigzag8": zigzag, "pattern=None": Workload(plain.module, zigzag.inputs, plain.module)}

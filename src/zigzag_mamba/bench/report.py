@@ -190,3 +190,20 @@ def write_results(
     if plots:
         written += plot_all(rows, meta, out_dir)
     return written
+
+
+class LiveReport:
+    """Markdown lines, printed and rewritten to ``path`` (if given) at every addition, so that a
+    benchmark cut short by a time limit keeps every row it measured."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.lines: list[str] = []
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, *lines: str) -> None:
+        self.lines += lines
+        print("\n".join(lines), flush=True)
+        if self.path is not None:
+            self.path.write_text("\n".join(self.lines) + "\n")

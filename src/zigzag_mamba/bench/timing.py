@@ -1,4 +1,5 @@
-"""Timing and peak memory of one callable, and a description of the machine that ran it.
+"""Timing and peak memory of one callable, and a description of the machine that ran it: the
+one timing module of ``zigma bench`` and of the studies in ``benchmarks/``.
 
 Timing: warm-up calls, then repeats until both a minimum count and a minimum total time are
 reached (capped); each sample is one call, or several back to back when a call is shorter than
@@ -35,6 +36,8 @@ import torch
 
 MIN_SAMPLE_S = 1e-3  # shorter calls are repeated back to back within one sample
 MIB = 2**20
+#: The dtypes of the benchmark scripts' --dtype, by their short names.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -99,6 +102,87 @@ def time_call(
     per_sample = first * inner
     repeats = min(max_repeats, max(min_repeats, math.ceil(min_time_s / max(per_sample, 1e-9))))
     return Timing([timed_seconds(fn, device, inner) for _ in range(repeats)], inner)
+
+
+def call_seconds(fn: Callable[[], object], device: torch.device | str) -> float:
+    """Duration of one call of ``fn``: CUDA events around it on a GPU (the device's own clock,
+    without the host's launch latency), the host clock elsewhere."""
+    if torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start_s = time.perf_counter()
+    fn()
+    return time.perf_counter() - start_s
+
+
+def median_call_seconds(
+    fn: Callable[[], object],
+    device: torch.device | str,
+    *,
+    repeats: int,
+    warmup: int = 1,
+    calls_per_sample: int = 1,
+    budget_s: float = math.inf,
+) -> float:
+    """Median seconds per call of ``fn``: ``warmup`` calls, then up to ``repeats`` samples of
+    ``calls_per_sample`` back-to-back calls, each timed by :func:`call_seconds`; sampling stops
+    early once ``budget_s`` seconds are spent and 3 samples are in.
+
+    Back-to-back calls let the host prepare the next launch while the device runs the previous
+    one, as in a model, so that a short kernel's launch latency is not counted.
+    """
+    for _ in range(warmup):
+        fn()
+
+    def sample() -> None:
+        for _ in range(calls_per_sample):
+            fn()
+
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < repeats and (len(samples) < 3 or time.perf_counter() - start < budget_s):
+        samples.append(call_seconds(sample, device) / calls_per_sample)
+    return statistics.median(samples)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    repeats: int,
+    warmup: int = 1,
+) -> dict[str, Timing]:
+    """Time several callables in turns: repeat r calls each of them once, in a rotated order.
+
+    For comparing contenders whose difference is smaller than the drift of a shared machine:
+    consecutive calls see the same machine state, so the ratio of the r-th samples of two
+    contenders (see :func:`paired_ratio`) is far steadier than the ratio of two medians taken
+    one after the other. Rotating the order keeps any cost of running first or second (a
+    cold cache, a clock ramping up) from falling on one contender.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            timed_seconds(fns[name], device, 1)
+    timings = {name: Timing() for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            timings[name].samples.append(timed_seconds(fns[name], device, 1))
+    return timings
+
+
+def paired_ratio(numerator: Timing, denominator: Timing) -> tuple[float, float, float]:
+    """(median, lower quartile, upper quartile) of the per-repeat ratios of two interleaved
+    timings."""
+    ratios = sorted(a / b for a, b in zip(numerator.samples, denominator.samples, strict=True))
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
+    return statistics.median(ratios), low, high
 
 
 # ----------------------------------------------------------------------------- peak memory

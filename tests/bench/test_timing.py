@@ -1,19 +1,14 @@
-"""The helpers the benchmark scripts share (benchmarks/benchlib.py), at tiny sizes."""
+"""The timing helpers zigma bench and the benchmark scripts share, at tiny sizes."""
 
-import importlib.util
 import time
-from pathlib import Path
 
 import torch
 
+from zigzag_mamba.bench import contenders
+from zigzag_mamba.bench import timing as benchlib
 from zigzag_mamba.bench.timing import Timing
 
 CPU = torch.device("cpu")
-_spec = importlib.util.spec_from_file_location(
-    "benchlib", Path(__file__).parents[2] / "benchmarks" / "benchlib.py"
-)
-benchlib = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(benchlib)
 
 
 def test_call_seconds_times_one_call():
@@ -51,7 +46,7 @@ def test_paired_ratio_pairs_the_repeats():
 
 
 def test_paired_blocks_share_weights_and_inputs():
-    blocks = benchlib.paired_scan_blocks(16, 64, 2, CPU, torch.float32)
+    blocks = contenders.paired_order_blocks(16, 64, 2, CPU, torch.float32)
     zigzag, plain = blocks["zigzag8"], blocks["pattern=None"]
     assert plain.inputs is zigzag.inputs and plain.module.zigzag is None
     parameters = zip(zigzag.module.named_parameters(), plain.module.parameters(), strict=True)

@@ -41,7 +41,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> Iterator[str]:
     """The report's Markdown lines: what ran, then one table row per L and mode."""
     info = machine_info(device, DTYPES[args.dtype])
     yield from (
-        "# The zigzag scan's cost in a ZigMa block",
+        "# What the token order costs a ZigMa block",
         "",
         f"Device: **{info['gpu'] or info['cpu']}** ({info['torch_threads']} torch threads); "
         f"torch {info['torch']}; selective scan: "

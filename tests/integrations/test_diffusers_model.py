@@ -10,6 +10,7 @@ import torch
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
 
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
+from helpers import checkpointed_gradients_match  # noqa: E402
 
 from zigzag_mamba import ZigMaBackbone  # noqa: E402
 from zigzag_mamba.integrations.diffusers import (  # noqa: E402
@@ -107,21 +108,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(model):
     model.train()
     model.backbone.y_embedder.dropout_prob = 0.0  # no random label dropout between the runs
     x, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
-    model(x, 300.0, y).sample.square().sum().backward()
-    expected = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-    model.zero_grad()
-    calls = []
-
-    def recompute(function, *args):
-        calls.append(function)
-        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
-
-    model.enable_gradient_checkpointing(gradient_checkpointing_func=recompute)
-    assert model.is_gradient_checkpointing
-    model(x, 300.0, y).sample.square().sum().backward()
-    assert len(calls) == 2
-    got = [p.grad for p in model.parameters() if p.grad is not None]
-    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    calls = checkpointed_gradients_match(
+        model,
+        lambda m: m(x, 300.0, y).sample.square().sum(),
+        lambda m, recompute: m.enable_gradient_checkpointing(gradient_checkpointing_func=recompute),
+    )
+    assert model.is_gradient_checkpointing and len(calls) == 2
     model.disable_gradient_checkpointing()
     assert not model.backbone.grad_checkpointing
 

@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import randomise
 
 from zigzag_mamba.models import CONFIGS, ZigMaBackbone
 from zigzag_mamba.modules.embed import unpatchify
@@ -14,13 +15,6 @@ TINY = {"dim": 32, "depth": 2, "patch_size": 2}
 def tiny(**kwargs):
     kwargs = {"input_size": 8, "in_channels": 4, **TINY, **kwargs}
     return ZigMaBackbone(**kwargs)
-
-
-def randomise(module: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
 def expected_parameters(dim, depth, patch_size, in_channels, tokens, num_classes=0):
@@ -158,7 +152,7 @@ def test_initialisation_follows_zigma():
 def test_cfg_with_scale_one_equals_the_conditional_model():
     torch.manual_seed(0)
     model = tiny(num_classes=5).eval()
-    randomise(model, 1)
+    randomise(model, 1, scale=0.05)
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 3])
     null = torch.full((2,), 5)
     batch = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), 1.0)
@@ -171,7 +165,7 @@ def test_cfg_with_scale_one_equals_the_conditional_model():
 def test_cfg_guides_the_chosen_channels(channels):
     torch.manual_seed(0)
     model = tiny(num_classes=5).eval()
-    randomise(model, 2)
+    randomise(model, 2, scale=0.05)
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 3])
     null = torch.full((2,), 5)
     xx, tt, yy = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])
@@ -194,7 +188,7 @@ def test_cfg_for_text_and_video():
 def test_grad_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = tiny(num_classes=5, class_dropout_prob=0.0)
-    randomise(model, 3)
+    randomise(model, 3, scale=0.05)
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 4])
 
     def grads():
@@ -212,7 +206,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
 
 def test_bf16_autocast_on_cpu():
     model = tiny(num_classes=5)
-    randomise(model, 4)
+    randomise(model, 4, scale=0.05)
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 4])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x, t, y)
@@ -274,7 +268,7 @@ def test_config_errors():
 def test_meta_build_matches_a_normal_build(pos_embed):
     kwargs = {"num_classes": 5, "pos_embed": pos_embed}
     ref = tiny(**kwargs).eval()
-    randomise(ref, 5)
+    randomise(ref, 5, scale=0.05)
     meta = tiny(**kwargs, device="meta").eval()
     meta.to_empty(device="cpu")
     meta.init_non_persistent_buffers()
@@ -341,7 +335,7 @@ def test_every_preset_builds_on_meta(name):
 )
 def test_save_pretrained_round_trip_gives_the_same_model(tmp_path, kwargs):
     model = tiny(**kwargs).eval()
-    randomise(model, seed=3)
+    randomise(model, seed=3, scale=0.05)
     model.save_pretrained(tmp_path / "run")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "config.json",
@@ -427,7 +421,7 @@ def test_labels_must_match_the_batch():
 @pytest.mark.parametrize("kwargs", [{"num_classes": 5}, {"context_dim": 6}, {}])
 def test_an_empty_batch_runs_forward_and_backward(kwargs):
     model = tiny(**kwargs)
-    randomise(model, 2)
+    randomise(model, 2, scale=0.05)
     x = torch.randn(0, 4, 8, 8, requires_grad=True)
     extra = {"y": torch.zeros(0, dtype=torch.long)} if "num_classes" in kwargs else {}
     if "context_dim" in kwargs:

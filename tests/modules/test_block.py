@@ -1,20 +1,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomise
 
 from zigzag_mamba import use_backend
 from zigzag_mamba.modules import CrossAttention, ZigMaBlock
 from zigzag_mamba.orders import layer_orders
 
 DIM = 32
-
-
-def randomise(module: torch.nn.Module, seed: int) -> None:
-    """Move every parameter off its init (the adaLN layer starts at zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g))
 
 
 def rms_norm(x, weight, eps=1e-5):

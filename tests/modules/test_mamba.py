@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomise
 
 from zigzag_mamba.modules import mamba as mamba_module
 from zigzag_mamba.modules.mamba import BiMamba, Mamba
@@ -55,13 +56,6 @@ def mamba_by_hand(m: Mamba, x: torch.Tensor, reverse: bool = False) -> torch.Ten
     return y.flip(1) if reverse else y
 
 
-def randomise(module: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-
-
 @pytest.mark.parametrize("d_model, kwargs", [(48, {}), (64, {"d_state": 8, "d_conv": 3})])
 def test_state_dict_matches_upstream_names_and_shapes(d_model, kwargs):
     m = Mamba(d_model, **kwargs)
@@ -101,7 +95,7 @@ def test_meta_build_then_reset_parameters():
 def test_forward_equals_the_hand_written_composition():
     torch.manual_seed(0)
     m = Mamba(32)
-    randomise(m, 1)
+    randomise(m, 1, scale=0.1)
     x = torch.randn(3, 11, 32)
     ref = mamba_by_hand(m, x) @ m.out_proj.weight.detach().double().T
     torch.testing.assert_close(m(x).double(), ref, rtol=1e-4, atol=1e-5)
@@ -121,7 +115,7 @@ def test_bidirectional_forward_and_names():
         "dt_proj_b.bias",
     }
     assert torch.equal(m.A_b_log, m.A_log) and m.D_b._no_weight_decay
-    randomise(m, 2)
+    randomise(m, 2, scale=0.1)
     x = torch.randn(2, 9, 32)
     y = mamba_by_hand(m, x) + mamba_by_hand(m, x, reverse=True)
     torch.testing.assert_close(
@@ -192,7 +186,7 @@ def _outputs_and_grads(m: Mamba, x: torch.Tensor, grad: torch.Tensor) -> list[to
 def test_recompute_gives_the_outputs_and_gradients_of_plain_autograd(cls):
     torch.manual_seed(0)
     m = cls(32, d_state=8)
-    randomise(m, 3)
+    randomise(m, 3, scale=0.1)
     x, grad = torch.randn(2, 75, 32), torch.randn(2, 75, 32)
     m.recompute = True
     lean = _outputs_and_grads(m, x, grad)
@@ -228,7 +222,7 @@ def _stop():
 def test_recompute_under_bf16_autocast():
     torch.manual_seed(0)
     m = BiMamba(32)
-    randomise(m, 4)
+    randomise(m, 4, scale=0.1)
     x, grad = torch.randn(2, 40, 32), torch.randn(2, 40, 32)
     results = []
     for recompute in (True, False):

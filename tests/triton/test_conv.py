@@ -2,17 +2,16 @@
 
 Tolerance (docs/design.md, "Testing and measuring"): the kernel's largest error against a
 float64 evaluation of the reference may be at most twice the error PyTorch itself makes with the
-same inputs in the same dtype, with a floor (see ``_floor``). Launches happen inside
+same inputs in the same dtype, with a floor (see ``accuracy.floor``). Launches happen inside
 ``poisoned_outputs()``, so an element no program writes stays NaN and fails. Runs in the Triton
 interpreter on CPU tensors, or on the GPU with ``ZIGZAG_MAMBA_CUDA_TESTS=1``.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from accuracy import ON_GPU, assert_within_2x
 
 import zigzag_mamba
 from zigzag_mamba.ops.backends import resolve
@@ -21,7 +20,6 @@ from zigzag_mamba.ops.conv import triton as kernels
 from zigzag_mamba.ops.ssm_branch import ssm_branch, ssm_branch_reference
 from zigzag_mamba.ops.utils import poisoned_outputs
 
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Small tiles, so that a small shape has several channel tiles, step tiles and backward chunks,
@@ -55,33 +53,6 @@ def _inputs(shape, dtype, taps, use_bias, seed=0):
     return x, weight, bias, dout
 
 
-def _err(x: torch.Tensor, ref64: torch.Tensor) -> float:
-    return (x.double() - ref64).abs().max().item() if x.numel() else 0.0
-
-
-def _floor(dtype: torch.dtype) -> float:
-    """The smallest error bound, relative to the largest magnitude of the expected values.
-
-    Both paths compute in fp32 or better, where summation order alone moves a sum by a few ulps,
-    and PyTorch's own error can be near zero by luck: 8 fp32 ulps are always allowed. The Triton
-    interpreter rounds fp32 -> bf16 toward zero (a GPU rounds to nearest), so there a bf16
-    result may be off by a whole bf16 ulp instead of half of one.
-    """
-    if dtype == torch.bfloat16 and not ON_GPU:
-        return torch.finfo(torch.bfloat16).eps
-    return 8 * torch.finfo(torch.float32).eps
-
-
-def _assert_within_2x(name, out, torch_out, ref64):
-    assert out.shape == ref64.shape and out.dtype == torch_out.dtype, name
-    assert not out.isnan().any(), f"{name}: unwritten (NaN) elements"
-    err, torch_err = _err(out, ref64), _err(torch_out, ref64)
-    floor = _floor(out.dtype) * ref64.abs().max().item() if ref64.numel() else 0.0
-    assert err <= max(2 * torch_err, floor), (
-        f"{name}: error {err:.3g} > max(2 x PyTorch's {torch_err:.3g}, floor {floor:.3g})"
-    )
-
-
 def _reference(x, weight, bias, dout, silu, to=lambda t: t):
     """Output and (dx, dweight, dbias) of the reference through autograd, on ``to(inputs)``."""
     leaves = [None if t is None else to(t).detach().requires_grad_() for t in (x, weight, bias)]
@@ -102,13 +73,13 @@ def _check(x, weight, bias, dout, silu, **tiles):
         out = kernels.forward(x, weight, bias, silu, **launch)
         grads = kernels.backward(dout, x, weight, bias, silu, **tiles)
     assert out.stride() == grads[0].stride(), "dx must have the output's (x's) layout"
-    _assert_within_2x("out", out, torch_out, ref_out)
+    assert_within_2x("out", out, torch_out, ref_out)
     for name, grad, torch_grad, ref in zip(
         ("x", "weight", "bias"), grads, torch_grads, ref_grads, strict=True
     ):
         assert (grad is None) == (ref is None), name
         if grad is not None:
-            _assert_within_2x(f"grad {name}", grad, torch_grad, ref)
+            assert_within_2x(f"grad {name}", grad, torch_grad, ref)
     return out, grads
 
 

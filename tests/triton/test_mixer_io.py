@@ -9,11 +9,11 @@ interpreter on CPU tensors, or on the GPU with ``ZIGZAG_MAMBA_CUDA_TESTS=1``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import pytest
 import torch
+from accuracy import ON_GPU, assert_within_2x
 
 import zigzag_mamba
 from zigzag_mamba.ops.backends import resolve
@@ -31,7 +31,6 @@ from zigzag_mamba.ops.mixer_io import triton as kernels
 from zigzag_mamba.ops.permute import inverse_order
 from zigzag_mamba.ops.utils import poisoned_outputs
 
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (B, L, D): one token, three channels, L not a multiple of the row tile, several backward
@@ -88,33 +87,6 @@ def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().double()
 
 
-def _err(x: torch.Tensor, ref64: torch.Tensor) -> float:
-    return (x.double() - ref64).abs().max().item() if x.numel() else 0.0
-
-
-def _floor(dtype: torch.dtype) -> float:
-    """The smallest error bound, relative to the output's largest magnitude.
-
-    Both paths compute in fp32, where summation order alone moves a reduction by a few ulps and
-    PyTorch's own error on a handful of elements can be near zero by luck: 8 fp32 ulps are always
-    allowed. The Triton interpreter rounds fp32 -> bf16 toward zero (a GPU rounds to nearest), so
-    there a bf16 output may be off by a whole bf16 ulp instead of half of one.
-    """
-    if dtype == torch.bfloat16 and not ON_GPU:
-        return torch.finfo(torch.bfloat16).eps
-    return 8 * torch.finfo(torch.float32).eps
-
-
-def _assert_within_2x(name: str, out: torch.Tensor, torch_out: torch.Tensor, ref64: torch.Tensor):
-    assert out.shape == ref64.shape and out.dtype == torch_out.dtype, name
-    assert not out.isnan().any(), f"{name}: unwritten (NaN) elements"
-    err, torch_err = _err(out, ref64), _err(torch_out, ref64)
-    floor = _floor(out.dtype) * ref64.abs().max().item() if ref64.numel() else 0.0
-    assert err <= max(2 * torch_err, floor), (
-        f"{name}: error {err:.3g} > max(2 x PyTorch's {torch_err:.3g}, floor {floor:.3g})"
-    )
-
-
 def _mixer_in_grads(case: Case, upstream, fn=mixer_in_reference, to=lambda t: t):
     """Outputs of ``fn`` on the case's inputs mapped by ``to``, and their input gradients."""
     inputs = [to(t) for t in (case.h, case.residual, case.weight, case.shift, case.scale)]
@@ -158,12 +130,12 @@ def test_mixer_in_forward_and_backward(shape, dtype, variant):
     for name, out, torch_out, ref in zip(
         ("residual", "h_norm", "x"), outs, torch_outs, ref_outs, strict=True
     ):
-        _assert_within_2x(name, out, torch_out.detach(), ref.detach())
+        assert_within_2x(name, out, torch_out.detach(), ref.detach())
     for name, grad, torch_grad, ref in zip(("h", "residual", "weight", "shift", "scale"), grads,
                                            torch_grads, ref_grads, strict=True):  # fmt: skip
         assert (grad is None) == (ref is None), name
         if grad is not None:
-            _assert_within_2x(f"grad {name}", grad, torch_grad, ref)
+            assert_within_2x(f"grad {name}", grad, torch_grad, ref)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -188,13 +160,13 @@ def test_mixer_out_forward_and_backward(shape, dtype, variant):
     with poisoned_outputs():
         out = kernels.mixer_out_forward(MixerOut(h_norm, gate, y, order, inverse))
         grads = kernels.mixer_out_backward(MixerOutSaved(gate, y, order, inverse), g_out)
-    _assert_within_2x("out", out, torch_out, ref_out)
+    assert_within_2x("out", out, torch_out, ref_out)
     for name, grad, torch_grad, ref in zip(
         ("y", "gate"), grads, torch_grads, ref_grads, strict=True
     ):
         assert (grad is None) == (ref is None), name
         if grad is not None:
-            _assert_within_2x(f"grad {name}", grad, torch_grad, ref)
+            assert_within_2x(f"grad {name}", grad, torch_grad, ref)
 
 
 def test_strided_conditioning_is_accepted():

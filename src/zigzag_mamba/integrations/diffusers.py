@@ -121,21 +121,8 @@ class ZigMaTransformer2DModel(ModelMixin, ConfigMixin):
     ) -> None:
         super().__init__()
         size = sample_size if isinstance(sample_size, int) else tuple(sample_size)
-        config = ZigMaConfig(
-            input_size=size,
-            patch_size=patch_size,
-            in_channels=in_channels,
-            dim=dim,
-            depth=depth,
-            pattern=pattern,
-            pos_embed=pos_embed,
-            num_classes=num_classes,
-            class_dropout_prob=class_dropout_prob,
-            context_dim=context_dim,
-            mixer=mixer,
-            ssm_cfg=ssm_cfg,
-            norm_eps=norm_eps,
-        )
+        # register_to_config has recorded every argument in self.config already.
+        config = ZigMaConfig(input_size=size, **{name: self.config[name] for name in _SHARED})
         if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
             raise ValueError(
                 f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}"

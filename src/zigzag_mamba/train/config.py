@@ -109,6 +109,29 @@ class TrainConfig:
         return cls(**{**{k: v for k, v in shared.items() if k in names}, **overrides})
 
 
+@dataclass
+class SmallRun:
+    """The recipe of the small ZigMa that ``zigma demo`` and ``zigma ablate`` train on a CPU in
+    minutes: their settings dataclasses add their own fields to it."""
+
+    batch_size: int = option(64, "training batch")
+    lr: float = option(2e-3, "AdamW learning rate")
+    warmup_steps: int = option(50, "learning-rate warm-up steps")
+    ema_decay: float = option(
+        0.995, "EMA decay (short runs want a short memory; samples and scores use the EMA)"
+    )
+    dim: int = option(64, "model width")
+    depth: int = option(8, "Mamba blocks (8: each of zigzag8's orders once)")
+    patch_size: int = option(2, "patch size (2: one token per 2x2 pixels)")
+    sample_steps: int = option(8, "Heun steps per sample (2 model calls each)")
+    threads: int = option(
+        1,
+        "CPU threads for PyTorch and the numba kernels (a second thread slowed this small "
+        "model on 2 shared cores)",
+    )
+    progress: bool = option(True, "show progress bars")
+
+
 def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, settings: type) -> None:
     """One flag per field of the dataclass ``settings`` (``--name-with-dashes``), with the
     field's help and default in its help text; a flag not given sets nothing, so the parsed

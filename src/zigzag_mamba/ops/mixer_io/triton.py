@@ -40,6 +40,15 @@ def _tile(batch, rows, L, D, cols, inv_ptr, PERMUTE: tl.constexpr):
 
 
 @triton.jit
+def _program_rows(L, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's batch element, its BLOCK_L token rows and the BLOCK_D channel columns."""
+    row_blocks = tl.cdiv(L, BLOCK_L)
+    batch = (tl.program_id(0) // row_blocks).to(tl.int64)
+    rows = (tl.program_id(0) % row_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
+    return batch, rows, tl.arange(0, BLOCK_D)
+
+
+@triton.jit
 def _mixer_in_fwd_kernel(
     h_ptr,
     res_ptr,
@@ -60,10 +69,7 @@ def _mixer_in_fwd_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    row_blocks = tl.cdiv(L, BLOCK_L)
-    batch = (tl.program_id(0) // row_blocks).to(tl.int64)
-    rows = (tl.program_id(0) % row_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
-    cols = tl.arange(0, BLOCK_D)
+    batch, rows, cols = _program_rows(L, BLOCK_L, BLOCK_D)
     col_ok = cols < D
     mask, offsets, xs_offsets = _tile(batch, rows, L, D, cols, inv_ptr, PERMUTE)
 
@@ -167,10 +173,7 @@ def _mixer_out_fwd_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    row_blocks = tl.cdiv(L, BLOCK_L)
-    batch = (tl.program_id(0) // row_blocks).to(tl.int64)
-    rows = (tl.program_id(0) % row_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
-    cols = tl.arange(0, BLOCK_D)
+    batch, rows, cols = _program_rows(L, BLOCK_L, BLOCK_D)
     col_ok = cols < D
     mask, offsets, y_offsets = _tile(batch, rows, L, D, cols, inv_ptr, PERMUTE)
     y = tl.load(y_ptr + y_offsets, mask=mask, other=0.0).to(tl.float32)

@@ -1,55 +1,19 @@
-"""The Triton selective scan's kernels; :mod:`.triton` has their design and launches them."""
+"""The Triton selective scan's kernels; :mod:`.triton` has their design and launches them, and
+:mod:`.triton_math` their building blocks."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(v) = exp2(v * LOG2E)
-
-
-@triton.jit
-def _log1p(e):
-    # log(y) * e / (y - 1) with y = 1 + e undoes the rounding of 1 + e (Goldberg's trick), so
-    # tiny e keep their relative accuracy; y == 1 only when e is below fp32's epsilon.
-    y = 1.0 + e
-    return tl.where(y == 1.0, e, tl.log(y) * (e / tl.where(y == 1.0, 1.0, y - 1.0)))
-
-
-@triton.jit
-def _delta_tile(ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """(dt, pre-softplus value) of a tile; dt is 0 on masked elements, so they never move."""
-    raw = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        raw += bias[:, None]
-    dt = raw
-    if SOFTPLUS:
-        # Above 20, softplus(x) == x in fp32 (torch's threshold too); clamping avoids exp overflow.
-        dt = tl.where(raw > 20.0, raw, _log1p(tl.exp(tl.minimum(raw, 20.0))))
-    return tl.where(mask, dt, 0.0), raw
-
-
-@triton.jit
-def _compose(a1, b1, a2, b2):
-    """The affine map x -> a1 x + b1, then x -> a2 x + b2: one step of the recurrence after
-    another (in a scan backward in time, (a1, b1) is the later steps', so the same rule
-    serves)."""
-    return a1 * a2, a2 * b1 + b2
-
-
-@triton.jit
-def _chunk_tile(L, channels, per_group, blocks, BLOCK_D: tl.constexpr, T: tl.constexpr):
-    """Indices of this program's (BLOCK_D, T) tile: program (batch, group, block), chunk."""
-    pid = tl.program_id(0)
-    chunk = tl.program_id(1)
-    groups = channels // per_group
-    batch = (pid // (groups * blocks)).to(tl.int64)
-    group = (pid // blocks) % groups
-    local = (pid % blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d = group * per_group + local
-    t = chunk * T + tl.arange(0, T)
-    mask = (local < per_group)[:, None] & (t < L)[None, :]
-    return batch, group, chunk, d, local < per_group, t, mask
+from zigzag_mamba.ops.selective_scan.triton_math import (
+    LOG2E,
+    chunk_dt,
+    chunk_tile,
+    compose,
+    decayed_sums,
+    delta_tile,
+)
 
 
 @triton.jit
@@ -72,24 +36,27 @@ def chunk_end_kernel(
     BLOCK_D: tl.constexpr,
     T: tl.constexpr,
 ):
-    batch, group, chunk, d, d_mask, t, mask = _chunk_tile(
-        L, channels, per_group, blocks, BLOCK_D, T
+    batch, group, d, d_mask, t, mask, rows, dt, cell = chunk_dt(
+        delta_ptr,
+        bias_ptr,
+        sums_ptr,
+        L,
+        channels,
+        per_group,
+        blocks,
+        n_chunks,
+        HAS_BIAS,
+        SOFTPLUS,
+        BLOCK_D,
+        T,
     )
-    rows = (batch * channels + d) * L
-    bias = tl.load(bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    dt, _ = _delta_tile(delta_ptr + rows[:, None] + t[None, :], mask, bias, HAS_BIAS, SOFTPLUS)
     u = tl.load(u_ptr + rows[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
-    dtu = dt * u
     # dt summed over the steps after t, to the chunk's end: the decay from step t to the end.
     after = tl.cumsum(dt, axis=1, reverse=True) - dt
-    cell = (batch * channels + d) * n_chunks + chunk  # (B, D, n_chunks) offsets
-    tl.store(sums_ptr + cell, tl.sum(dt, axis=1), mask=d_mask)
-    bc = ((batch * (channels // per_group) + group) * n_state) * L + t
-    for n in range(n_state):
-        a2 = tl.load(A_ptr + d * n_state + n, mask=d_mask, other=0.0).to(tl.float32) * LOG2E
-        b_n = tl.load(B_ptr + bc + n * L, mask=t < L, other=0.0).to(tl.float32)
-        end = tl.sum(tl.exp2(after * a2[:, None]) * (dtu * b_n[None, :]), axis=1)
-        tl.store(ends_ptr + cell * n_state + n, end, mask=d_mask)
+    groups = channels // per_group
+    decayed_sums(
+        after, dt * u, A_ptr, B_ptr, ends_ptr, batch, group, d, d_mask, t, cell, L, groups, n_state
+    )
 
 
 @triton.jit
@@ -114,12 +81,20 @@ def chunk_carry_kernel(
     BLOCK_D: tl.constexpr,
     T: tl.constexpr,
 ):
-    batch, group, chunk, d, d_mask, t, mask = _chunk_tile(
-        L, channels, per_group, blocks, BLOCK_D, T
+    batch, group, d, d_mask, t, mask, rows, dt, cell = chunk_dt(
+        delta_ptr,
+        bias_ptr,
+        sums_ptr,
+        L,
+        channels,
+        per_group,
+        blocks,
+        n_chunks,
+        HAS_BIAS,
+        SOFTPLUS,
+        BLOCK_D,
+        T,
     )
-    rows = (batch * channels + d) * L
-    bias = tl.load(bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    dt, _ = _delta_tile(delta_ptr + rows[:, None] + t[None, :], mask, bias, HAS_BIAS, SOFTPLUS)
     dy = tl.load(gout_ptr + rows[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_Z:
         zt = tl.load(z_ptr + rows[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -127,14 +102,10 @@ def chunk_carry_kernel(
     # dt summed from the chunk's start through step t: the decay from step t to the chunk's
     # start, including a_start (the carry is what the chunk passes to the step before it).
     through = tl.cumsum(dt, axis=1)
-    cell = (batch * channels + d) * n_chunks + chunk
-    tl.store(sums_ptr + cell, tl.sum(dt, axis=1), mask=d_mask)
-    bc = ((batch * (channels // per_group) + group) * n_state) * L + t
-    for n in range(n_state):
-        a2 = tl.load(A_ptr + d * n_state + n, mask=d_mask, other=0.0).to(tl.float32) * LOG2E
-        c_n = tl.load(C_ptr + bc + n * L, mask=t < L, other=0.0).to(tl.float32)
-        carry = tl.sum(tl.exp2(through * a2[:, None]) * (dy * c_n[None, :]), axis=1)
-        tl.store(carries_ptr + cell * n_state + n, carry, mask=d_mask)
+    groups = channels // per_group
+    decayed_sums(
+        through, dy, A_ptr, C_ptr, carries_ptr, batch, group, d, d_mask, t, cell, L, groups, n_state
+    )
 
 
 @triton.jit
@@ -189,12 +160,12 @@ def chain_kernel(
             values_ptr + (at + prev[None, :]) * n_state + n[:, None], mask=has_prev, other=0.0
         )
         decay, offset = tl.associative_scan(
-            (tl.exp2(prev_sums * a2[:, None]), prev_vals), 1, _compose
+            (tl.exp2(prev_sums * a2[:, None]), prev_vals), 1, compose
         )
         entering = offset + decay * s[:, None]
         tl.store(values_ptr + (at + c[None, :]) * n_state + n[:, None], entering, mask=live)
         # Past the step's last chunk: s through it (padding columns are identity maps).
-        total_decay, total = tl.associative_scan((tl.exp2(sums * a2[:, None]), vals), 1, _compose)
+        total_decay, total = tl.associative_scan((tl.exp2(sums * a2[:, None]), vals), 1, compose)
         is_last = (j == K - 1)[None, :]
         s = tl.sum(tl.where(is_last, total + total_decay * s[:, None], 0.0), axis=1)
     if STORE_LAST:
@@ -226,13 +197,11 @@ def output_kernel(
     BLOCK_D: tl.constexpr,
     T: tl.constexpr,
 ):
-    batch, group, chunk, d, d_mask, t, mask = _chunk_tile(
-        L, channels, per_group, blocks, BLOCK_D, T
-    )
+    batch, group, chunk, d, d_mask, t, mask = chunk_tile(L, channels, per_group, blocks, BLOCK_D, T)
     rows = (batch * channels + d) * L
     tile = rows[:, None] + t[None, :]
     bias = tl.load(bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    dt, _ = _delta_tile(delta_ptr + tile, mask, bias, HAS_BIAS, SOFTPLUS)
+    dt, _ = delta_tile(delta_ptr + tile, mask, bias, HAS_BIAS, SOFTPLUS)
     u = tl.load(u_ptr + tile, mask=mask, other=0.0).to(tl.float32)
     dtu = dt * u
     cell = (batch * channels + d) * n_chunks + chunk
@@ -242,7 +211,7 @@ def output_kernel(
         a2 = tl.load(A_ptr + d * n_state + n, mask=d_mask, other=0.0).to(tl.float32) * LOG2E
         b_n = tl.load(B_ptr + bc + n * L, mask=t < L, other=0.0).to(tl.float32)
         c_n = tl.load(C_ptr + bc + n * L, mask=t < L, other=0.0).to(tl.float32)
-        decay, x = tl.associative_scan((tl.exp2(dt * a2[:, None]), dtu * b_n[None, :]), 1, _compose)
+        decay, x = tl.associative_scan((tl.exp2(dt * a2[:, None]), dtu * b_n[None, :]), 1, compose)
         entering = tl.load(ckpt_ptr + cell * n_state + n, mask=d_mask, other=0.0)
         x += decay * entering[:, None]
         y += x * c_n[None, :]
@@ -335,7 +304,7 @@ def gradient_kernel(
         skip = 0.0
         if HAS_D:
             skip = tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[:, None]
-        dt, _ = _delta_tile(delta_ptr + tile, mask, bias, HAS_BIAS, SOFTPLUS)
+        dt, _ = delta_tile(delta_ptr + tile, mask, bias, HAS_BIAS, SOFTPLUS)
         dtu = dt * tl.load(u_ptr + tile, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(gout_ptr + tile, mask=mask, other=0.0).to(tl.float32)
         if HAS_Z:
@@ -344,7 +313,7 @@ def gradient_kernel(
         # The adjoint's inputs, last step first (loaded in order and flipped: a load in reverse
         # gets a layout of its own, and the scans with it).
         next_mask = mask & (t + 1 < L)[None, :] & (steps < TILE - 1)[None, :]
-        dt_next, _ = _delta_tile(delta_ptr + tile + 1, next_mask, bias, HAS_BIAS, SOFTPLUS)
+        dt_next, _ = delta_tile(delta_ptr + tile + 1, next_mask, bias, HAS_BIAS, SOFTPLUS)
         dt_next = tl.flip(dt_next, 1)
         dy_back = tl.flip(dy, 1)
         cell = (batch * channels + d) * n_chunks
@@ -361,11 +330,11 @@ def gradient_kernel(
             c_n = c_n.to(tl.float32)
             c_back = tl.load(C_ptr + bc + n * L + r, mask=r_mask, other=0.0).to(tl.float32)
             inp = dtu * b_n
-            decay, x = tl.associative_scan((tl.exp2(dt * a2[:, None]), inp), 1, _compose)
+            decay, x = tl.associative_scan((tl.exp2(dt * a2[:, None]), inp), 1, compose)
             entering = tl.load(ckpt_ptr + (cell + first_chunk) * n_state + n, mask=d_mask)
             x += decay * entering[:, None]
             back_decay, adj_back = tl.associative_scan(
-                (tl.exp2(dt_next * a2[:, None]), dy_back * c_back[None, :]), 1, _compose
+                (tl.exp2(dt_next * a2[:, None]), dy_back * c_back[None, :]), 1, compose
             )
             carry = tl.load(carries_ptr + (cell + last_chunk) * n_state + n, mask=d_mask)
             adj_back += back_decay * carry[:, None]
@@ -392,7 +361,7 @@ def gradient_kernel(
         u = tl.load(u_ptr + tile, mask=mask, other=0.0).to(tl.float32)
         ddt = q_a + u * adj_b
         if SOFTPLUS:
-            _, raw = _delta_tile(delta_ptr + tile, mask, bias, HAS_BIAS, SOFTPLUS)
+            _, raw = delta_tile(delta_ptr + tile, mask, bias, HAS_BIAS, SOFTPLUS)
             ddt *= tl.sigmoid(raw)
         # Past the end, adj holds the last state's gradient and q need not vanish.
         ddt = tl.where(mask, ddt, 0.0)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from zigzag_mamba.orders import NO_PATTERN, list_patterns
-from zigzag_mamba.train.config import option
+from zigzag_mamba.train.config import SmallRun, option
 
 #: Seeds the evaluation noise, the sampling noise and the feature network (never the run seed).
 EVAL_SEED = 20240318
@@ -31,7 +31,7 @@ class AblationError(ValueError):
 
 
 @dataclass
-class AblationConfig:
+class AblationConfig(SmallRun):
     """Settings of ``zigma ablate``; :data:`PRESETS` holds the quick check and the study.
 
     Example::
@@ -59,23 +59,13 @@ class AblationConfig:
         metadata={"help": "seeds; each trains every pattern once"},
     )
     steps: int = option(900, "training steps per run")
-    batch_size: int = option(64, "training batch")
-    lr: float = option(2e-3, "AdamW learning rate")
-    warmup_steps: int = option(50, "learning-rate warm-up steps")
-    ema_decay: float = option(0.995, "EMA decay (samples and scores use the EMA weights)")
-    dim: int = option(64, "model width")
-    depth: int = option(8, "Mamba blocks (8: each of zigzag8's orders once)")
-    patch_size: int = option(2, "patch size (16x16 images, patch 2: an 8x8 token grid)")
     eval_images: int = option(512, "held-out images scored by the held-out loss")
     eval_times: int = option(8, "points of the fixed t-grid of the held-out loss")
     fd_samples: int = option(512, "EMA samples for the Frechet distance")
-    sample_steps: int = option(8, "Heun steps per sample (2 model calls each)")
     baseline: str = option("zigzag8", "pattern the others are compared with, seed by seed")
     intervals: bool = option(True, "report 95% t-intervals (needs >= 2 seeds)")
     confidence: float = option(0.95, "confidence level of the intervals")
-    threads: int = option(1, "CPU threads for PyTorch")
     device: str = option("auto", "auto, cpu, cuda, ...")
-    progress: bool = option(True, "show progress bars")
 
     def resolved_patterns(self) -> list[str]:
         """The patterns to run, with ``all`` expanded and repeats dropped, in the given order."""

@@ -24,34 +24,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zigzag_mamba.train.config import TrainConfig, option
+from zigzag_mamba.train.config import SmallRun, TrainConfig, option
 from zigzag_mamba.train.threads import torch_threads
 
 
 @dataclass
-class DemoConfig:
-    """Settings of ``zigma demo``; the defaults fit in 10 minutes on 2 CPU cores."""
+class DemoConfig(SmallRun):
+    """Settings of ``zigma demo``; the defaults fit in 10 minutes on 2 CPU cores (patch 2 makes
+    a 4x4 grid of tokens from an 8x8 digit)."""
 
     out_dir: str = option("outputs/demo", "where samples.png, orders.png, loss.csv, ... go")
     steps: int = option(1200, "training steps (fewer if max_minutes runs out first)")
     max_minutes: float = option(10.0, "wall-clock budget for the whole demo")
-    batch_size: int = option(64, "training batch")
-    lr: float = option(2e-3, "AdamW learning rate")
-    warmup_steps: int = option(50, "learning-rate warm-up steps")
-    ema_decay: float = option(0.995, "EMA decay (short runs want a short memory)")
-    dim: int = option(64, "model width")
-    depth: int = option(8, "Mamba blocks (8: each zigzag order once)")
-    patch_size: int = option(2, "patch size: 2 makes a 4x4 grid of tokens from an 8x8 digit")
     cfg_scale: float = option(2.0, "classifier-free guidance scale for the samples")
-    sample_steps: int = option(8, "Heun steps for sampling (2 model calls each)")
     eval_per_class: int = option(50, "samples per digit for the scores")
     seed: int = option(0, "seed for everything")
-    threads: int = option(
-        1,
-        "CPU threads for PyTorch and the numba kernels (a second thread slowed this small "
-        "model on 2 shared cores)",
-    )
-    progress: bool = option(True, "show progress bars")
 
 
 class DigitClassifier(nn.Module):

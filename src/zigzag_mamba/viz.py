@@ -11,6 +11,9 @@ import torch
 
 from zigzag_mamba.orders import as_grid, list_patterns, pattern_family
 
+#: The most tokens a panel draws (H * W).
+MAX_DRAWN_TOKENS = 128 * 128
+
 
 def _figure_class():
     try:
@@ -47,6 +50,11 @@ def draw_orders(
         PosixPath('video.png')
     """
     grid = as_grid(grid)
+    if math.prod(grid[-2:]) > MAX_DRAWN_TOKENS:
+        raise ValueError(
+            f"grid {grid}: a picture shows at most {MAX_DRAWN_TOKENS} tokens a panel (128 x 128), "
+            "beyond which the path is a solid smear; draw a smaller grid, the pattern is the same"
+        )
     family = pattern_family(pattern, grid)
     name = pattern if isinstance(pattern, str) else "custom"
     panels = [_panel(order, k, grid) for k, order in enumerate(family)]

@@ -188,7 +188,7 @@ class ZigMaTransformer2DModel(ModelMixin, ConfigMixin):
         velocity is what diffusers' flow-matching schedulers integrate; other interpolants are
         refused. Needs the ``train`` extra.
         """
-        from zigzag_mamba.train.build import build_model
+        from zigzag_mamba.train.build import load_model
         from zigzag_mamba.train.checkpoint import CHECKPOINT_KEYS, load_checkpoint
 
         if weights not in ("ema", "model"):
@@ -201,9 +201,7 @@ class ZigMaTransformer2DModel(ModelMixin, ConfigMixin):
                 f"{train.get('prediction')!r}; diffusers' flow-matching schedulers need the "
                 "linear path with velocity prediction"
             )
-        backbone = build_model(state["config"]["model"])
-        backbone.load_state_dict(state[weights])
-        return cls.from_backbone(backbone)
+        return cls.from_backbone(load_model(state, weights, path))
 
 
 class ZigMaPipeline(DiffusionPipeline):

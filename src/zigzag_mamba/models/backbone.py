@@ -37,6 +37,7 @@ from zigzag_mamba.modules.embed import (
     sincos_2d,
     unpatchify,
 )
+from zigzag_mamba.modules.validation import check_dtype
 
 __all__ = ["CONFIGS", "ZigMaBackbone", "ZigMaConfig"]
 # The file names of huggingface_hub's PyTorchModelHubMixin, so that a saved folder can be pushed
@@ -281,7 +282,7 @@ class ZigMaBackbone(nn.Module):
             raise FileNotFoundError(
                 f"{directory} is not a saved ZigMaBackbone: {' and '.join(missing)} missing"
             )
-        config = ZigMaConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+        config = _read_config(directory / CONFIG_NAME)
         model = cls(config, device="meta", dtype=dtype, **overrides)
         model = model.to_empty(device=device or "cpu")
         model.load_state_dict(load_file(directory / WEIGHTS_NAME), strict=True)
@@ -290,6 +291,7 @@ class ZigMaBackbone(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def _patchify(self, x: torch.Tensor) -> torch.Tensor:
+        check_dtype(x, self.x_embedder.proj.weight, "ZigMaBackbone")
         C, (H, W) = self.in_channels, self.image_size
         expected = (self.num_frames, C, H, W) if self.num_frames else (C, H, W)
         if x.dim() != len(expected) + 1 or tuple(x.shape[1:]) != expected:
@@ -393,6 +395,11 @@ class ZigMaBackbone(nn.Module):
             raise ValueError(
                 f"channels must be 'all' or an int in [1, {self.in_channels}], got {channels!r}"
             )
+        if x.shape[0] % 2:
+            raise ValueError(
+                f"forward_with_cfg takes a batch of two halves, the conditional then the "
+                f"unconditional one: an even batch, got {x.shape[0]}"
+            )
         half = x[: x.shape[0] // 2]
         out = self.forward(torch.cat([half, half]), t, y, context)
         channel_dim = 2 if self.num_frames else 1
@@ -401,6 +408,20 @@ class ZigMaBackbone(nn.Module):
         cond, uncond = guided.chunk(2, dim=0)
         mixed = uncond + cfg_scale * (cond - uncond)
         return torch.cat([torch.cat([mixed, mixed]), rest], dim=channel_dim)
+
+
+def _read_config(path: Path) -> ZigMaConfig:
+    """The ZigMaConfig a folder's config.json holds, or an error naming the file."""
+    try:
+        values = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{path} is not JSON ({exc}); save_pretrained writes it") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a JSON object of ZigMaConfig fields")
+    try:
+        return ZigMaConfig.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path} does not describe a ZigMaBackbone: {exc}") from None
 
 
 def _checkpoint(function, *args):

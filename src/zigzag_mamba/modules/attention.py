@@ -47,9 +47,10 @@ class CrossAttention(nn.Module):
         return rearrange(x, "b l (heads d) -> b heads l d", heads=self.heads)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if context.dim() != 3 or context.shape[0] != x.shape[0]:
+        width = self.to_k.in_features
+        if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[2] != width:
             raise ValueError(
-                f"context must have shape (B, S, C) with B = {x.shape[0]}, got "
+                f"context must have shape (B, S, context_dim) = ({x.shape[0]}, S, {width}), got "
                 f"{tuple(context.shape)}"
             )
         q = self._split_heads(self.to_q(x))

@@ -23,7 +23,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from zigzag_mamba.modules.validation import check_positive, check_positive_int
+from zigzag_mamba.modules.validation import check_dtype, check_positive, check_positive_int
 from zigzag_mamba.ops.backends import requested, resolve
 from zigzag_mamba.ops.ssm_branch import ssm_branch, ssm_branch_reference
 from zigzag_mamba.orders import check_layer_idx
@@ -183,6 +183,7 @@ class Mamba(nn.Module):
             raise ValueError(
                 f"expected tokens (B, L, d_model={self.d_model}), got {tuple(hidden_states.shape)}"
             )
+        check_dtype(hidden_states, self.in_proj.weight, type(self).__name__)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         self._check_input(hidden_states)

@@ -6,6 +6,7 @@ Nothing here imports Triton or numba.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 
 import torch
@@ -85,3 +86,22 @@ def double_backward_unsupported(op: str, alternative: str) -> Callable[..., tupl
 
 def no_context(ctx, inputs, output) -> None:
     """An autograd ``setup_context`` that saves nothing."""
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM this machine has, or None where that cannot be asked."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_fits_in_memory(nbytes: int, what: str) -> None:
+    """A MemoryError that says how much ``what`` would need, before anything is allocated,
+    when that is more than the machine's RAM (a far smaller shortfall is left to the allocator)."""
+    total = physical_memory()
+    if total is not None and nbytes > total:
+        raise MemoryError(
+            f"{what} would need about {nbytes / 2**30:.1f} GiB, more than this machine's "
+            f"{total / 2**30:.1f} GiB of RAM"
+        )

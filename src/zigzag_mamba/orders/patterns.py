@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from zigzag_mamba.ops.permute import check_permutation
+from zigzag_mamba.ops.utils import check_fits_in_memory
 
 Grid = tuple[int, ...]
 Orders = list[torch.Tensor]
@@ -296,6 +297,11 @@ def pattern_family(pattern: str | torch.Tensor | Sequence, grid: int | Sequence[
     """
     grid = as_grid(grid)
     pattern = check_pattern(pattern)
+    if isinstance(pattern, str):
+        # Building a family holds about a dozen int64 orders of L at once.
+        check_fits_in_memory(
+            12 * 8 * math.prod(grid), f"the orders of pattern {pattern!r} on grid {grid}"
+        )
     family = _named_family(pattern, grid) if isinstance(pattern, str) else list(pattern)
     if not family:
         raise ValueError(f"pattern {pattern!r} gave no orders for grid {grid}")

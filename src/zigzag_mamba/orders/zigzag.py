@@ -3,6 +3,7 @@ per call, with optional prefix tokens (class and register tokens) kept out of th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -139,11 +140,11 @@ class ZigzagScan(nn.Module):
                 raise ValueError(self._token_error(x, self.grid, self.num_tokens))
             return Layout(Permutation(self.order, self.inverse), self.seq_len)
         grid = as_grid(grid)
-        layout = self._layout(grid, x.device)
-        num_tokens = layout.permutation.order.shape[0]
+        # The token count is known before any order is built (a wrong grid may be huge).
+        num_tokens = self.num_prefix_tokens + math.prod(grid)
         if x.dim() < 2 or x.shape[1] != num_tokens:
             raise ValueError(self._token_error(x, grid, num_tokens))
-        return layout
+        return self._layout(grid, x.device)
 
     def _check_default(self, x: torch.Tensor) -> None:
         """The default grid's buffers can serve ``x``: there is a default grid, on x's device."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -52,4 +53,25 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     model = ZigMaBackbone(**{**CONFIGS[name], **spec})
     if hasattr(model.y_embedder, "dropout_prob"):
         model.y_embedder.dropout_prob = 0.0
+    return model
+
+
+def load_model(state: dict[str, Any], weights: str, path: str | Path) -> nn.Module:
+    """The model a training checkpoint's ``state`` describes, with its ``weights`` (``"ema"`` or
+    ``"model"``); a spec that does not build, or weights that do not fit it, is a
+    :class:`~zigzag_mamba.train.checkpoint.CheckpointError` naming ``path``."""
+    from zigzag_mamba.train.checkpoint import CheckpointError
+
+    spec = state["config"].get("model") if isinstance(state["config"], dict) else None
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise CheckpointError(f"checkpoint {path} records no model spec (config.model)")
+    try:
+        model = build_model(spec)
+        model.load_state_dict(state[weights])
+    except (TypeError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(
+            f"checkpoint {path}: its {weights!r} weights do not fit the model its config "
+            f"describes ({first}); the file was changed, or written by another version"
+        ) from exc
     return model

@@ -15,6 +15,7 @@ hash and passes its CRC check, or is a temporary file (``.last.pt.<pid>.tmp``) t
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pickle
@@ -34,12 +35,19 @@ HASH_SUFFIX = ".sha256"
 #: What a training checkpoint holds (see :meth:`~zigzag_mamba.train.trainer.Trainer.state_dict`).
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "data", "rng", "config")
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.tmp")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# What a failed write says: the OS's errors for a full disk or quota, and torch.save's own.
+_WRITE_FAILED = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # Where the process that wrote a temporary file cannot be asked whether it lives.
 _STALE_AFTER_SECONDS = 3600
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: empty, truncated, corrupted, or not a checkpoint."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a quota); the one before it is intact."""
 
 
 def hash_path(path: str | Path) -> Path:
@@ -81,19 +89,36 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, *, rotate: bool = F
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(path)
     try:
-        with open(tmp, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
+        try:
+            with open(tmp, "wb") as file:
+                torch.save(state, file)
+                file.flush()
+                os.fsync(file.fileno())
+        except (OSError, RuntimeError) as exc:
+            if not _is_write_failure(exc):
+                raise
+            raise CheckpointWriteError(
+                f"could not write the checkpoint {path} (the disk is full, or a quota or file "
+                f"size limit was reached: {str(exc).splitlines()[0]}); the checkpoint there "
+                "before, if any, is intact"
+            ) from exc
         digest = file_sha256(tmp)
         _retire(path, rotate)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _write_atomically(hash_path(path), f"{digest}  {path.name}\n".encode())
+    write_atomically(hash_path(path), f"{digest}  {path.name}\n".encode())
     _fsync_dir(path.parent)
     return path
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says that bytes could not be written (torch.save wraps the OS's error
+    in a RuntimeError of its zip writer)."""
+    if isinstance(exc, OSError):
+        return exc.errno in _WRITE_FAILED
+    return "file write failed" in str(exc) or "unexpected pos" in str(exc)
 
 
 def _temporary(path: Path) -> Path:
@@ -113,7 +138,12 @@ def _retire(path: Path, rotate: bool) -> None:
         hash_path(path).unlink(missing_ok=True)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: str | Path, data: bytes | str) -> None:
+    """Write ``data`` so that ``path`` holds either its old bytes or the new ones, whatever
+    happens: into a temporary file beside it, flushed to disk, then renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = data.encode() if isinstance(data, str) else data
     tmp = _temporary(path)
     try:
         with open(tmp, "wb") as file:
@@ -185,6 +215,8 @@ def verify_checkpoint(path: str | Path) -> None:
     entry matches its CRC-32. Reads the whole file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
@@ -210,11 +242,23 @@ def verify_checkpoint(path: str | Path) -> None:
 
 
 def _recorded_hash(path: Path) -> str | None:
-    try:
-        text = hash_path(path).read_text().split()
-    except FileNotFoundError:
+    """The SHA-256 recorded beside ``path``, None when there is no hash file."""
+    recorded = hash_path(path)
+    if not recorded.exists():
         return None
-    return text[0] if text else ""
+    try:
+        words = recorded.read_text().split()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"the hash file {recorded} of checkpoint {path} cannot be read ({exc}); it should "
+            "be one line of text, the SHA-256 and the file name"
+        ) from None
+    if not words or not _SHA256.fullmatch(words[0]):
+        raise CheckpointError(
+            f"the hash file {recorded} of checkpoint {path} holds no SHA-256 (64 hex digits); "
+            "delete it to check the checkpoint by its zip archive's CRC-32 instead"
+        )
+    return words[0]
 
 
 def load_checkpoint(
@@ -297,3 +341,23 @@ def restore_rng_states(states: dict[str, Any], generator: torch.Generator) -> No
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def another_model(
+    path: Path, saved: dict[str, Any] | None, ours: dict[str, Any], exc: Exception
+) -> str:
+    """Why the weights in ``path`` do not fit this model, in the terms of the model specs."""
+    saved, ours = saved or {}, ours or {}
+    differ = [k for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]
+    if saved and ours and differ:
+        what = "; ".join(f"{k}: {saved.get(k)!r} there, {ours.get(k)!r} here" for k in differ)
+    else:
+        what = str(exc).strip().splitlines()[0]
+    return (
+        f"checkpoint {path} holds the weights of another model ({what}); resume it with the "
+        "model it was trained with (zigma train reads it from the run's config.json)"
+    )
+
+
+def same_file(a: Path | None, b: Path) -> bool:
+    return a is not None and a.resolve() == b.resolve()

@@ -8,13 +8,17 @@ multi-process run flips exactly the images a single uninterrupted run would.
 
 from __future__ import annotations
 
+import pickle
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from zigzag_mamba.ops.utils import check_fits_in_memory
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -28,6 +32,72 @@ def _pillow():
             "pip install -e '.[train]' in a clone)"
         ) from exc
     return Image
+
+
+#: The largest side ``--image-size`` takes (a 65536 x 65536 RGB image alone is 48 GiB of fp32).
+MAX_IMAGE_SIZE = 16384
+
+
+def check_image_size(size: object) -> None:
+    """``size`` is None (keep the images' own) or an int from 1 to :data:`MAX_IMAGE_SIZE`."""
+    if size is None:
+        return
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_IMAGE_SIZE:
+        raise ValueError(
+            f"image_size (--image-size) must be an int from 1 to {MAX_IMAGE_SIZE}, or none to "
+            f"keep the images' size; got {size!r}"
+        )
+
+
+def check_labels(labels: object, count: int, where: str) -> int:
+    """The number of classes of integer ``labels`` (count,), each >= 0, or an error naming
+    ``where``; warns when there are more classes than samples."""
+    if not isinstance(labels, Tensor) or labels.shape != (count,):
+        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"{where} must have shape ({count},), got {shape}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(
+            f"{where} must be integer class ids, got {labels.dtype} values such as "
+            f"{labels[:3].tolist()} (they would be truncated, not rounded)"
+        )
+    if count and int(labels.min()) < 0:
+        bad = labels[labels < 0][:3].tolist()
+        raise ValueError(f"{where} must be class ids >= 0, got {bad}")
+    classes = int(labels.max()) + 1 if count else 0
+    if classes > count:
+        warnings.warn(
+            f"{where}: the largest id, {classes - 1}, makes {classes} classes for {count} "
+            "samples; a model needs a row per class, so check that these are class ids",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return classes
+
+
+# Pillow modes of more than 8 bits per channel, with the largest value each can hold.
+_WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}
+
+
+def to_mode(image, mode: str, file: Path):
+    """``image`` as ``mode`` ("RGB" or "L"), converting what Pillow's own ``convert`` would get
+    wrong: 16-bit images are scaled to 8 bits (``convert`` clips them, so all but the darkest
+    pixels turn white) and transparent pixels are laid over black. 32-bit integer and float
+    images are refused, naming the file."""
+    Image = _pillow()
+    if image.mode in _WIDE_MODES:
+        pixels = np.asarray(image, dtype=np.float64) * (255.0 / _WIDE_MODES[image.mode])
+        image = Image.fromarray(np.round(pixels).astype(np.uint8), "L")
+    elif image.mode in ("I", "F"):
+        raise ValueError(
+            f"image {file} is a 32-bit {'integer' if image.mode == 'I' else 'float'} image "
+            f"(Pillow mode {image.mode!r}), which has no standard 8-bit reading; convert it to 8 "
+            "or 16 bits per channel"
+        )
+    elif image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image.alpha_composite(rgba)
+    return image.convert(mode)
 
 
 class ImageFolder(Dataset):
@@ -63,6 +133,7 @@ class ImageFolder(Dataset):
     ) -> None:
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
+        check_image_size(size)
         self.root = Path(root)
         self.size = size
         self.mode = "RGB" if channels == 3 else "L"
@@ -81,8 +152,11 @@ class ImageFolder(Dataset):
             try:
                 with Image.open(file) as image:  # reads the header only
                     sizes.setdefault(image.size, file)
+                    mode = image.mode
             except Exception as exc:
                 raise ValueError(f"cannot read image {file}: {exc}") from exc
+            if mode in ("I", "F"):
+                to_mode(Image.new(mode, (1, 1)), self.mode, file)  # raises, naming the file
         if self.size is None and len(sizes) > 1:
             (a, file_a), (b, file_b) = list(sizes.items())[:2]
             raise ValueError(
@@ -103,10 +177,12 @@ class ImageFolder(Dataset):
         file = self.files[index]
         try:
             with Image.open(file) as image:
-                image = image.convert(self.mode)
+                image = to_mode(image, self.mode, file)
                 if self.size is not None:
                     image = _resize_and_crop(image, self.size)
                 pixels = np.asarray(image, dtype=np.float32)
+        except ValueError:
+            raise
         except Exception as exc:
             raise ValueError(f"cannot read image {file}: {exc}") from exc
         x = torch.from_numpy(pixels / 127.5 - 1.0)
@@ -170,6 +246,7 @@ class DigitsDataset(Dataset):
     ) -> None:
         if split not in ("train", "test", "all"):
             raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+        check_image_size(size)
         images, labels = load_digits_tensors(size)
         if split != "all":
             test = _stratified_holdout(labels, holdout, seed)
@@ -194,6 +271,7 @@ def load_digits_tensors(size: int = 8) -> tuple[Tensor, Tensor]:
             "extra, pip install -e '.[train]' in a clone)"
         ) from exc
     digits = load_digits()
+    check_fits_in_memory(4 * len(digits.images) * size * size, f"the digits at {size}x{size}")
     images = torch.from_numpy(digits.images).float()[:, None] / 8.0 - 1.0  # pixels are 0..16
     if size != 8:
         images = torch.nn.functional.interpolate(
@@ -231,15 +309,15 @@ class LatentDataset(Dataset):
         if "latents" not in tensors:
             raise ValueError(f"{path} has no 'latents' tensor (found: {sorted(tensors)})")
         latents = tensors["latents"]
-        if latents.dim() != 4 or len(latents) == 0:
+        if not isinstance(latents, Tensor) or latents.dim() != 4 or len(latents) == 0:
             raise ValueError(f"latents in {path} must be a non-empty (N, C, H, W) tensor")
+        if not latents.is_floating_point():
+            raise ValueError(f"latents in {path} must be floating point, got {latents.dtype}")
         labels = tensors.get("labels")
         if labels is None:
             labels, self.num_classes = torch.zeros(len(latents), dtype=torch.long), 0
-        elif labels.shape != (len(latents),):
-            raise ValueError(f"labels in {path} must have shape ({len(latents)},)")
         else:
-            self.num_classes = int(labels.max()) + 1
+            self.num_classes = check_labels(labels, len(latents), f"labels in {path}")
         self.latents = latents.float() * scale
         self.labels = labels.long()
 
@@ -253,11 +331,21 @@ class LatentDataset(Dataset):
 def _load_tensors(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"latent file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    if path.is_dir():
+        raise ValueError(f"latent file {path} is a folder")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    data = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"latent file {path} holds objects other than tensors and plain containers; they "
+            "were not unpickled (a latent file holds tensors only)"
+        ) from None
+    except Exception as exc:  # torch's and safetensors' own errors for a damaged file
+        raise ValueError(f"latent file {path} cannot be read: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a dict with a 'latents' tensor")
     return data
@@ -277,6 +365,7 @@ def open_dataset(
         >>> len(open_dataset("digits"))
         1438
     """
+    check_image_size(image_size)
     path = Path(source)
     if source == "digits":
         kind = "the digits"
@@ -294,4 +383,4 @@ def open_dataset(
         )
     if kind == "latents":
         return LatentDataset(path)
-    return DigitsDataset("train", image_size or 8, seed=seed)
+    return DigitsDataset("train", 8 if image_size is None else image_size, seed=seed)

@@ -9,6 +9,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+#: The file names a grid may have (the formats Pillow writes grey and RGB images in).
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
 
 def to_uint8(images: Tensor) -> np.ndarray:
     """Map images in ``[-1, 1]`` of shape (N, C, H, W) to uint8 arrays of shape (N, H, W, C)."""

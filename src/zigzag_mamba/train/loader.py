@@ -9,9 +9,12 @@ is part of a checkpoint, so a resumed run reads the batches an uninterrupted one
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
@@ -121,3 +124,19 @@ class BatchStream:
             )
         self.epoch, self.taken = int(state["epoch"]), int(state["samples"]) // per_batch
         self._iterator = None
+
+
+def setup_distributed(device: str) -> tuple[Shard, torch.device]:
+    """Join the process group torchrun describes (if any) and pick this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if cuda:
+        index = int(os.environ.get("LOCAL_RANK", "0")) if device in ("auto", "cuda") else None
+        chosen = torch.device("cuda", index) if index is not None else torch.device(device)
+        torch.cuda.set_device(chosen)
+    else:
+        chosen = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Shard(rank, world), chosen

@@ -9,6 +9,7 @@ torchdiffeq methods run through ``torchdiffeq.odeint`` when it is installed.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -19,6 +20,9 @@ from zigzag_mamba.train.interpolant import Interpolant, VelocityFn, time_dtype
 
 # torchdiffeq's fixed-grid methods; they get a step size from num_steps.
 _FIXED_GRID = ("midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
+_ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+#: The ODE methods: the two built in, then torchdiffeq's (which need it installed).
+ODE_METHODS = ("euler", "heun", *_ADAPTIVE, *_FIXED_GRID)
 
 
 def _grid(t_start: float, t_end: float, num_steps: int) -> list[float]:
@@ -59,6 +63,8 @@ def sample_ode(
         >>> torch.allclose(x1, torch.full_like(x1, 3.0))
         True
     """
+    if method not in ODE_METHODS:
+        raise ValueError(f"method must be one of {', '.join(ODE_METHODS)}; got {method!r}")
     if method == "euler":
         return _euler(velocity_fn, x0, _grid(t_start, t_end, num_steps))
     if method == "heun":
@@ -230,6 +236,10 @@ def generate(
         >>> out.shape
         torch.Size([4, 1, 8, 8])
     """
+    if sampler not in ("ode", "sde"):
+        raise ValueError(f"sampler must be 'ode' or 'sde', got {sampler!r}")
+    if not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
     interpolant = interpolant or Interpolant()
     fn = interpolant.velocity_fn(
         guided_model(model, labels, cfg_scale=cfg_scale, null_label=null_label, channels=channels)
@@ -239,6 +249,4 @@ def generate(
         return sample_sde(
             fn, noise, num_steps, interpolant, t_start=t_start, t_end=t_end, generator=generator
         )
-    if sampler != "ode":
-        raise ValueError(f"sampler must be 'ode' or 'sde', got {sampler!r}")
     return sample_ode(fn, noise, num_steps, method, t_start, t_end)

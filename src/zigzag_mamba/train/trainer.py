@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -26,19 +25,22 @@ from torch.utils.data import Dataset
 from zigzag_mamba.train.checkpoint import (
     CHECKPOINT_KEYS,
     CheckpointError,
+    another_model,
     load_checkpoint_or_previous,
     previous_path,
     remove_checkpoint,
     remove_stale_temporaries,
     restore_rng_states,
     rng_states,
+    same_file,
     save_checkpoint,
 )
 from zigzag_mamba.train.config import TrainConfig
 from zigzag_mamba.train.ema import EMA
 from zigzag_mamba.train.images import save_grid
 from zigzag_mamba.train.interpolant import Interpolant
-from zigzag_mamba.train.loader import BatchStream, Shard
+from zigzag_mamba.train.loader import BatchStream, setup_distributed
+from zigzag_mamba.train.lock import RunLock
 from zigzag_mamba.train.runlog import LossLog, Meter, progress_bar
 from zigzag_mamba.train.samplers import generate
 
@@ -68,42 +70,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]
-
-
-def _setup_distributed(device: str) -> tuple[Shard, torch.device]:
-    """Join the process group torchrun describes (if any) and pick this process's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if cuda:
-        index = int(os.environ.get("LOCAL_RANK", "0")) if device in ("auto", "cuda") else None
-        chosen = torch.device("cuda", index) if index is not None else torch.device(device)
-        torch.cuda.set_device(chosen)
-    else:
-        chosen = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return Shard(rank, world), chosen
-
-
-def _another_model(
-    path: Path, saved: dict[str, Any] | None, ours: dict[str, Any], exc: Exception
-) -> str:
-    """Why the weights in ``path`` do not fit this model, in the terms of the model specs."""
-    saved, ours = saved or {}, ours or {}
-    differ = [k for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]
-    if saved and ours and differ:
-        what = "; ".join(f"{k}: {saved.get(k)!r} there, {ours.get(k)!r} here" for k in differ)
-    else:
-        what = str(exc).strip().splitlines()[0]
-    return (
-        f"checkpoint {path} holds the weights of another model ({what}); resume it with the "
-        "model it was trained with (zigma train reads it from the run's config.json)"
-    )
-
-
-def _same_file(a: Path | None, b: Path) -> bool:
-    return a is not None and a.resolve() == b.resolve()
 
 
 class Trainer:
@@ -142,7 +108,7 @@ class Trainer:
         self.config = config
         self.model_config = dict(model_config or {})
         self.metrics = list(metrics)
-        self.shard, self.device = _setup_distributed(config.device)
+        self.shard, self.device = setup_distributed(config.device)
         self.main = self.shard.rank == 0
         self.out_dir = Path(config.out_dir)
         self.num_classes = int(getattr(dataset, "num_classes", 0))
@@ -277,13 +243,19 @@ class Trainer:
         """Train until ``config.steps`` (or ``config.max_seconds``).
 
         ``resume`` is a checkpoint path, or ``"auto"`` for the run's own last checkpoint if
-        there is one. Returns a summary of the run.
+        there is one (see :meth:`resume`). The run folder is locked for the whole run
+        (:class:`~zigzag_mamba.train.lock.RunLock`): a second trainer writing into it is
+        refused before it writes anything. Returns a summary of the run.
         """
-        if self.main:  # what saves killed midway left behind
-            for folder in (self.out_dir, self.checkpoint_path.parent):
-                remove_stale_temporaries(folder)
-        if resume is not None:
-            self._resume(resume)
+        with RunLock(self.out_dir) if self.main else contextlib.nullcontext():
+            if self.main:  # what saves killed midway left behind
+                for folder in (self.out_dir, self.checkpoint_path.parent):
+                    remove_stale_temporaries(folder)
+            if resume is not None:
+                self.resume(resume)
+            return self._train()
+
+    def _train(self) -> dict[str, Any]:
         cfg = self.config
         log = LossLog(self.out_dir / "loss.csv", self.step) if self.main else None
         bar = progress_bar(cfg, self.step) if self.main else None
@@ -408,18 +380,20 @@ class Trainer:
         if self.main:
             good, last = self.last_checkpoint, self.checkpoint_path
             previous = previous_path(last)
-            if not any(_same_file(good, path) for path in (last, previous)):
+            if not any(same_file(good, path) for path in (last, previous)):
                 # Files of another run in this folder: never a fallback for this one.
                 remove_checkpoint(previous)
-            save_checkpoint(self.state_dict(), last, rotate=_same_file(good, last))
+            save_checkpoint(self.state_dict(), last, rotate=same_file(good, last))
         if self.shard.world > 1:
             dist.barrier()
         self.last_checkpoint = self.checkpoint_path
         return self.checkpoint_path
 
-    def _resume(self, resume: str | Path) -> None:
-        """Load a checkpoint verified against its hash; when ``last.pt`` fails (or is missing
-        after a kill mid-save), fall back to ``previous.pt`` with a warning."""
+    def resume(self, resume: str | Path) -> None:
+        """Continue from a checkpoint: a path, or ``"auto"`` for the run's own ``last.pt`` if
+        there is one (else nothing happens). The checkpoint is verified against its hash; when
+        ``last.pt`` fails (or is missing after a kill mid-save), ``previous.pt`` is loaded, with
+        a warning."""
         auto = resume == "auto"
         path = self.checkpoint_path if auto else Path(resume)
         if auto and not path.is_file() and not previous_path(path).is_file():
@@ -431,7 +405,7 @@ class Trainer:
             self.ema.module.load_state_dict(state["ema"])
         except RuntimeError as exc:
             saved = state["config"].get("model") if isinstance(state["config"], dict) else None
-            raise CheckpointError(_another_model(used, saved, self.model_config, exc)) from exc
+            raise CheckpointError(another_model(used, saved, self.model_config, exc)) from exc
         self.optimizer.load_state_dict(state["optimizer"])
         self.batches.load_state_dict(state["data"])
         restore_rng_states(state["rng"], self.generator)

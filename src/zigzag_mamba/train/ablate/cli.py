@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from zigzag_mamba.train.ablate.config import PRESETS, AblationConfig
-from zigzag_mamba.train.config import add_flags, given
+from zigzag_mamba.train.config import OptionError, add_flags, given
+from zigzag_mamba.train.lock import RunFolderBusy
 
 
 def register(subparsers) -> None:
@@ -41,8 +42,12 @@ def _ablate(args: argparse.Namespace) -> int:
 
     try:
         config = config_with_preset(getattr(args, "preset", None), **given(args, AblationConfig))
+    except OptionError as exc:
+        print(f"zigma ablate: error: {exc.for_flags()}", file=sys.stderr)
+        return 2
+    try:
         report = run_ablation(config)
-    except (AblationError, FileNotFoundError) as exc:
+    except (AblationError, FileNotFoundError, RunFolderBusy) as exc:
         print(f"zigma ablate: error: {exc}", file=sys.stderr)
         return 2
     print(f"{len(report['runs'])} runs in {config.out_dir}:")

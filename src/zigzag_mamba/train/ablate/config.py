@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from zigzag_mamba.orders import NO_PATTERN, list_patterns
-from zigzag_mamba.train.config import SmallRun, option
+from zigzag_mamba.train.config import SmallRun, check_device, option
 
 #: Seeds the evaluation noise, the sampling noise and the feature network (never the run seed).
 EVAL_SEED = 20240318
@@ -44,12 +44,14 @@ class AblationConfig(SmallRun):
     data: str = option(
         "photos", "'photos' (crops of scikit-learn's two photographs), 'digits', or a folder"
     )
-    image_size: int = option(16, "crop side for photos; images and digits are resized to it")
-    photo_scale: int = option(4, "photos are shrunk this many times before cropping")
-    holdout: float = option(
-        0.2, "held-out fraction of the digits or a folder (photos: fixed tiles)"
+    image_size: int = option(
+        16, "crop side for photos; images and digits are resized to it", at_least=1
     )
-    train_crops: int = option(32768, "training crops drawn from the photos per seed")
+    photo_scale: int = option(4, "photos are shrunk this many times before cropping", at_least=1)
+    holdout: float = option(
+        0.2, "held-out fraction of the digits or a folder (photos: fixed tiles)", above=0, below=1
+    )
+    train_crops: int = option(32768, "training crops drawn from the photos per seed", at_least=1)
     patterns: list[str] = field(
         default_factory=lambda: ["all"],
         metadata={"help": "patterns; 'all': every registered 2-D one and 'none' (no permutation)"},
@@ -58,14 +60,17 @@ class AblationConfig(SmallRun):
         default_factory=lambda: [0, 1, 2],
         metadata={"help": "seeds; each trains every pattern once"},
     )
-    steps: int = option(900, "training steps per run")
-    eval_images: int = option(512, "held-out images scored by the held-out loss")
-    eval_times: int = option(8, "points of the fixed t-grid of the held-out loss")
-    fd_samples: int = option(512, "EMA samples for the Frechet distance")
+    steps: int = option(900, "training steps per run", at_least=1)
+    eval_images: int = option(512, "held-out images scored by the held-out loss", at_least=1)
+    eval_times: int = option(8, "points of the fixed t-grid of the held-out loss", at_least=1)
+    fd_samples: int = option(512, "EMA samples for the Frechet distance", at_least=2)
     baseline: str = option("zigzag8", "pattern the others are compared with, seed by seed")
     intervals: bool = option(True, "report 95% t-intervals (needs >= 2 seeds)")
-    confidence: float = option(0.95, "confidence level of the intervals")
+    confidence: float = option(0.95, "confidence level of the intervals", above=0, below=1)
     device: str = option("auto", "auto, cpu, cuda, ...")
+
+    def check(self) -> None:
+        check_device("device", self.device)
 
     def resolved_patterns(self) -> list[str]:
         """The patterns to run, with ``all`` expanded and repeats dropped, in the given order."""

@@ -7,12 +7,12 @@ import csv
 import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from zigzag_mamba.train.ablate.config import AblationConfig
 from zigzag_mamba.train.ablate.stats import Estimate, estimate, paired_estimate
+from zigzag_mamba.train.checkpoint import write_atomically
 
 #: The two scores, lower is better for both.
 METRICS = {"heldout_loss": "held-out loss", "fd": "Frechet distance"}
@@ -86,20 +86,12 @@ def write_reports(
         "summary": summary,
         "runs": results,
     }
-    write_atomic(out / "runs.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(out / "runs.csv", _csv(results))
-    write_atomic(out / "summary.md", markdown(summary, reference, config))
+    write_atomically(out / "runs.json", json.dumps(report, indent=2) + "\n")
+    write_atomically(out / "runs.csv", _csv(results))
+    write_atomically(out / "summary.md", markdown(summary, reference, config))
     if results:
         plot(out / "ablation.png", results, summary, config)
     return report
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _csv(results: list[dict[str, Any]]) -> str:
@@ -189,9 +181,9 @@ def plot(
         f"Scan ablation: {config.data}, {config.image_size}px, {config.steps} steps, seeds "
         f"{sorted({r['seed'] for r in results})}; grey: the runs of one seed; red: {bars}"
     )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    figure.savefig(tmp, dpi=100, format="png")
-    os.replace(tmp, path)
+    picture = io.BytesIO()
+    figure.savefig(picture, dpi=100, format="png")
+    write_atomically(path, picture.getvalue())
 
 
 def _loss_curves(axis, results: list[dict[str, Any]], patterns: list[str]) -> None:

@@ -30,8 +30,10 @@ from zigzag_mamba.train.ablate.config import (
     protocol,
 )
 from zigzag_mamba.train.ablate.data import Evaluation, StudyData, evenly_spaced, open_study_data
-from zigzag_mamba.train.ablate.report import write_atomic, write_reports
+from zigzag_mamba.train.ablate.report import write_reports
+from zigzag_mamba.train.checkpoint import write_atomically
 from zigzag_mamba.train.config import TrainConfig
+from zigzag_mamba.train.lock import RunLock
 from zigzag_mamba.train.threads import torch_threads
 
 
@@ -153,29 +155,31 @@ def _run(config: AblationConfig) -> dict[str, Any]:
             "lower --batch-size"
         )
     out = Path(config.out_dir)
-    spec = model_spec(config, data.shape, patterns[0])
-    check_protocol(out, protocol(config, spec, train_config(config, 0, out).to_dict()))
+    # One writer per results folder, from its first write on.
+    with RunLock(out):
+        spec = model_spec(config, data.shape, patterns[0])
+        check_protocol(out, protocol(config, spec, train_config(config, 0, out).to_dict()))
 
-    from zigzag_mamba.train.interpolant import Interpolant
+        from zigzag_mamba.train.interpolant import Interpolant
 
-    evaluation = Evaluation(data, config, Interpolant())
-    reference = _reference(out, data, evaluation, config)
-    runs = [(pattern, seed) for seed in seeds for pattern in patterns]
-    done = [result_path(out, p, s).is_file() for p, s in runs]
-    results: list[dict[str, Any]] = []
-    bar = _progress(config, total=len(runs), initial=sum(done))
-    try:
-        for (pattern, seed), finished in zip(runs, done, strict=True):
-            if finished:
-                results.append(json.loads(result_path(out, pattern, seed).read_text()))
-                continue
-            bar.set_description(f"{pattern}, seed {seed}")
-            results.append(train_and_score(config, pattern, seed, data, evaluation, out))
-            write_reports(out, results, reference, config)
-            bar.update(1)
-    finally:
-        bar.close()
-    return write_reports(out, results, reference, config)
+        evaluation = Evaluation(data, config, Interpolant())
+        reference = _reference(out, data, evaluation, config)
+        runs = [(pattern, seed) for seed in seeds for pattern in patterns]
+        done = [result_path(out, p, s).is_file() for p, s in runs]
+        results: list[dict[str, Any]] = []
+        bar = _progress(config, total=len(runs), initial=sum(done))
+        try:
+            for (pattern, seed), finished in zip(runs, done, strict=True):
+                if finished:
+                    results.append(json.loads(result_path(out, pattern, seed).read_text()))
+                    continue
+                bar.set_description(f"{pattern}, seed {seed}")
+                results.append(train_and_score(config, pattern, seed, data, evaluation, out))
+                write_reports(out, results, reference, config)
+                bar.update(1)
+        finally:
+            bar.close()
+        return write_reports(out, results, reference, config)
 
 
 def result_path(out: Path, pattern: str, seed: int) -> Path:
@@ -215,7 +219,7 @@ def train_and_score(
         "threads": torch.get_num_threads(),
         "versions": _versions(),
     }
-    write_atomic(path, json.dumps(result, indent=2) + "\n")
+    write_atomically(path, json.dumps(result, indent=2) + "\n")
     # The checkpoints only serve to finish an interrupted run.
     for checkpoint in (trainer.checkpoint_path, previous_path(trainer.checkpoint_path)):
         remove_checkpoint(checkpoint)
@@ -252,7 +256,7 @@ def _reference(
         "heldout_loss_images": len(evaluation.images),
         "times": evaluation.times.tolist(),
     }
-    write_atomic(out / "reference.json", json.dumps(reference, indent=2) + "\n")
+    write_atomically(out / "reference.json", json.dumps(reference, indent=2) + "\n")
     return reference
 
 

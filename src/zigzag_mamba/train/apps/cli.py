@@ -10,14 +10,18 @@ place. Heavy imports happen inside the handlers.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from zigzag_mamba.cli import add_threads_argument, positive_int, set_threads
 from zigzag_mamba.train.apps.options import DEFAULT_DATA, DEFAULT_MODEL, resolve_train_options
-from zigzag_mamba.train.config import TrainConfig, add_flags, given
+from zigzag_mamba.train.config import OptionError, TrainConfig, add_flags, check_device, given
+from zigzag_mamba.train.samplers import ODE_METHODS
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -28,6 +32,24 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or "default" in help_text:
             return help_text
         return super()._get_help_string(action)
+
+
+def _guidance_scale(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _guided_channels(text: str) -> str | int:
+    if text == "all":
+        return text
+    try:
+        return positive_int(text)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(
+            f"must be 'all' or a positive integer, got {text}"
+        ) from None
 
 
 def register(subparsers) -> None:
@@ -92,12 +114,16 @@ def _train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from zigzag_mamba.train.build import build_model, model_spec
-    from zigzag_mamba.train.checkpoint import CheckpointError
+    from zigzag_mamba.train.checkpoint import CheckpointError, CheckpointWriteError
     from zigzag_mamba.train.data import open_dataset
+    from zigzag_mamba.train.lock import RunFolderBusy, RunLock
     from zigzag_mamba.train.trainer import NonFiniteLossError, Trainer
 
     set_threads(args)
-    config, run = resolve_train_options(args)
+    try:
+        config, run = resolve_train_options(args)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"zigma train: {exc}") from exc
     try:
         dataset = open_dataset(
             run["data"],
@@ -120,21 +146,45 @@ def _train(args: argparse.Namespace) -> int:
     _check_data_fits(run["data"], data_shape, num_classes, spec)
     torch.manual_seed(config.seed)  # every process starts from the same weights
     trainer = Trainer(build_model(spec), dataset, config, model_config=spec)
+    out = Path(config.out_dir)
     try:
-        if trainer.main:
-            _write_run_config(config, run, spec)
-        summary = trainer.fit(resume=run["resume"])
-    except (NonFiniteLossError, CheckpointError, FileNotFoundError) as exc:
+        # The folder is locked, and the checkpoint to resume read, before anything is written.
+        with RunLock(out) if trainer.main else contextlib.nullcontext():
+            if run["resume"] is not None:
+                trainer.resume(run["resume"])
+            if trainer.main:
+                _write_run_config(config, run, spec)
+            summary = trainer.fit()
+    except (NonFiniteLossError, CheckpointError, CheckpointWriteError, RunFolderBusy) as exc:
         print(f"zigma train: {exc}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as exc:
+        print(f"zigma train: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        print(
+            f"zigma train: {exc}"
+            if exc.filename is None
+            else f"zigma train: could not write {exc.filename} ({exc.strerror}); the last "
+            f"checkpoint, {trainer.last_checkpoint}, is intact",
+            file=sys.stderr,
+        )
         return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     if trainer.main:
-        out = Path(config.out_dir)
         print(f"trained to step {summary['step']} (last loss {summary['loss']:.4f})")
-        print(f"checkpoint: {summary['checkpoint']}")
-        print(f"loss log:   {out / 'loss.csv'}\nsamples:    {out / 'samples'}")
+        written = {
+            "checkpoint": summary["checkpoint"],
+            "loss log": out / "loss.csv",
+            "samples": out / "samples",
+        }
+        for name, path in written.items():
+            if path is not None and Path(path).exists():
+                print(f"{name + ':':11} {path}")
     return 0
 
 
@@ -154,11 +204,11 @@ def _check_data_fits(
 
 
 def _write_run_config(config: TrainConfig, run: dict[str, Any], spec: dict[str, Any]) -> None:
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from zigzag_mamba.train.checkpoint import write_atomically
+
     resolved = {**config.to_dict(), **{k: run[k] for k in ("data", "image_size", "random_flip")}}
     resolved["model"] = spec
-    (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+    write_atomically(Path(config.out_dir) / "config.json", json.dumps(resolved, indent=2) + "\n")
 
 
 # -- zigma sample --------------------------------------------------------------------------
@@ -185,9 +235,12 @@ def _register_sample(subparsers) -> None:
         nargs="+",
         help="class ids, cycled over the samples (default: one class per row, row i class i)",
     )
-    parser.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale (1: none)")
+    parser.add_argument(
+        "--cfg-scale", type=_guidance_scale, default=4.0, help="guidance scale (1: none)"
+    )
     parser.add_argument(
         "--cfg-channels",
+        type=_guided_channels,
         default="all",
         help="'all', or k to guide channels 0..k-1 only (3: DiT/SiT parity)",
     )
@@ -198,9 +251,13 @@ def _register_sample(subparsers) -> None:
         help="ode: deterministic (--method); sde: Euler-Maruyama, fresh noise every step",
     )
     parser.add_argument(
-        "--method", default="heun", help="ODE method: euler, heun, dopri5 (torchdiffeq), ..."
+        "--method",
+        default="heun",
+        choices=ODE_METHODS,
+        metavar="METHOD",
+        help="ODE method: euler, heun, or one of torchdiffeq's (dopri5, rk4, ...)",
     )
-    parser.add_argument("--steps", type=int, default=50, help="sampler steps")
+    parser.add_argument("--steps", type=positive_int, default=50, help="sampler steps")
     parser.add_argument(
         "--seed", type=int, default=0, help="seeds the starting noise (and the SDE's noise)"
     )
@@ -221,23 +278,29 @@ def _register_sample(subparsers) -> None:
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
-    from zigzag_mamba.train.build import build_model
+    from zigzag_mamba.train.build import load_model
     from zigzag_mamba.train.checkpoint import CHECKPOINT_KEYS, CheckpointError, load_checkpoint
     from zigzag_mamba.train.images import save_grid
     from zigzag_mamba.train.interpolant import Interpolant
     from zigzag_mamba.train.samplers import generate
 
     set_threads(args)
+    _check_sample_arguments(args)
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
     try:
         state = load_checkpoint(args.ckpt, required=CHECKPOINT_KEYS)
+        spec, train = state["config"]["model"], state["config"]["train"]
+        model = load_model(state, args.weights, args.ckpt)
     except (CheckpointError, FileNotFoundError) as exc:
         raise SystemExit(f"zigma sample: {exc}") from exc
-    spec, train = state["config"]["model"], state["config"]["train"]
-    model = build_model(spec)
-    model.load_state_dict(state[args.weights])
+    channels = spec["in_channels"]
+    if args.cfg_channels != "all" and args.cfg_channels > channels:
+        raise SystemExit(
+            f"zigma sample: --cfg-channels {args.cfg_channels}: the model has {channels} "
+            f"channels; give 'all' or at most {channels}"
+        )
     model.to(device).eval()
     interpolant = Interpolant(
         train["path"],
@@ -259,7 +322,7 @@ def _sample(args: argparse.Namespace) -> int:
         interpolant=interpolant,
         cfg_scale=args.cfg_scale,
         null_label=spec["num_classes"] if spec.get("class_dropout_prob", 0) > 0 else None,
-        channels=args.cfg_channels if args.cfg_channels == "all" else int(args.cfg_channels),
+        channels=args.cfg_channels,
         sampler=args.sampler,
         method=args.method,
         num_steps=args.steps,
@@ -271,6 +334,21 @@ def _sample(args: argparse.Namespace) -> int:
         torch.save({"samples": samples.cpu(), "labels": labels}, args.save_tensor)
         print(f"wrote the raw samples to {args.save_tensor}")
     return 0
+
+
+def _check_sample_arguments(args: argparse.Namespace) -> None:
+    """What can be checked before the checkpoint is read, each naming its flag."""
+    from zigzag_mamba.train.images import GRID_SUFFIXES
+
+    if Path(args.out).suffix.lower() not in GRID_SUFFIXES:
+        raise SystemExit(
+            f"zigma sample: --out {args.out}: the grid's file name must end in one of "
+            f"{', '.join(GRID_SUFFIXES)}"
+        )
+    try:
+        check_device("device", args.device)
+    except OptionError as exc:
+        raise SystemExit(f"zigma sample: {exc.for_flags()}") from None
 
 
 def _sample_labels(args: argparse.Namespace, num_classes: int, device):
@@ -310,5 +388,9 @@ def _register_demo(subparsers) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from zigzag_mamba.train.apps.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(**given(args, DemoConfig)))
+    try:
+        config = DemoConfig(**given(args, DemoConfig))
+    except OptionError as exc:
+        raise SystemExit(f"zigma demo: {exc.for_flags()}") from None
+    run_demo(config)
     return 0

@@ -34,11 +34,11 @@ class DemoConfig(SmallRun):
     a 4x4 grid of tokens from an 8x8 digit)."""
 
     out_dir: str = option("outputs/demo", "where samples.png, orders.png, loss.csv, ... go")
-    steps: int = option(1200, "training steps (fewer if max_minutes runs out first)")
-    max_minutes: float = option(10.0, "wall-clock budget for the whole demo")
-    cfg_scale: float = option(2.0, "classifier-free guidance scale for the samples")
-    eval_per_class: int = option(50, "samples per digit for the scores")
-    seed: int = option(0, "seed for everything")
+    steps: int = option(1200, "training steps (fewer if max_minutes runs out first)", at_least=1)
+    max_minutes: float = option(10.0, "wall-clock budget for the whole demo", above=0)
+    cfg_scale: float = option(2.0, "classifier-free guidance scale for the samples", at_least=0)
+    eval_per_class: int = option(50, "samples per digit for the scores", at_least=1)
+    seed: int = option(0, "seed for everything", at_least=0)
 
 
 class DigitClassifier(nn.Module):

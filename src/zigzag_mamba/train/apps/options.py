@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from zigzag_mamba.train.config import TrainConfig, read_config_file
+from zigzag_mamba.train.config import OptionError, TrainConfig, read_config_file
 
 DEFAULT_MODEL = "ZigMa-T/1"
 DEFAULT_DATA = "digits"
@@ -59,6 +59,7 @@ def resolve_train_options(args: argparse.Namespace) -> tuple[TrainConfig, dict[s
     """
     options, model, origins = _given_options(args)
     resume = getattr(args, "resume", None)
+    _check_resume_path(resume)
     out_dir = Path(options.get("out_dir", TrainConfig().out_dir))
     saved = _saved_run(resume, out_dir) if resume is not None else None
     base: dict[str, Any] = {"data": DEFAULT_DATA, "image_size": None, "random_flip": False}
@@ -71,7 +72,35 @@ def resolve_train_options(args: argparse.Namespace) -> tuple[TrainConfig, dict[s
     run = {key: values.pop(key) for key in RUN_KEYS}
     run["resume"] = resume
     run["model"] = {**base_model, **model}
-    return TrainConfig.from_dict(values), run
+    try:
+        return TrainConfig.from_dict(values), run
+    except OptionError as exc:
+        raise SystemExit(f"zigma train: {_option_error(exc, origins, saved)}") from None
+
+
+def _option_error(exc: OptionError, origins: dict, saved: dict[str, Any] | None) -> str:
+    """The error said where the value came from: a flag, the --config file or the run's own
+    config.json."""
+    kind, where = origins.get(exc.name, ("saved", saved["source"] if saved else "the defaults"))
+    if kind == "flag":
+        return exc.for_flags()
+    return f"{exc.name} = {exc.value!r} in {where}: must be {exc.allowed}"
+
+
+def _check_resume_path(resume: str | None) -> None:
+    """An explicit --resume must name a checkpoint that is there (or its previous one)."""
+    if resume in (None, "auto"):
+        return
+    from zigzag_mamba.train.checkpoint import previous_path
+
+    path = Path(resume)
+    if path.is_dir():
+        raise SystemExit(f"zigma train: --resume {resume}: a folder, not a checkpoint file")
+    if not (path.is_file() or previous_path(path).is_file()):
+        raise SystemExit(
+            f"zigma train: --resume {resume}: no such checkpoint (nor {previous_path(path)}); "
+            "--resume alone continues OUT_DIR/checkpoints/last.pt"
+        )
 
 
 def _given_options(
@@ -128,7 +157,7 @@ def _saved_run(resume: str, out_dir: Path) -> dict[str, Any] | None:
     known = {f.name for f in dataclasses.fields(TrainConfig)} | set(RUN_KEYS)
     config_file = out_dir / "config.json"
     if config_file.is_file():
-        values = json.loads(config_file.read_text())
+        values = _read_run_config(config_file)
         source = str(config_file)
     else:
         try:
@@ -143,6 +172,24 @@ def _saved_run(resume: str, out_dir: Path) -> dict[str, Any] | None:
     model = values.pop("model", None) or {}
     options = {k: v for k, v in values.items() if k in known and k != "out_dir"}
     return {"options": options, "model": model, "source": source}
+
+
+def _read_run_config(path: Path) -> dict[str, Any]:
+    """A run's config.json: an object of options with a ``model`` object, or an error naming
+    the file."""
+    try:
+        values = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SystemExit(
+            f"zigma train: {path} is not the JSON object zigma train writes ({exc}); "
+            "restore it, or delete it to resume with the options the checkpoint recorded"
+        ) from None
+    if not isinstance(values, dict) or not isinstance(values.get("model", {}), dict):
+        raise SystemExit(
+            f"zigma train: {path} must hold an object of options with a 'model' object, got "
+            f"{type(values).__name__}; delete it to resume from the checkpoint's options"
+        )
+    return values
 
 
 def _check_resume(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pickle
 import random
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -338,6 +339,8 @@ def _load_tensors(path: Path) -> dict[str, Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
+        if not zipfile.is_zipfile(path):
+            raise ValueError("not a zip archive as torch.save writes (is it truncated?)")
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise ValueError(

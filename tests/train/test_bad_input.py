@@ -360,12 +360,13 @@ def test_drawing_a_huge_grid_is_refused_at_once():
 def test_tokens_of_another_dtype_than_the_block_are_named(dtype):
     block = ZigMaBlock(16, (2, 3))
     name = str(dtype).removeprefix("torch.")
-    with pytest.raises(
-        TypeError, match=rf"ZigMaBlock got {name} inputs, but its weights are float32"
-    ):
+    with pytest.raises(TypeError, match=rf"Mamba got {name} inputs, but its weights are float32"):
         block(torch.randn(1, 6, 16, dtype=dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts: allowed
         assert block(torch.randn(1, 6, 16, dtype=torch.bfloat16)).shape == (1, 6, 16)
+    model = ZigMaBackbone(input_size=4, in_channels=1, **CONFIGS["ZigMa-T/2"])
+    with pytest.raises(TypeError, match=rf"ZigMaBackbone got {name} inputs, but its weights"):
+        model(torch.randn(1, 1, 4, 4, dtype=dtype), torch.rand(1))
 
 
 def test_context_width_and_cfg_halves_are_named():

@@ -37,7 +37,7 @@ from zigzag_mamba.modules.embed import (
     sincos_2d,
     unpatchify,
 )
-from zigzag_mamba.modules.validation import check_dtype
+from zigzag_mamba.modules.validation import dtype_mismatch
 
 __all__ = ["CONFIGS", "ZigMaBackbone", "ZigMaConfig"]
 # The file names of huggingface_hub's PyTorchModelHubMixin, so that a saved folder can be pushed
@@ -291,7 +291,6 @@ class ZigMaBackbone(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def _patchify(self, x: torch.Tensor) -> torch.Tensor:
-        check_dtype(x, self.x_embedder.proj.weight, "ZigMaBackbone")
         C, (H, W) = self.in_channels, self.image_size
         expected = (self.num_frames, C, H, W) if self.num_frames else (C, H, W)
         if x.dim() != len(expected) + 1 or tuple(x.shape[1:]) != expected:
@@ -300,9 +299,17 @@ class ZigMaBackbone(nn.Module):
                 f"expected input {kind} = (B, {', '.join(map(str, expected))}), got "
                 f"{tuple(x.shape)}"
             )
+        if self.num_frames:
+            x = rearrange(x, "b t c h w -> (b t) c h w")
+        try:
+            tokens = self.x_embedder(x)
+        except RuntimeError as exc:
+            weight = self.x_embedder.proj.weight
+            if x.dtype == weight.dtype:
+                raise
+            raise dtype_mismatch(x, weight, "ZigMaBackbone") from exc
         if not self.num_frames:
-            return self.x_embedder(x)
-        tokens = self.x_embedder(rearrange(x, "b t c h w -> (b t) c h w"))
+            return tokens
         return rearrange(tokens, "(b t) l d -> b (t l) d", t=self.num_frames)
 
     def _add_positions(self, h: torch.Tensor) -> torch.Tensor:

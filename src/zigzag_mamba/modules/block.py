@@ -26,7 +26,7 @@ from torch import nn
 
 from zigzag_mamba.modules.attention import CrossAttention
 from zigzag_mamba.modules.mamba import BiMamba, Mamba
-from zigzag_mamba.modules.validation import check_dtype, check_positive_int
+from zigzag_mamba.modules.validation import check_positive_int
 from zigzag_mamba.ops.mixer_io import mixer_in, mixer_out
 from zigzag_mamba.ops.permute import permute_tokens
 from zigzag_mamba.orders import (
@@ -263,8 +263,6 @@ class ZigMaBlock(nn.Module):
         """
         if context is not None and self.msa is None:
             raise ValueError("this block has no cross-attention (context_dim=None); got context")
-        if isinstance(h, torch.Tensor):
-            check_dtype(h, self.norm.weight, "ZigMaBlock")
         modulation = self._modulation(c, h.shape[0])
         shift, scale, gate = modulation[:3]
         residual, h_norm, x = self.mixer_in(h, residual, shift, scale, grid)

@@ -23,7 +23,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from zigzag_mamba.modules.validation import check_dtype, check_positive, check_positive_int
+from zigzag_mamba.modules.validation import check_positive, check_positive_int, dtype_mismatch
 from zigzag_mamba.ops.backends import requested, resolve
 from zigzag_mamba.ops.ssm_branch import ssm_branch, ssm_branch_reference
 from zigzag_mamba.orders import check_layer_idx
@@ -183,11 +183,19 @@ class Mamba(nn.Module):
             raise ValueError(
                 f"expected tokens (B, L, d_model={self.d_model}), got {tuple(hidden_states.shape)}"
             )
-        check_dtype(hidden_states, self.in_proj.weight, type(self).__name__)
+
+    def _project(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """in_proj, checked: (B, L, d_model) -> xz (B, L, 2 * d_inner)."""
+        self._check_input(hidden_states)
+        try:
+            return self.in_proj(hidden_states)
+        except RuntimeError as exc:
+            if hidden_states.dtype == self.in_proj.weight.dtype:
+                raise
+            raise dtype_mismatch(hidden_states, self.in_proj.weight, type(self).__name__) from exc
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        self._check_input(hidden_states)
-        y = self._branch(self.in_proj(hidden_states))
+        y = self._branch(self._project(hidden_states))
         return self.out_proj(rearrange(y, "b d l -> b l d"))
 
     def extra_repr(self) -> str:
@@ -234,7 +242,6 @@ class BiMamba(Mamba):
         self._reset_branch(*self._reverse_branch())
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        self._check_input(hidden_states)
-        xz = self.in_proj(hidden_states)
+        xz = self._project(hidden_states)
         y = self._branch(xz) + self._branch(xz, reverse=True)
         return self.out_proj(rearrange(y, "b d l -> b l d"))

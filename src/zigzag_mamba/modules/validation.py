@@ -21,17 +21,14 @@ def check_positive(name: str, value: object) -> float:
     return value
 
 
-def check_dtype(x: torch.Tensor, weight: torch.Tensor, owner: str) -> None:
-    """Tokens in the dtype of the module's weights, unless autocast casts them: a TypeError that
-    names both dtypes and the two ways to make them meet (PyTorch's own error says only
-    ``expected m1 and m2 to have the same dtype``)."""
-    if x.dtype == weight.dtype or not x.is_floating_point():
-        return
-    if torch.is_autocast_enabled(x.device.type):
-        return
-    kind = str(weight.dtype).removeprefix("torch.")
-    raise TypeError(
-        f"{owner} got {str(x.dtype).removeprefix('torch.')} inputs, but its weights are {kind}: "
-        f"cast the inputs (x.to(torch.{kind})), cast the module (.to(torch."
-        f"{str(x.dtype).removeprefix('torch.')})), or run it under torch.autocast"
+def dtype_mismatch(x: torch.Tensor, weight: torch.Tensor, owner: str) -> TypeError:
+    """The error for inputs of another dtype than a module's weights, naming both dtypes and the
+    ways to make them meet (PyTorch's own says only ``expected m1 and m2 to have the same
+    dtype``). Raised from the failing call, so that hooks that cast weights (autocast,
+    diffusers' layerwise casting) are never in the way."""
+    given, kind = (str(t.dtype).removeprefix("torch.") for t in (x, weight))
+    return TypeError(
+        f"{owner} got {given} inputs, but its weights are {kind}: cast the inputs "
+        f"(x.to(torch.{kind})), cast the module (.to(torch.{given})), or run it under "
+        "torch.autocast"
     )

@@ -12,7 +12,9 @@
 Importing :mod:`zigzag_mamba` never imports this package, transformers, timm or diffusers.
 """
 
-from zigzag_mamba.integrations.vit import GridTracker, ViTMixer, replace_attention
+from zigzag_mamba.integrations.grids import GridTracker
+from zigzag_mamba.integrations.pretrained import from_pretrained
+from zigzag_mamba.integrations.vit import ViTMixer, replace_attention
 from zigzag_mamba.modules.block import ZigMaMixer
 
-__all__ = ["GridTracker", "ViTMixer", "ZigMaMixer", "replace_attention"]
+__all__ = ["GridTracker", "ViTMixer", "ZigMaMixer", "from_pretrained", "replace_attention"]

@@ -8,15 +8,18 @@ Two kinds of model, recognised by their structure (neither package is imported h
   attention_mask_or_head_mask, **kwargs)`` and returning ``(output, attention_weights)``.
   Prefix tokens: the class token, and DeiT's distillation token or register tokens when the
   embeddings have them.
-- timm ``VisionTransformer`` and look-alikes: a module with ``patch_embed`` (whose ``proj`` is the
-  patch Conv2d) and ``blocks``, each holding an ``attn`` with timm's ``Attention`` signature,
-  ``attn(x, attn_mask=None, is_causal=False) -> x`` on (B, N, C) tokens. Prefix tokens:
-  ``num_prefix_tokens`` (class and register tokens).
+- timm ``VisionTransformer`` and models built like it: a module with ``patch_embed`` (whose
+  ``proj`` is the patch Conv2d) and ``blocks``, each holding an ``attn`` with timm's
+  ``Attention`` signature, ``attn(x, attn_mask=None, is_causal=False) -> x`` on (B, N, C)
+  tokens. Prefix tokens: ``num_prefix_tokens`` (class and register tokens).
 
 Each attention becomes a :class:`ViTMixer` around a :class:`~zigzag_mamba.modules.ZigMaMixer`
-whose ``layer_idx`` is the block's position. The grid comes from the patch embedding at every
-call: a forward hook on its Conv2d records the (h, w) of the latest image (:class:`GridTracker`),
-so non-square and changing image sizes work wherever the host model takes them.
+whose ``layer_idx`` is the block's position. The grid travels with the forward
+(:class:`~zigzag_mamba.integrations.GridTracker`): the patch embedding's Conv2d records the
+(h, w) of each image, and each block finds the grid of the forward its input came from, also
+when gradient checkpointing recomputes it later or another thread runs another size. Models
+whose blocks do not see the raster grid plus the counted prefix tokens are refused, naming the
+reason (:func:`replace_attention`).
 """
 
 from __future__ import annotations
@@ -29,55 +32,66 @@ from typing import Any
 import torch
 from torch import nn
 
+from zigzag_mamba.integrations.grids import GridTracker
 from zigzag_mamba.modules.block import ZigMaMixer
 
 _TIMM_ATTENTION_ARGS = ("attn_mask", "is_causal")
-
-
-class GridTracker:
-    """A forward hook for a patch-embedding Conv2d: keeps the (h, w) of its latest output.
-
-    Starts at the model's configured grid (``None`` when unknown). Shared by every
-    :class:`ViTMixer` of one model; copies of the model (``copy.deepcopy``) get their own.
-    """
-
-    def __init__(self, grid: tuple[int, int] | None = None) -> None:
-        self.grid = grid
-
-    def __call__(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        self.grid = (output.shape[-2], output.shape[-1])
-
-    def __repr__(self) -> str:
-        return f"GridTracker(grid={self.grid})"
 
 
 class ViTMixer(nn.Module):
     """A ZigMa mixer in an attention's place: ``mixer(x, grid=tracker.grid)``.
 
     The calling conventions of the attention it replaces are those of ``kind``:
-    ``"transformers"`` (returns ``(output, None)``) or ``"timm"`` (returns the output). Any
+    ``"transformers"`` (returns ``(output, None)``, or the output alone where that attention
+    returned a tensor: ``tuple_output=False``) or ``"timm"`` (returns the output). Any
     attention mask is refused: a selective scan reads every token, in its order.
     """
 
-    def __init__(self, mixer: ZigMaMixer, tracker: GridTracker, kind: str) -> None:
+    def __init__(
+        self,
+        mixer: ZigMaMixer,
+        tracker: GridTracker,
+        kind: str,
+        model: str = "",
+        tuple_output: bool | None = None,
+    ) -> None:
         super().__init__()
         if kind not in ("transformers", "timm"):
             raise ValueError(f"kind must be 'transformers' or 'timm', got {kind!r}")
         self.mixer = mixer
         self.tracker = tracker
         self.kind = kind
+        self.model = model
+        self.tuple_output = kind == "transformers" if tuple_output is None else tuple_output
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.kind == "timm":
             _refuse_masks(_timm_masks(*args, **kwargs), "attn_mask")
-            return self.mixer(x, grid=self.tracker.grid)
+            return self._mix(x)
+        if kwargs.get("output_attentions"):
+            raise ValueError(
+                "output_attentions: this model's attention was replaced by ZigMa mixers, which "
+                "compute no attention weights; call it with output_attentions=False"
+            )
         # transformers: the second argument is attention_mask (v5) or head_mask (v4).
         masks = {"attention_mask or head_mask": args[0] if args else None}
         masks |= {
             k: kwargs.get(k) for k in ("attention_mask", "head_mask", "encoder_hidden_states")
         }
         _refuse_masks(masks, "attention_mask")
-        return self.mixer(x, grid=self.tracker.grid), None
+        return (self._mix(x), None) if self.tuple_output else self._mix(x)
+
+    def _mix(self, x: torch.Tensor) -> torch.Tensor:
+        grid = self.tracker.grid
+        k = self.mixer.zigzag.num_prefix_tokens if self.mixer.zigzag is not None else 0
+        if grid is not None and x.dim() == 3 and x.shape[1] != k + grid[0] * grid[1]:
+            raise ValueError(
+                f"model {self.model or 'this model'}: a block got {x.shape[1]} tokens, not the {k} "
+                f"prefix tokens + {grid[0]} x {grid[1]} patch tokens replace_attention counted: "
+                "the model adds, drops or reorders tokens between its patch embedding and its "
+                "blocks, which a fixed token order cannot follow; convert a plain ViT instead"
+            )
+        return self.mixer(x, grid=grid)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, {self.tracker!r}"
@@ -134,7 +148,16 @@ def replace_attention(
     The new mixers are built on the device and in the dtype of the attention they replace, and
     initialised as :class:`~zigzag_mamba.Mamba` is. The model's state dict changes (each
     ``attention``/``attn`` now holds ``mixer.mixer.*`` and no q/k/v weights): to reload
-    weights, build the model, call this, then ``load_state_dict``.
+    weights, build the model, call this, then ``load_state_dict`` (or timm's
+    ``load_checkpoint``); a transformers model records the conversion in its config, so
+    :func:`~zigzag_mamba.integrations.from_pretrained` reloads its ``save_pretrained`` folder.
+
+    Refused, naming the model and the reason: blocks that see other tokens than the raster
+    grid plus the counted prefix (CaiT's late class token is handled; MAE's shuffled subset,
+    YOLOS's detection tokens are not), relative position biases, video (Conv3d) patches,
+    attention with another signature (rotary positions) or width, causal attention, a model
+    converted before. At run time: masks, ``output_attentions=True`` and
+    ``set_attn_implementation``.
 
     Example (needs transformers; docs/integrations.md runs it)::
 
@@ -168,10 +191,51 @@ def replace_attention(
         for layer_idx, (parent, attribute, _) in enumerate(host.slots)
     ]  # all built before the model changes, so that a bad argument leaves it as it was
     for (parent, attribute, _), zigma in zip(host.slots, mixers, strict=True):
-        setattr(parent, attribute, ViTMixer(zigma, tracker, host.kind))
+        replaced = getattr(parent, attribute)
+        tuple_output = host.kind == "transformers" and not _returns_tensor(replaced)
+        converted = ViTMixer(zigma, tracker, host.kind, type(model).__name__, tuple_output)
+        setattr(parent, attribute, converted)
+        # Every part of the block: the one that reads the block's input (its first norm) finds
+        # the grid that input was seen with, also when checkpointing recomputes the block.
+        for part in parent.children():
+            part.register_forward_pre_hook(tracker.enter, with_kwargs=True)
     if host.conv is not None:
         host.conv.register_forward_hook(tracker)
+    options = {"pattern": pattern, "mixer": mixer, "prefix_position": prefix_position}
+    if host.kind == "transformers":
+        _mark_transformers_model(model, {**options, **mamba_kwargs})
+    else:
+        _register_timm_leaf()
     return model
+
+
+def _mark_transformers_model(model: nn.Module, options: dict[str, Any]) -> None:
+    """Record the conversion in the model's config (so save_pretrained writes it and
+    :func:`~zigzag_mamba.integrations.from_pretrained` can redo it), and refuse to set an
+    attention implementation there is no attention for."""
+
+    def no_attention(*args: Any, **kwargs: Any) -> None:
+        raise ValueError(
+            "set_attn_implementation: this model's attention was replaced by ZigMa mixers, so "
+            "there is no attention implementation to choose"
+        )
+
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(module, "set_attn_implementation"):
+            if isinstance(options["pattern"], str | None):
+                config.zigma = options
+            module.set_attn_implementation = no_attention
+
+
+def _register_timm_leaf() -> None:
+    """timm's fx feature extraction traces into modules; a ZigMa mixer's grid is Python state
+    it cannot trace, so the mixer is kept whole, as a leaf."""
+    try:
+        from timm.layers import register_notrace_module
+    except ImportError:  # a model built like timm's, without timm
+        return
+    register_notrace_module(ViTMixer)
 
 
 def _factory(module: nn.Module) -> dict[str, Any]:
@@ -179,6 +243,13 @@ def _factory(module: nn.Module) -> dict[str, Any]:
     if tensor is None:
         return {}
     return {"device": tensor.device, "dtype": tensor.dtype}
+
+
+def _returns_tensor(attention: nn.Module) -> bool:
+    """Whether a transformers attention returns its output alone (DPT's and YOLOS's do), as its
+    forward's return annotation says; most return ``(output, weights)``."""
+    annotation = inspect.signature(attention.forward).return_annotation
+    return annotation is torch.Tensor or annotation in ("torch.Tensor", "Tensor")
 
 
 def _first(model: nn.Module, test) -> nn.Module | None:
@@ -236,10 +307,15 @@ def _transformers_host(model: nn.Module) -> _Host | None:
     _check_not_replaced(slots)
     _check_no_causal_mask(slots)
     embeddings = core.embeddings
+    _refuse_unsupported(model, core)
     patches = embeddings.patch_embeddings
     conv = getattr(patches, "projection", None)
     if not isinstance(conv, nn.Conv2d):
-        raise TypeError(f"model: {type(patches).__name__}.projection is not the patch Conv2d")
+        raise TypeError(
+            f"model: {type(model).__name__}'s {type(patches).__name__}.projection is a "
+            f"{type(conv).__name__}, not a patch Conv2d: replace_attention converts image ViTs "
+            "(for video, build a ZigMaBackbone with num_frames)"
+        )
     prefix = sum(
         getattr(embeddings, name, None) is not None for name in ("cls_token", "distillation_token")
     )
@@ -298,7 +374,35 @@ def _timm_host(model: nn.Module) -> _Host | None:
     return _Host("timm", slots, conv, grid, dim, _timm_prefix(core))
 
 
+def _refuse_unsupported(model: nn.Module, core: nn.Module) -> None:
+    """transformers models whose blocks do not see the raster grid plus the counted prefix
+    tokens, or whose attention adds what a selective scan has no place for."""
+    name = type(model).__name__
+    if getattr(core.embeddings, "detection_tokens", None) is not None:
+        raise ValueError(
+            f"model: {name} (YOLOS) appends detection tokens after the patches, which a ZigMa "
+            "mixer has no place for (its prefix tokens come first); convert a plain ViT instead"
+        )
+    if hasattr(core.embeddings, "random_masking"):
+        raise ValueError(
+            f"model: {name} (MAE) feeds its blocks a random, shuffled subset of the patches, "
+            "which no fixed token order can read in grid order; convert the plain ViT its "
+            "encoder is (ViTModel) and mask outside it"
+        )
+    biased = [
+        n for n, m in core.named_modules() if type(m).__name__.endswith("RelativePositionBias")
+    ]
+    if biased:
+        raise ValueError(
+            f"model: {name} adds a relative position bias ({biased[0]}) to its attention "
+            "scores, which a ZigMa mixer has none of; build it with "
+            "use_relative_position_bias=False and use_shared_relative_position_bias=False"
+        )
+
+
 def _timm_prefix(core: nn.Module) -> int:
+    if hasattr(core, "blocks_token_only"):
+        return 0  # CaiT: the class token joins after `blocks`, for its class-attention blocks
     count = getattr(core, "num_prefix_tokens", None)
     if isinstance(count, int):
         return count

@@ -178,3 +178,105 @@ def test_without_diffusers_the_import_names_the_extra():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "pip install 'zigzag-mamba[diffusers]'" in result.stdout, result.stderr
+
+
+# --------------------------------------------------------------------------- diffusers' features
+
+
+def sample(model, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 1, 8, 8, generator=g), torch.tensor([250.0, 700.0]), torch.tensor([1, 7])
+
+
+def test_the_same_input_gives_the_same_output_and_a_training_step_reaches_every_parameter(model):
+    x, timestep, y = sample(model)
+    with torch.no_grad():
+        assert torch.equal(model(x, timestep, y).sample, model(x, timestep, y).sample)
+    model.train()
+    model.backbone.y_embedder.dropout_prob = 0.0
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    target = torch.randn_like(x)
+    loss = (model(x, timestep, y).sample - target).square().mean()
+    loss.backward()
+    optimizer.step()
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    assert unchanged == []
+    with torch.no_grad():
+        assert (model(x, timestep, y).sample - target).square().mean() < loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_saved_in_a_dtype_and_as_a_variant(model, tmp_path, dtype):
+    model.to(dtype).save_pretrained(tmp_path / "model", variant="half")
+    assert (tmp_path / "model" / "diffusion_pytorch_model.half.safetensors").is_file()
+    folder = tmp_path / "model"
+    loaded = ZigMaTransformer2DModel.from_pretrained(folder, variant="half", torch_dtype=dtype)
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+    saved, state = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in saved)
+    as_float = ZigMaTransformer2DModel.from_pretrained(folder, variant="half")  # float32
+    x, timestep, y = sample(model)
+    with torch.no_grad():
+        assert torch.equal(as_float(x, timestep, y).sample, model.float()(x, timestep, y).sample)
+    with pytest.raises(OSError):  # no such variant was saved
+        ZigMaTransformer2DModel.from_pretrained(tmp_path / "model", variant="fp8")
+
+
+def test_sharded_checkpoints_load_back_whole(model, tmp_path):
+    model.save_pretrained(tmp_path / "model", max_shard_size="50KB")
+    shards = sorted(p.name for p in (tmp_path / "model").glob("*.safetensors"))
+    index = tmp_path / "model" / "diffusion_pytorch_model.safetensors.index.json"
+    assert len(shards) > 1 and index.is_file()
+    loaded = ZigMaTransformer2DModel.from_pretrained(tmp_path / "model")
+    x, timestep, y = sample(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, timestep, y).sample, model(x, timestep, y).sample)
+
+
+def test_layerwise_casting_stores_bf16_and_computes_in_float32(model):
+    x, timestep, y = sample(model)
+    with torch.no_grad():
+        expected = model(x, timestep, y).sample
+        model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+        linear = [m for m in model.backbone.blocks.modules() if isinstance(m, torch.nn.Linear)]
+        stored = {m.weight.dtype for m in linear}
+        got = model(x, timestep, y).sample
+    assert stored == {torch.bfloat16} and got.dtype == torch.float32
+    # bf16 weights (8 bits of mantissa): close to the float32 model, not equal to it.
+    error = (got - expected).norm() / expected.norm()
+    assert 0 < error < 0.05, error
+
+
+def test_device_map_auto_places_whole_blocks(model, tmp_path):
+    pytest.importorskip("accelerate", reason="device_map needs accelerate")
+    model.save_pretrained(tmp_path / "model")
+    loaded = ZigMaTransformer2DModel.from_pretrained(tmp_path / "model", device_map="auto")
+    assert set(loaded.hf_device_map.values()) == {"cpu"}
+    x, timestep, y = sample(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, timestep, y).sample, model(x, timestep, y).sample)
+
+
+def test_a_scheduler_without_sigmas_is_refused(model):
+    from diffusers import DDPMScheduler
+
+    with pytest.raises(TypeError, match=r"scheduler: .* DDPMScheduler takes no sigmas"):
+        ZigMaPipeline(model, DDPMScheduler())
+
+
+def test_a_saved_pipeline_folder_loads_through_diffusion_pipeline(model, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    pipe = ZigMaPipeline(model, FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.save_pretrained(tmp_path / "pipe")
+    generic = DiffusionPipeline.from_pretrained(tmp_path / "pipe", trust_remote_code=True)
+    direct = ZigMaPipeline.from_pretrained(tmp_path / "pipe")
+    assert type(generic).__name__ == type(direct).__name__ == "ZigMaPipeline"
+    assert generic.scheduler.config.shift == direct.scheduler.config.shift == 3.0
+    latents, y = torch.randn(2, 1, 8, 8), [2, 5]
+    runs = [p(y, latents=latents, num_inference_steps=3, output_type="latent").images
+            for p in (pipe, generic, direct)]  # fmt: skip
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    with pytest.raises(FileNotFoundError, match=r"model_index.json: not found"):
+        ZigMaPipeline.from_pretrained(tmp_path)

@@ -20,8 +20,10 @@ num_steps=N)``.
 from __future__ import annotations
 
 import copy
+import inspect
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -41,6 +43,9 @@ try:
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 except ImportError:  # diffusers before 0.29
     from diffusers.models.transformers.transformer_2d import Transformer2DModelOutput
+
+#: The file beside a saved pipeline's model_index.json that names its class for diffusers.
+PIPELINE_FILE = "pipeline.py"
 
 __all__ = [
     "Transformer2DModelOutput",
@@ -100,6 +105,12 @@ class ZigMaTransformer2DModel(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    # The timestep MLP casts its sinusoidal features to its weights' dtype, which under
+    # layerwise casting is the storage dtype (its weights are cast only when it runs): it stays
+    # in the compute dtype, with the norms and positions diffusers keeps there anyway.
+    _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["t_embedder"]
+    # A block keeps its residual stream and its mixer's state together on one device.
+    _no_split_modules: ClassVar[list[str]] = ["ZigMaBlock"]
 
     @register_to_config
     def __init__(
@@ -227,7 +238,49 @@ class ZigMaPipeline(DiffusionPipeline):
 
     def __init__(self, transformer: ZigMaTransformer2DModel, scheduler: Any) -> None:
         super().__init__()
+        takes = inspect.signature(getattr(scheduler, "set_timesteps", lambda: None)).parameters
+        if "sigmas" not in takes:
+            raise TypeError(
+                f"scheduler: ZigMaPipeline integrates the model's flow-matching velocity with a "
+                f"flow-matching scheduler whose timesteps it sets by sigmas "
+                f"(FlowMatchEulerDiscreteScheduler); {type(scheduler).__name__} takes no sigmas"
+            )
         self.register_modules(transformer=transformer, scheduler=scheduler)
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
+        """diffusers' folder, with the pipeline's code beside it, so that
+        ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` finds this class
+        (``ZigMaPipeline.from_pretrained(folder)`` needs no such flag)."""
+        super().save_pretrained(save_directory, **kwargs)
+        folder = Path(save_directory)
+        index = json.loads((folder / "model_index.json").read_text())
+        index["_class_name"] = [PIPELINE_FILE.removesuffix(".py"), type(self).__name__]
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (folder / PIPELINE_FILE).write_text(
+            '"""This folder\'s pipeline, from zigzag-mamba (its diffusers extra)."""\n\n'
+            "from zigzag_mamba.integrations.diffusers import ZigMaPipeline, "
+            "ZigMaTransformer2DModel\n\n"
+            '__all__ = ["ZigMaPipeline", "ZigMaTransformer2DModel"]\n'
+        )
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **kwargs: Any) -> ZigMaPipeline:
+        """A folder :meth:`save_pretrained` wrote (its code file is not run: this class is
+        the pipeline). ``kwargs`` go to the components' ``from_pretrained``."""
+        import diffusers
+
+        index_file = Path(folder) / "model_index.json"
+        if not index_file.is_file():
+            raise FileNotFoundError(
+                f"{index_file}: not found; ZigMaPipeline.from_pretrained takes a folder that "
+                "ZigMaPipeline.save_pretrained wrote"
+            )
+        folder, index = index_file.parent, json.loads(index_file.read_text())
+        scheduler_class = getattr(diffusers, index["scheduler"][1])
+        return cls(
+            ZigMaTransformer2DModel.from_pretrained(folder / "transformer", **kwargs),
+            scheduler_class.from_pretrained(folder, subfolder="scheduler"),
+        )
 
     @torch.no_grad()
     def __call__(

@@ -169,13 +169,14 @@ section_mamba_ssm() {
         cp "$OUT"/bench_mamba_ssm/*/summary.md "$OUT/bench_mamba_ssm.md"
 }
 
-# --- timm: replace_attention on timm's own VisionTransformer ---------------------------------
-# timm needs torchvision, which has no build beside CI's CPU-only torch, so these tests skip in
-# CI; here they run (and the section fails if timm does not import). Under a minute.
+# --- timm and transformers: replace_attention on their own models ---------------------------
+# CI runs these in two CPU environments; here they run beside this machine's torch and timm
+# (the section fails if timm does not import). Under a minute.
 section_timm_tests() {
     "$PY" -c "import timm; print('timm', timm.__version__)" || return 1
     "$PY" -m pytest tests/integrations/test_timm_models.py tests/integrations/test_replace_attention.py \
-        -q -rs -p no:cacheprovider --junitxml="$OUT/timm_tests.xml"
+        tests/integrations/test_transformers_models.py -q -rs -p no:cacheprovider \
+        --junitxml="$OUT/timm_tests.xml"
 }
 
 # In order of what matters most now; the budget cuts the last ones when time runs out.

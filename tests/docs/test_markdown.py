@@ -61,7 +61,14 @@ def test_the_docs_have_python_blocks():
     assert len(BLOCKS) >= 25, [b.name for b in BLOCKS]
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=[b.name for b in BLOCKS])
+# Blocks that need timm run with the timm tests, in their own environment (-m timm).
+TIMM = [pytest.mark.timm]
+
+
+@pytest.mark.parametrize(
+    "block",
+    [pytest.param(b, id=b.name, marks=TIMM if "timm" in b.requires else ()) for b in BLOCKS],
+)
 def test_block_runs(block: Block, tmp_path, monkeypatch):
     if block.skip:
         pytest.skip(block.skip)

@@ -12,6 +12,7 @@ import math
 import numbers
 import random
 import re
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -99,13 +100,22 @@ def _sweep_orders(H: int, W: int) -> torch.Tensor:
 
 
 def _gilbert(
-    x: int, y: int, ax: int, ay: int, bx: int, by: int, out: list[tuple[int, int]]
+    x: int,
+    y: int,
+    ax: int,
+    ay: int,
+    bx: int,
+    by: int,
+    out: list[tuple[int, int]],
+    rounding: int = 1,
 ) -> None:
     """Generalised Hilbert curve over the rectangle spanned by (ax, ay) and (bx, by).
 
     Visits every cell once, starting at (x, y) and walking the major axis (ax, ay); splits the
-    rectangle in two along a long major axis, otherwise in three like a Hilbert cell, rounding
-    split points to even lengths so that the sub-curves join with 4-neighbour steps.
+    rectangle in two along a long major axis, otherwise in three like a Hilbert cell, moving
+    odd split points by one cell (up for ``rounding=1``, down for -1) to even lengths so that
+    the sub-curves join with 4-neighbour steps. The two roundings give two different curves
+    wherever a split point is odd.
     """
     w, h = abs(ax + ay), abs(bx + by)
     dax, day = (ax > 0) - (ax < 0), (ay > 0) - (ay < 0)
@@ -117,14 +127,16 @@ def _gilbert(
     ax2, ay2, bx2, by2 = ax // 2, ay // 2, bx // 2, by // 2
     if 2 * w > 3 * h:
         if abs(ax2 + ay2) % 2 and w > 2:
-            ax2, ay2 = ax2 + dax, ay2 + day
-        _gilbert(x, y, ax2, ay2, bx, by, out)
-        _gilbert(x + ax2, y + ay2, ax - ax2, ay - ay2, bx, by, out)
+            shift = rounding if abs(ax2 + ay2) > 1 else 1  # never an empty half
+            ax2, ay2 = ax2 + shift * dax, ay2 + shift * day
+        _gilbert(x, y, ax2, ay2, bx, by, out, rounding)
+        _gilbert(x + ax2, y + ay2, ax - ax2, ay - ay2, bx, by, out, rounding)
         return
     if abs(bx2 + by2) % 2 and h > 2:
-        bx2, by2 = bx2 + dbx, by2 + dby
-    _gilbert(x, y, bx2, by2, ax2, ay2, out)
-    _gilbert(x + bx2, y + by2, ax, ay, bx - bx2, by - by2, out)
+        shift = rounding if abs(bx2 + by2) > 1 else 1
+        bx2, by2 = bx2 + shift * dbx, by2 + shift * dby
+    _gilbert(x, y, bx2, by2, ax2, ay2, out, rounding)
+    _gilbert(x + bx2, y + by2, ax, ay, bx - bx2, by - by2, out, rounding)
     _gilbert(
         x + (ax - dax) + (bx2 - dbx),
         y + (ay - day) + (by2 - dby),
@@ -133,10 +145,11 @@ def _gilbert(
         -(ax - ax2),
         -(ay - ay2),
         out,
+        rounding,
     )
 
 
-def _hilbert_base(H: int, W: int) -> torch.Tensor:
+def _hilbert_base(H: int, W: int, rounding: int = 1) -> torch.Tensor:
     """A continuous generalised Hilbert curve from the top-left corner of an H x W grid.
 
     A 4-neighbour path from (0, 0) to the far end of the top row exists iff W is even or H is
@@ -145,26 +158,47 @@ def _hilbert_base(H: int, W: int) -> torch.Tensor:
     """
     cells: list[tuple[int, int]] = []
     if W % 2 == 0 or H % 2 == 1:
-        _gilbert(0, 0, W, 0, 0, H, cells)
+        _gilbert(0, 0, W, 0, 0, H, cells, rounding)
     else:
-        _gilbert(0, 0, 0, H, W, 0, cells)
+        _gilbert(0, 0, 0, H, W, 0, cells, rounding)
     return torch.tensor([y * W + x for x, y in cells], dtype=torch.long, device="cpu")
 
 
-def _hilbert_orders(H: int, W: int) -> torch.Tensor:
-    base = _hilbert_base(H, W)
-    # The transposed curve: a curve on the W x H grid, read back into H x W raster indices.
-    transposed = _raster(H, W).t().reshape(-1)[_hilbert_base(W, H)]
-    orders = []
-    for corner in range(4):
-        for order in (base, transposed):
-            r, c = order // W, order % W
-            if corner in (1, 3):
-                c = W - 1 - c
-            if corner in (2, 3):
-                r = H - 1 - r
-            orders.append(r * W + c)
-    return torch.stack(orders)
+def _hilbert_candidates(H: int, W: int):
+    """Continuous curves on H x W, in order of preference: the curve and the curve of the
+    transposed grid from each corner, then the same walked backwards, then all of it again with
+    the other rounding of the split points."""
+    for rounding in (1, -1):
+        # The transposed curve: a curve on the W x H grid, read back into H x W raster indices.
+        transposed = _raster(H, W).t().reshape(-1)[_hilbert_base(W, H, rounding)]
+        pair = (_hilbert_base(H, W, rounding), transposed)
+        for backwards in (False, True):
+            for corner in range(4):
+                for order in pair:
+                    r, c = order // W, order % W
+                    if corner in (1, 3):
+                        c = W - 1 - c
+                    if corner in (2, 3):
+                        r = H - 1 - r
+                    yield (r * W + c).flip(0) if backwards else r * W + c
+
+
+def _hilbert_orders(H: int, W: int, k: int) -> torch.Tensor:
+    """The first k distinct curves of :func:`_hilbert_candidates`. A grid with fewer (a side of
+    1 or 2, or a curve that is its own mirror image) repeats them, with a warning."""
+    distinct: dict[tuple[int, ...], torch.Tensor] = {}
+    for order in _hilbert_candidates(H, W):
+        distinct.setdefault(tuple(order.tolist()), order)
+        if len(distinct) == k:
+            break
+    orders = list(distinct.values())
+    if len(orders) < k:
+        warnings.warn(
+            f"pattern 'hilbert{k}' has {len(orders)} distinct orders on grid {(H, W)}, not {k}: "
+            f"layers repeat them (docs/orders.md, 'hilbert8')",
+            stacklevel=2,
+        )
+    return torch.stack([orders[i % len(orders)] for i in range(k)])
 
 
 def _random_orders(H: int, W: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -217,7 +251,7 @@ def _fixed(builder: Callable[[int, int], torch.Tensor], k: int) -> PatternBuilde
 _PATTERNS: dict[str, PatternBuilder] = {}
 for _k in (1, 2, 4, 8):
     _PATTERNS[f"zigzag{_k}"] = _fixed(_zigzag_orders, _k)
-    _PATTERNS[f"hilbert{_k}"] = _fixed(_hilbert_orders, _k)
+    _PATTERNS[f"hilbert{_k}"] = _fixed(functools.partial(_hilbert_orders, k=_k), _k)
     _PATTERNS[f"random{_k}"] = _fixed(functools.partial(_random_orders, k=_k), _k)
 _PATTERNS["sweep"] = _fixed(_sweep_orders, 1)
 _PATTERNS["sweep2"] = _fixed(_sweep_orders, 2)

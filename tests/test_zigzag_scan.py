@@ -165,7 +165,7 @@ def test_bad_grids_and_prefixes_are_named(kwargs, call, error, match):
 
 
 def test_the_grid_orders_op_passes_opcheck_and_matches_the_module():
-    args = (torch.empty(0), "hilbert8", 3, [3, 4], 1, "middle")
+    args = (torch.empty(0), "hilbert8", 3, [3, 4], 1, "middle", 1)
     torch.library.opcheck(_grid_orders, args)
     order, inverse = _grid_orders(*args)
     zigzag = ZigzagScan((3, 4), "hilbert8", 3, num_prefix_tokens=1, prefix_position="middle")

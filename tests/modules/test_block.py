@@ -259,7 +259,7 @@ def test_double_backward_is_a_clear_error(x):
         grad.square().sum().backward()
 
 
-@pytest.mark.parametrize("mixer", ["mamba", "bidirectional"])
+@pytest.mark.parametrize("mixer", ["mamba", "bidirectional", "cross"])
 def test_compiles_without_graph_breaks_forward_and_backward(mixer):
     block = ZigMaBlock(DIM, (4, 6), "zigzag8", layer_idx=1, mixer=mixer)
     randomise(block, 11)

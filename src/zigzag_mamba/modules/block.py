@@ -25,6 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from zigzag_mamba.modules.attention import CrossAttention
+from zigzag_mamba.modules.cross_mamba import CrossMamba
 from zigzag_mamba.modules.mamba import BiMamba, Mamba
 from zigzag_mamba.modules.validation import check_positive_int
 from zigzag_mamba.ops.mixer_io import mixer_in, mixer_out
@@ -37,7 +38,10 @@ from zigzag_mamba.orders import (
     check_num_prefix_tokens,
 )
 
-_MIXERS: dict[str, type[Mamba]] = {"mamba": Mamba, "bidirectional": BiMamba}
+#: The token-mixing strategies: one order per layer, alternating over the pattern's orders
+#: (Mamba, ZigMa's); one order read forward and backward in each layer (BiMamba, Vim's); k
+#: orders in each layer, each with its own SSM, summed (CrossMamba, VMamba's SS2D).
+MIXERS: dict[str, type[Mamba]] = {"mamba": Mamba, "bidirectional": BiMamba, "cross": CrossMamba}
 
 
 def modulate(
@@ -47,28 +51,40 @@ def modulate(
     return x if shift is None else x * (1 + scale[:, None]) + shift[:, None]
 
 
-def _zigzag_scan(
+def _mixer_and_zigzag(
+    mixer: str,
+    dim: int,
     grid: int | Sequence[int] | None,
     pattern: str | torch.Tensor | Sequence | None,
     layer_idx: int,
+    ssm_cfg: dict | None,
     num_prefix_tokens: int,
     prefix_position: str,
-    device: torch.device | str | None,
-) -> ZigzagScan | None:
-    """The layer's ZigzagScan; None for no permutation. Prefix tokens are always moved to their
-    slot, so with ``pattern=None`` the grid's tokens are read in raster order around them."""
+    factory: dict,
+) -> tuple[Mamba, ZigzagScan | None]:
+    """The layer's mixer and its ZigzagScan (None for no permutation). Prefix tokens are always
+    moved to their slot, so with ``pattern=None`` the grid's tokens are read in raster order
+    around them. A cross mixer's ZigzagScan holds its k orders."""
+    if mixer not in MIXERS:
+        raise ValueError(f"mixer must be one of {sorted(MIXERS)}, got {mixer!r}")
+    module = MIXERS[mixer](dim, layer_idx=layer_idx, **(ssm_cfg or {}), **factory)
+    num_orders = getattr(module, "k", 1)
     if check_num_prefix_tokens(num_prefix_tokens) == 0 and pattern is None:
+        if mixer == "cross":
+            raise ValueError("mixer='cross' reads k orders of a pattern; pattern=None has none")
         if grid is not None:
             as_grid(grid)  # checked, though unused
-        return None
-    return ZigzagScan(
+        return module, None
+    zigzag = ZigzagScan(
         grid,
         "sweep" if pattern is None else pattern,
         layer_idx,
         num_prefix_tokens=num_prefix_tokens,
         prefix_position=prefix_position,
-        device=device,
+        num_orders=num_orders,
+        device=factory["device"],
     )
+    return module, zigzag
 
 
 def _check_grid_without_order(x: torch.Tensor, grid: int | Sequence[int] | None) -> None:
@@ -98,7 +114,11 @@ class ZigMaBlock(nn.Module):
             :mod:`zigzag_mamba.orders`), explicit orders (an (L,) order, a (k, L) tensor or a
             sequence of orders), or None for no permutation at all (a plain Mamba block).
         layer_idx: which order of the pattern's family this layer uses (``layer_idx % k``).
-        mixer: ``"mamba"`` or ``"bidirectional"`` (Vim-style forward + reversed scan).
+        mixer: the strategy (:data:`MIXERS`): ``"mamba"`` (one order per layer, alternating
+            over the pattern's), ``"bidirectional"`` (Vim-style forward + reversed scan) or
+            ``"cross"`` (k orders in every layer, each with its own SSM, summed, as VMamba's
+            SS2D; k is ``ssm_cfg["k"]``, default 4, and layer i reads orders ``(i * k + j) %
+            K`` of the pattern's K, so ``pattern="sweep4"`` gives SS2D's four directions).
         context_dim: width of the text tokens to cross-attend to; None for no cross-attention.
         adaln: build the adaLN modulation (SiLU -> Linear(D, 3D), or 6D with cross-attention),
             zero-initialised. False builds a block that takes no conditioning at all.
@@ -154,15 +174,20 @@ class ZigMaBlock(nn.Module):
         super().__init__()
         check_positive_int("dim", dim)
         check_layer_idx(layer_idx)
-        if mixer not in _MIXERS:
-            raise ValueError(f"mixer must be one of {sorted(_MIXERS)}, got {mixer!r}")
         factory = {"device": device, "dtype": dtype}
         self.dim = dim
         self.layer_idx = layer_idx
         self.norm = nn.RMSNorm(dim, eps=norm_eps, **factory)
-        self.mixer = _MIXERS[mixer](dim, layer_idx=layer_idx, **(ssm_cfg or {}), **factory)
-        self.zigzag = _zigzag_scan(
-            grid, pattern, layer_idx, num_prefix_tokens, prefix_position, device
+        self.mixer, self.zigzag = _mixer_and_zigzag(
+            mixer,
+            dim,
+            grid,
+            pattern,
+            layer_idx,
+            ssm_cfg,
+            num_prefix_tokens,
+            prefix_position,
+            factory,
         )
         self.msa = self.norm_msa = None
         if context_dim is not None:
@@ -210,7 +235,7 @@ class ZigMaBlock(nn.Module):
         (B, L, D, in h's dtype) and the mixer's input, permuted (B', seq_len, D); B' = B * L /
         seq_len differs from B for video patterns.
         """
-        permutation, seq_len = self._layout(h, grid)
+        permutation, seq_len = self._stage_layout(h, grid)
         residual, h_norm, x = mixer_in(
             h, residual, self.norm.weight, shift, scale, permutation, self.norm.eps
         )
@@ -225,7 +250,7 @@ class ZigMaBlock(nn.Module):
     ) -> torch.Tensor:
         """Stage 2, one op: unpermute the mixer's output ``y``, gate it ((B, D) or
         None) and add it to ``h_norm`` (B, L, D)."""
-        permutation, seq_len = self._layout(h_norm, grid)
+        permutation, seq_len = self._stage_layout(h_norm, grid)
         # Sequences per sample, rather than the batch size: einops cannot split 0 rows by 0.
         y = rearrange(y, "(b n) l d -> b (n l) d", n=h_norm.shape[1] // seq_len)
         return mixer_out(h_norm, gate, y, permutation)
@@ -239,6 +264,22 @@ class ZigMaBlock(nn.Module):
             _check_grid_without_order(h, grid)
             return Layout(None, h.shape[1])
         return self.zigzag.layout(h, grid)
+
+    def _stage_layout(self, h: torch.Tensor, grid: int | Sequence[int] | None) -> Layout:
+        """What the stages permute by: the layer's order, or none for a cross mixer, which
+        reads its k orders itself (after its in_proj, so that it is not run k times)."""
+        layout = self._layout(h, grid)
+        return Layout(None, layout.seq_len) if self.num_orders > 1 else layout
+
+    @property
+    def num_orders(self) -> int:
+        """How many orders the layer reads at once (k for a cross mixer, else 1)."""
+        return 1 if self.zigzag is None else self.zigzag.num_orders
+
+    def _mix(self, x: torch.Tensor, grid: int | Sequence[int] | None) -> torch.Tensor:
+        if self.num_orders == 1:
+            return self.mixer(x)
+        return self.mixer(x, self._layout(x, grid).permutation)
 
     def _cross_attend(
         self, h: torch.Tensor, context: torch.Tensor | None, shift, scale, gate
@@ -266,7 +307,7 @@ class ZigMaBlock(nn.Module):
         modulation = self._modulation(c, h.shape[0])
         shift, scale, gate = modulation[:3]
         residual, h_norm, x = self.mixer_in(h, residual, shift, scale, grid)
-        h = self.mixer_out(h_norm, gate, self.mixer(x), grid)
+        h = self.mixer_out(h_norm, gate, self._mix(x, grid), grid)
         if self.msa is not None:
             h = self._cross_attend(h, context, *modulation[3:])
         return h, residual
@@ -318,12 +359,17 @@ class ZigMaMixer(nn.Module):
         super().__init__()
         self.dim = check_positive_int("dim", dim)
         self.layer_idx = check_layer_idx(layer_idx)
-        if mixer not in _MIXERS:
-            raise ValueError(f"mixer must be one of {sorted(_MIXERS)}, got {mixer!r}")
         factory = {"device": device, "dtype": dtype}
-        self.mixer = _MIXERS[mixer](dim, layer_idx=layer_idx, **(ssm_cfg or {}), **factory)
-        self.zigzag = _zigzag_scan(
-            grid, pattern, layer_idx, num_prefix_tokens, prefix_position, device
+        self.mixer, self.zigzag = _mixer_and_zigzag(
+            mixer,
+            dim,
+            grid,
+            pattern,
+            layer_idx,
+            ssm_cfg,
+            num_prefix_tokens,
+            prefix_position,
+            factory,
         )
 
     def forward(self, x: torch.Tensor, grid: int | Sequence[int] | None = None) -> torch.Tensor:
@@ -335,6 +381,8 @@ class ZigMaMixer(nn.Module):
             _check_grid_without_order(x, grid)
             return self.mixer(x)
         permutation, seq_len = self.zigzag.layout(x, grid)
+        if self.zigzag.num_orders > 1:
+            return self.mixer(x, permutation)
         y = permute_tokens(x, permutation).reshape(-1, seq_len, self.dim)
         y = self.mixer(y).reshape(x.shape)
         return permute_tokens(y, permutation.inverted())

@@ -94,12 +94,16 @@ class Mamba(nn.Module):
         factory = {"device": device, "dtype": dtype}
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
-        self.conv1d, self.x_proj, self.dt_proj = self._branch_layers(conv_bias, factory)
-        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state, device=device))
-        self.D = nn.Parameter(torch.empty(self.d_inner, device=device))
+        self._build_branch(conv_bias, factory)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
         # Not the virtual call: a subclass initialises the parameters it adds itself.
         Mamba.reset_parameters(self)
+
+    def _build_branch(self, conv_bias: bool, factory: dict) -> None:
+        """The SSM branch's layers: conv1d, x_proj, dt_proj, A_log and D."""
+        self.conv1d, self.x_proj, self.dt_proj = self._branch_layers(conv_bias, factory)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state, device=factory["device"]))
+        self.D = nn.Parameter(torch.empty(self.d_inner, device=factory["device"]))
 
     def _branch_layers(
         self, conv_bias: bool, factory: dict
@@ -127,30 +131,45 @@ class Mamba(nn.Module):
         D: torch.Tensor,
     ) -> None:
         conv1d.reset_parameters()
-        x_proj.reset_parameters()
+        self._reset_ssm(x_proj.weight, dt_proj.weight, dt_proj.bias, A_log, D)
+        # Backbone initialisers zero Linear biases; this flag (mamba_ssm's) exempts this one.
+        dt_proj.bias._no_reinit = True
+        A_log._no_weight_decay = True
+        D._no_weight_decay = True
+
+    @torch.no_grad()
+    def _reset_ssm(
+        self,
+        x_proj_weight: torch.Tensor,
+        dt_proj_weight: torch.Tensor,
+        dt_proj_bias: torch.Tensor,
+        A_log: torch.Tensor,
+        D: torch.Tensor,
+    ) -> None:
+        """One direction's projections and SSM parameters, initialised as mamba_ssm does."""
+        nn.init.kaiming_uniform_(x_proj_weight, a=math.sqrt(5))  # nn.Linear's own init
         # dt_proj's weight keeps the variance of dt at init; its bias is the inverse softplus of
         # a dt drawn log-uniformly in [dt_min, dt_max], so that softplus(bias) starts there.
         std = self.dt_rank**-0.5 * self.dt_scale
         if self.dt_init == "constant":
-            nn.init.constant_(dt_proj.weight, std)
+            nn.init.constant_(dt_proj_weight, std)
         else:
-            nn.init.uniform_(dt_proj.weight, -std, std)
+            nn.init.uniform_(dt_proj_weight, -std, std)
         log_min, log_max = math.log(self.dt_min), math.log(self.dt_max)
-        u = torch.rand(self.d_inner, device=dt_proj.bias.device)
+        u = torch.rand(self.d_inner, device=dt_proj_bias.device)
         dt = torch.exp(u * (log_max - log_min) + log_min).clamp(min=self.dt_init_floor)
-        dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        # Backbone initialisers zero Linear biases; this flag (mamba_ssm's) exempts this one.
-        dt_proj.bias._no_reinit = True
+        dt_proj_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         # S4D-real: A = -(1, 2, ..., d_state) in every channel.
         A_log.copy_(torch.arange(1, self.d_state + 1, dtype=torch.float32).log().expand_as(A_log))
         D.fill_(1.0)
-        A_log._no_weight_decay = True
-        D._no_weight_decay = True
 
     def reset_parameters(self) -> None:
         """Re-initialise every parameter as ``mamba_ssm.Mamba`` does (e.g. after ``to_empty``)."""
         self.in_proj.reset_parameters()
         self.out_proj.reset_parameters()
+        self._reset_own_branch()
+
+    def _reset_own_branch(self) -> None:
         self._reset_branch(*self._forward_branch())
 
     def _forward_branch(self) -> tuple:

@@ -4,7 +4,8 @@ Convention: ``order[i]`` is the raster index ``r * W + c`` of the token visited 
 permuting is the gather ``x[:, order]`` and unpermuting the gather with ``inverse``, the
 ``argsort(order)`` (docs/design.md, "Glossary").
 
-A *pattern* names a family of orders; layer ``i`` uses ``family[i % len(family)]``:
+A *pattern* names a family of orders; layer ``i`` uses ``family[i % len(family)]`` (a layer
+that reads k orders at once, a cross mixer's, reads ``family[(i * k + j) % len(family)]``):
 
 ==================  ===============================================================
 ``zigzag{1,2,4,8}``  ZigMa's snakes S0..S(k-1): 4 start corners x (row snake, column snake)
@@ -12,7 +13,8 @@ A *pattern* names a family of orders; layer ``i`` uses ``family[i % len(family)]
 ``sweep2``           raster, reversed raster
 ``sweep4``           row-major, row-major reversed, column-major, column-major reversed
 ``hilbert{1,2,4,8}`` a generalised Hilbert curve (any H x W, every step a 4-neighbour move),
-                     then its transpose, for each of the 4 start corners
+                     then its transpose, for each of the 4 start corners (then walked
+                     backwards, ... until k are distinct; see docs/orders.md)
 ``random{1,2,4,8}``  seeded random permutations, identical in every process
 ``video_<s|t...>``   for (T, H, W) grids: layer d reads along ``string[d % len]``; an ``s``
                      layer reads each frame as its own sequence in the next zigzag order, a ``t``
@@ -31,6 +33,7 @@ from zigzag_mamba.orders.layout import (
     CACHE_SIZE,
     PREFIX_POSITIONS,
     Layout,
+    check_num_orders,
     check_num_prefix_tokens,
     check_prefix_position,
     layer_layout,
@@ -69,6 +72,7 @@ __all__ = [
     "ZigzagScan",
     "as_grid",
     "check_layer_idx",
+    "check_num_orders",
     "check_num_prefix_tokens",
     "check_order",
     "check_pattern",

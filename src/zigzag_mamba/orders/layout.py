@@ -46,8 +46,8 @@ _CPU = torch.device("cpu")
 
 class Layout(NamedTuple):
     """What permuting the tokens of one grid for one layer needs: the flat order and its
-    inverse (L,), and the length of each scanned sequence (L, or a frame's or a pixel's length
-    for video)."""
+    inverse (L,), or (k, L) for a layer that reads k orders at once (a cross mixer's), and the
+    length of each scanned sequence (L, or a frame's or a pixel's length for video)."""
 
     permutation: Permutation
     seq_len: int
@@ -91,6 +91,15 @@ def with_prefix(order: torch.Tensor, num_prefix_tokens: int, position: str = "en
     return torch.cat([order[:slot] + k, prefix, order[slot:] + k])
 
 
+def check_num_orders(value: object) -> int:
+    """``num_orders`` as an int, if it is an integer >= 1."""
+    if not _is_int(value) or value < 1:
+        raise ValueError(
+            f"num_orders (orders read by one layer) must be an int >= 1, got {value!r}"
+        )
+    return int(value)
+
+
 def layer_layout(
     pattern: str | torch.Tensor | Sequence,
     grid: int | Sequence[int],
@@ -98,16 +107,23 @@ def layer_layout(
     *,
     num_prefix_tokens: int = 0,
     prefix_position: str = "end",
+    num_orders: int = 1,
     device: torch.device | str | None = None,
 ) -> Layout:
     """The layout of layer ``layer_idx`` of ``pattern`` on ``grid``, on ``device`` (the CPU by
     default), built once and kept (the result is shared: do not change it in place).
+
+    A layer reads order ``layer_idx % K`` of the pattern's K orders; with ``num_orders=k`` it
+    reads k at once (a cross mixer), orders ``(layer_idx * k + j) % K`` for j < k, as (k, L)
+    tensors: with k = K every layer reads them all.
 
     Example::
 
         >>> layout = layer_layout("zigzag8", (2, 3), layer_idx=1, num_prefix_tokens=1)
         >>> layout.permutation.order.tolist(), layout.seq_len
         ([1, 4, 5, 2, 3, 6, 0], 7)
+        >>> layer_layout("sweep4", (2, 2), num_orders=4).permutation.order.tolist()
+        [[0, 1, 2, 3], [3, 2, 1, 0], [0, 2, 1, 3], [3, 1, 2, 0]]
     """
     pattern = check_pattern(pattern)
     return _layout(
@@ -118,6 +134,7 @@ def layer_layout(
         check_num_prefix_tokens(num_prefix_tokens),
         check_prefix_position(prefix_position),
         _CPU if device is None else torch.device(device),
+        check_num_orders(num_orders),
     )
 
 
@@ -130,10 +147,14 @@ def _layout(
     num_prefix_tokens: int,
     prefix_position: str,
     device: torch.device,
+    num_orders: int = 1,
 ) -> Layout:
+    options = (num_prefix_tokens, prefix_position)
     if device != _CPU:
-        cpu = _layout(pattern, builder, grid, layer_idx, num_prefix_tokens, prefix_position, _CPU)
+        cpu = _layout(pattern, builder, grid, layer_idx, *options, _CPU, num_orders)
         return Layout(cpu.permutation.to(device), cpu.seq_len)
+    if num_orders > 1:
+        return _stacked(pattern, builder, grid, layer_idx, *options, num_orders)
     family = pattern_family(pattern, grid)
     order = family[layer_idx % len(family)]
     if num_prefix_tokens:
@@ -147,6 +168,30 @@ def _layout(
     return Layout(Permutation(flat, inverse_order(flat)), order.shape[-1])
 
 
+def _stacked(
+    pattern: str | ExplicitOrders,
+    builder: PatternBuilder | None,
+    grid: Grid,
+    layer_idx: int,
+    num_prefix_tokens: int,
+    prefix_position: str,
+    num_orders: int,
+) -> Layout:
+    """The CPU layout of a layer that reads ``num_orders`` orders at once, (k, L) tensors."""
+    options = (num_prefix_tokens, prefix_position, _CPU)
+    layouts = [
+        _layout(pattern, builder, grid, layer_idx * num_orders + j, *options)
+        for j in range(num_orders)
+    ]
+    if any(layout.seq_len != layout.permutation.order.numel() for layout in layouts):
+        raise ValueError(
+            f"a layer that reads {num_orders} orders at once needs orders that read all tokens "
+            f"as one sequence; pattern {pattern!r} splits the tokens of grid {grid} into "
+            "sequences (video patterns do)"
+        )
+    return Layout(Permutation.stack([layout.permutation for layout in layouts]), layouts[0].seq_len)
+
+
 def sequence_length(name: str, grid: Grid, layer_idx: int, num_prefix_tokens: int) -> int:
     """The scanned sequence's length for a named pattern, from the names alone (no orders)."""
     if is_video_pattern(name):
@@ -156,11 +201,17 @@ def sequence_length(name: str, grid: Grid, layer_idx: int, num_prefix_tokens: in
 
 
 def traced_layout(
-    like: torch.Tensor, name: str, grid: Grid, layer_idx: int, k: int, position: str
+    like: torch.Tensor,
+    name: str,
+    grid: Grid,
+    layer_idx: int,
+    k: int,
+    position: str,
+    num_orders: int = 1,
 ) -> Layout:
     """:func:`layer_layout` of a named pattern inside ``torch.compile``: the orders come from a
     custom op, so the graph stays whole (a new grid recompiles, as the grid is a constant)."""
-    order, inverse = _grid_orders(like, name, layer_idx, list(grid), k, position)
+    order, inverse = _grid_orders(like, name, layer_idx, list(grid), k, position, num_orders)
     return Layout(Permutation(order, inverse), sequence_length(name, grid, layer_idx, k))
 
 
@@ -172,9 +223,15 @@ def _grid_orders(
     grid: list[int],
     num_prefix_tokens: int,
     prefix_position: str,
+    num_orders: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The flat order and inverse of a named pattern's layer on ``grid``, on ``like``'s device."""
-    options = {"num_prefix_tokens": num_prefix_tokens, "prefix_position": prefix_position}
+    """The flat order and inverse of a named pattern's layer on ``grid`` ((k, L) for
+    ``num_orders`` k > 1), on ``like``'s device."""
+    options = {
+        "num_prefix_tokens": num_prefix_tokens,
+        "prefix_position": prefix_position,
+        "num_orders": num_orders,
+    }
     layout = layer_layout(pattern, tuple(grid), layer_idx, **options, device=like.device)
     if layout.seq_len != sequence_length(pattern, tuple(grid), layer_idx, num_prefix_tokens):
         raise ValueError(
@@ -186,6 +243,7 @@ def _grid_orders(
 
 
 @_grid_orders.register_fake
-def _(like, pattern, layer_idx, grid, num_prefix_tokens, prefix_position):
+def _(like, pattern, layer_idx, grid, num_prefix_tokens, prefix_position, num_orders):
     n = num_prefix_tokens + math.prod(grid)
-    return like.new_empty(n, dtype=torch.long), like.new_empty(n, dtype=torch.long)
+    shape = (n,) if num_orders == 1 else (num_orders, n)
+    return like.new_empty(shape, dtype=torch.long), like.new_empty(shape, dtype=torch.long)

@@ -9,10 +9,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from zigzag_mamba.ops.cross_permute import cross_merge, cross_permute
 from zigzag_mamba.ops.permute import Permutation, permute_tokens
 from zigzag_mamba.orders.layout import (
     Layout,
     _layout,
+    check_num_orders,
     check_num_prefix_tokens,
     check_prefix_position,
     traced_layout,
@@ -44,6 +46,10 @@ class ZigzagScan(nn.Module):
             every grid token, so that a causal scan has read the whole grid when it reaches
             them), ``"middle"`` or ``"start"``. Not for video patterns, which split the tokens
             into many sequences.
+        num_orders: how many orders the layer reads at once (k, for a cross mixer): orders
+            ``(layer_idx * k + j) % K`` of the pattern's K, j < k. The buffers are then (k, L),
+            :meth:`permute` returns the k sequences side by side, (B, L, k, C), and
+            :meth:`unpermute` puts each back in raster order and sums them (its adjoint).
 
     The buffers ``order`` and ``inverse`` (L,) hold the default grid's order. They are
     non-persistent: they follow ``.to()`` but are not saved in checkpoints, and the module
@@ -77,17 +83,20 @@ class ZigzagScan(nn.Module):
         *,
         num_prefix_tokens: int = 0,
         prefix_position: str = "end",
+        num_orders: int = 1,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         self.pattern = check_pattern(pattern)
+        self.num_orders = check_num_orders(num_orders)
         self.pattern_name = pattern if isinstance(pattern, str) else "custom"
         self.layer_idx = check_layer_idx(layer_idx)
         self.num_prefix_tokens = check_num_prefix_tokens(num_prefix_tokens)
         self.prefix_position = check_prefix_position(prefix_position)
-        if self.num_prefix_tokens and is_video_pattern(pattern):
+        if (self.num_prefix_tokens or self.num_orders > 1) and is_video_pattern(pattern):
+            what = "num_prefix_tokens" if self.num_prefix_tokens else "num_orders > 1"
             raise ValueError(
-                f"num_prefix_tokens needs a pattern that reads all tokens as one sequence; "
+                f"{what} needs a pattern that reads all tokens as one sequence; "
                 f"{pattern!r} splits them per frame and per pixel"
             )
         self.grid = None if grid is None else as_grid(grid)
@@ -97,8 +106,8 @@ class ZigzagScan(nn.Module):
             self.register_buffer("inverse", None, persistent=False)
             return
         layout = self._layout(self.grid, torch.device("cpu"))
-        self.num_tokens, self.seq_len = layout.permutation.order.numel(), layout.seq_len
-        empty = torch.empty(self.num_tokens, dtype=torch.long, device=device)
+        self.num_tokens, self.seq_len = layout.permutation.order.shape[-1], layout.seq_len
+        empty = torch.empty(layout.permutation.order.shape, dtype=torch.long, device=device)
         self.register_buffer("order", empty, persistent=False)
         self.register_buffer("inverse", empty.clone(), persistent=False)
         self.init_non_persistent_buffers()
@@ -106,11 +115,11 @@ class ZigzagScan(nn.Module):
     def _layout(self, grid: Grid, device: torch.device) -> Layout:
         if torch.compiler.is_compiling() and isinstance(self.pattern, str):
             like = torch.empty(0, device=device)
-            k, position = self.num_prefix_tokens, self.prefix_position
-            return traced_layout(like, self.pattern, grid, self.layer_idx, k, position)
+            options = (self.layer_idx, self.num_prefix_tokens, self.prefix_position)
+            return traced_layout(like, self.pattern, grid, *options, self.num_orders)
         builder = _PATTERNS.get(self.pattern) if isinstance(self.pattern, str) else None
         options = (self.layer_idx, self.num_prefix_tokens, self.prefix_position)
-        return _layout(self.pattern, builder, grid, *options, device)
+        return _layout(self.pattern, builder, grid, *options, device, self.num_orders)
 
     @torch.no_grad()
     def init_non_persistent_buffers(self) -> None:
@@ -178,19 +187,26 @@ class ZigzagScan(nn.Module):
     # ------------------------------------------------------------------ permuting
 
     def permute(self, x: torch.Tensor, grid: int | Sequence[int] | None = None) -> torch.Tensor:
-        """(B, L, C) raster tokens -> (B * L // seq_len, seq_len, C) in this layer's order."""
+        """(B, L, C) raster tokens -> (B * L // seq_len, seq_len, C) in this layer's order;
+        (B, L, k, C) for k orders at once."""
         permutation, seq_len = self.layout(x, grid)
+        if self.num_orders > 1:
+            return cross_permute(x, permutation)
         y = permute_tokens(x, permutation)
         return y.reshape(-1, seq_len, *x.shape[2:])
 
     def unpermute(self, y: torch.Tensor, grid: int | Sequence[int] | None = None) -> torch.Tensor:
-        """Inverse of :meth:`permute`: (B * L // seq_len, seq_len, C) -> (B, L, C) raster."""
+        """Inverse of :meth:`permute`: (B * L // seq_len, seq_len, C) -> (B, L, C) raster; for
+        k orders, its adjoint: (B, L, k, C) -> (B, L, C), each order's sequence put back and
+        the k summed."""
         if grid is None or grid == self.grid:
             self._check_default(y)
             permutation, seq_len = Permutation(self.order, self.inverse), self.seq_len
         else:
             grid = as_grid(grid)
             permutation, seq_len = self._layout(grid, y.device)
+        if self.num_orders > 1:
+            return cross_merge(y, permutation)
         num_tokens = permutation.order.shape[0]
         per_sample = num_tokens // seq_len
         if y.dim() < 2 or y.shape[1] != seq_len or y.shape[0] % per_sample:
@@ -204,9 +220,12 @@ class ZigzagScan(nn.Module):
     def extra_repr(self) -> str:
         grid = "given per call" if self.grid is None else self.grid
         text = f"grid={grid}, pattern={self.pattern_name!r}, layer_idx={self.layer_idx}"
+        if self.grid is None and self.num_orders > 1:
+            text += f", num_orders={self.num_orders}"
         if self.grid is not None:
-            k = len(pattern_family(self.pattern, self.grid))
-            text += f" (order {self.layer_idx % k} of {k})"
+            k, n = len(pattern_family(self.pattern, self.grid)), self.num_orders
+            first = self.layer_idx * n % k
+            text += f" (order {first} of {k})" if n == 1 else f" ({n} orders from {first} of {k})"
         if self.seq_len is not None and self.seq_len != self.num_tokens:
             text += f", sequences={self.num_tokens // self.seq_len}x{self.seq_len}"
         if self.num_prefix_tokens:

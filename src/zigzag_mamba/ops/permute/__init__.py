@@ -15,6 +15,7 @@ a Triton row gather (:mod:`.triton`) for CUDA tensors when Triton can run, ``ind
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -68,7 +69,8 @@ def check_permutation(order: torch.Tensor) -> None:
 
 
 class Permutation(NamedTuple):
-    """A token order (L,) and its inverse, ``inverse[order[i]] == i``, both int64 on one device.
+    """A token order (L,) and its inverse, ``inverse[order[i]] == i``, both int64 on one device;
+    or k of them, (k, L) tensors (:meth:`stack`), for the cross mixer's ops.
 
     Make one with :meth:`of`, which checks the order and computes the inverse;
     :meth:`~zigzag_mamba.ZigzagScan.layout` gives the ones of a pattern. The ops take it without
@@ -95,6 +97,16 @@ class Permutation(NamedTuple):
     def to(self, device: torch.device | str) -> Permutation:
         """Both tensors on ``device``."""
         return Permutation(self.order.to(device), self.inverse.to(device))
+
+    @classmethod
+    def stack(cls, permutations: Sequence[Permutation]) -> Permutation:
+        """k permutations of L tokens as one, with (k, L) tensors: what a cross mixer reads
+        (:func:`~zigzag_mamba.ops.cross_permute.cross_permute`)."""
+        orders = [p.order for p in permutations]
+        if not orders or any(o.shape != orders[0].shape or o.dim() != 1 for o in orders):
+            shapes = [tuple(o.shape) for o in orders]
+            raise ValueError(f"expected one or more permutations (L,) of one L, got {shapes}")
+        return cls(torch.stack(orders), torch.stack([p.inverse for p in permutations]))
 
     def inverted(self) -> Permutation:
         """The permutation that undoes this one (the gather back into raster order)."""

@@ -97,6 +97,10 @@ section_bench_order_cost() {
 
 # --- recomputing in the mixer's backward: Mamba.recompute on and off, interleaved calls, with
 # peak memory; L = 4096 and 16384, D = 768, bf16. Under a minute. ---------------------------
+section_bench_strategies() {
+    "$PY" benchmarks/bench_strategies.py --device cuda --out "$OUT/bench_strategies.md"
+}
+
 section_bench_recompute() {
     "$PY" benchmarks/bench_recompute.py --device cuda --images 1024 --out "$OUT/bench_recompute.md"
 }
@@ -197,6 +201,7 @@ run_section bench_compile "torch.compile and CUDA graphs: backbones at L = 256 a
 run_section bench_recompute "Recomputing in the mixer's backward" 50
 run_section bench_order_cost "The zigzag scan's cost in a block" 40
 run_section bench_permute "permute_tokens bandwidth" 30
+run_section bench_strategies "Scan strategies: alternating, bidirectional and cross blocks" 40
 
 {
     cat "$OUT/environment.md" 2>/dev/null || true

@@ -202,6 +202,11 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
             ["| 64 | fwd |", "| 64 | fwd+bwd |"],
         ),
         (
+            "bench_strategies.py",
+            ["--lengths", "64", "--dim", "16", "--repeats", "2"],
+            ["| 64 | fwd+bwd | cross |", "| 64 | fwd | bidirectional |", "| 64 | "],
+        ),
+        (
             "bench_selective_scan.py",
             ["--quick"],
             ["| numba vs torch | 1024 |", "| torch vs materialised loop | 256 |"],
@@ -277,8 +282,9 @@ def test_gpu_check_always_writes_its_summary(tmp_path):
         "A training step",
         "torch.compile",
         "replace_attention on timm models",
+        "Scan strategies",
     )
     for title in titles:
         assert f"| {title}" in summary
-    assert summary.count("| FAILED |") == 10
+    assert summary.count("| FAILED |") == 11
     assert "mamba-ssm" not in summary  # the optional sections run only when asked for

@@ -4,7 +4,7 @@ their definitions (one gather per order) on fresh random inputs."""
 import pytest
 import torch
 
-from zigzag_mamba.ops import Permutation
+from zigzag_mamba.ops import Permutation, use_backend
 from zigzag_mamba.ops.cross_permute import (
     _cross_merge,
     _cross_permute,
@@ -26,28 +26,32 @@ def random_orders(k: int, length: int, seed: int) -> Permutation:
 @pytest.mark.parametrize(
     ("batch", "length", "k", "channels"), [(2, 17, 4, 5), (1, 1, 2, 3), (3, 40, 1, 8)]
 )
+@pytest.mark.parametrize("backend", ["numba", "torch"])
 def test_permute_is_one_gather_per_order_and_merge_sums_them_back(
-    dtype, batch, length, k, channels
+    backend, dtype, batch, length, k, channels
 ):
     perm = random_orders(k, length, seed=length + k)
     x = torch.randn(batch, length, channels).to(dtype)
-    permuted = cross_permute(x, perm)
+    y = torch.randn(batch, length, k, channels, dtype=torch.float64).to(dtype)
+    with use_backend(cross_permute=backend):
+        permuted, merged = cross_permute(x, perm), cross_merge(y, perm)
     assert permuted.shape == (batch, length, k, channels) and permuted.is_contiguous()
     assert torch.equal(permuted, cross_permute_reference(x, perm.order))
-    y = torch.randn(batch, length, k, channels, dtype=torch.float64).to(dtype)
-    merged = cross_merge(y, perm)
     expected = cross_merge_reference(y.double(), perm.inverse)
     tol = {torch.bfloat16: 2e-2}.get(dtype, 1e-6)
     torch.testing.assert_close(merged.double(), expected, rtol=tol, atol=tol)
 
 
-def test_merge_reads_a_strided_input_in_place_of_a_copy():
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_merge_takes_a_strided_input(backend):
     perm = random_orders(3, 11, seed=1)
     # The selective scan's output (B, k * C, L), viewed (B, L, k, C): not contiguous.
     scan_output = torch.randn(2, 3 * 4, 11)
     y = scan_output.transpose(1, 2).unflatten(2, (3, 4))
     assert not y.is_contiguous()
-    torch.testing.assert_close(cross_merge(y, perm), cross_merge_reference(y, perm.inverse))
+    with use_backend(cross_permute=backend):
+        merged = cross_merge(y, perm)
+    torch.testing.assert_close(merged, cross_merge_reference(y, perm.inverse))
 
 
 def test_merge_is_the_adjoint_of_permute_and_both_differentiate_twice():

@@ -162,10 +162,10 @@ class Contender:
     optional: bool = False
 
 
-def _zigma_block(scan: str | None, mixer: str = "mamba") -> Builder:
+def _zigma_block(pattern: str | None, mixer: str = "mamba") -> Builder:
     def build(dim: int, length: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        grid = grid_for(length) if scan is not None else None
-        return ZigMaBlock(dim, grid, scan, LAYER_IDX, mixer=mixer, device=device, dtype=dtype)
+        grid = grid_for(length) if pattern is not None else None
+        return ZigMaBlock(dim, grid, pattern, LAYER_IDX, mixer=mixer, device=device, dtype=dtype)
 
     return build
 
@@ -202,6 +202,7 @@ BLOCKS: dict[str, Contender] = {
         Contender("zigma", "ZigMa block (zigzag8)", _zigma_block("zigzag8"), "zigma"),
         Contender(UNPERMUTED, "ZigMa block (pattern=None)", _zigma_block(None), UNPERMUTED),
         Contender("vim", "Vim block (bidirectional)", _zigma_block(None, "bidirectional"), "vim"),
+        Contender("cross", "cross block (sweep4, k = 4)", _zigma_block("sweep4", "cross"), "cross"),
         Contender("dit", "DiT block (attention)", _dit_block, "dit"),
         Contender(
             "zigma-mamba-ssm",

@@ -9,8 +9,8 @@ is the other's adjoint, so each op's backward is the other op (higher derivative
 ``permutation`` is a :class:`~zigzag_mamba.ops.permute.Permutation` of k orders (its tensors
 (k, L)), made by :meth:`Permutation.stack` or given by a cross mixer's layout. Backends
 (registry op ``"cross_permute"``): Triton on CUDA (the permute's row gather over k * L rows for
-the permute, one fused kernel that reads the k rows of each output row for the merge),
-``index_select`` everywhere else.
+the permute, one fused kernel that reads the k rows of each output row for the merge); numba on
+the CPU (the same fused merge; float32 and float64); ``index_select`` everywhere else.
 """
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ __all__ = ["cross_merge", "cross_merge_reference", "cross_permute", "cross_permu
 OP = "cross_permute"
 
 register_triton_backend(OP, f"{__name__}.triton")
+register_backend(OP, "numba", f"{__name__}.numba", ("cpu",), dtypes=(torch.float32, torch.float64))
 register_backend(OP, "torch", f"{__name__}.pytorch", ("cpu", "cuda", "mps", "xpu"))
 
 
 def _backend(x: torch.Tensor):
-    return backend_module(OP, implementation(OP, x.device.type))
+    return backend_module(OP, implementation(OP, x.device.type, x))
 
 
 @torch.library.custom_op("zigzag_mamba::cross_permute", mutates_args=())

@@ -293,7 +293,7 @@ _LAUNCH = threading.Lock()
 
 
 @contextlib.contextmanager
-def _torch_thread_count() -> Iterator[int]:
+def torch_thread_count() -> Iterator[int]:
     """Run a numba kernel alone (:data:`_LAUNCH`) with torch's thread count, and give torch its
     count back afterwards.
 
@@ -343,7 +343,7 @@ def forward(x: ScanInputs, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     out = torch.empty(n_batch, n_chan, length, dtype=dtype)
     last = torch.empty(n_batch, n_chan, n_state, dtype=dtype)
     ckpt = torch.empty(n_batch, n_chan, -(-length // chunk), n_state, dtype=dtype)
-    with _torch_thread_count():
+    with torch_thread_count():
         selective_scan_forward(
             arrays, x.delta_softplus, chunk, out.numpy(), last.numpy(), ckpt.numpy()
         )
@@ -364,7 +364,7 @@ def backward(
     dz = torch.empty(arrays[6].shape, dtype=dtype)
     dA_part = torch.empty(n_batch, n_chan, n_state, dtype=dtype)
     dD_part, dbias_part = (torch.empty(n_batch, n_chan, dtype=dtype) for _ in range(2))
-    with _torch_thread_count() as threads:
+    with torch_thread_count() as threads:
         # Enough independent slices of each group to keep every thread busy; each slice owns
         # a partial dB/dC buffer, summed below.
         blocks = -(-(n_chan // n_group) // LANES)

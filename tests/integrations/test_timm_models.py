@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import torch
-from helpers import capture_mixer_calls, check_mixer_calls, gradients
+from helpers import capture_mixer_calls, check_mixer_calls, gradients, randomise
 from torch import nn
 
 timm = pytest.importorskip("timm", reason="timm is not installed (it needs torchvision)")
@@ -252,6 +252,18 @@ def test_options_reach_the_mixers():
     assert type(zigma.mixer).__name__ == "BiMamba"
     assert zigma.mixer.in_proj.weight.dtype == torch.float64
     assert model(torch.randn(1, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_the_cross_mixer_converts_and_trains():
+    model = tiny_vit(dynamic_img_size=True)
+    replace_attention(model, pattern="sweep4", mixer="cross", d_state=4)
+    randomise(model, seed=3, scale=0.02)
+    mixers = [block.attn.mixer for block in model.blocks]
+    assert all(type(m.mixer).__name__ == "CrossMamba" and m.mixer.k == 4 for m in mixers)
+    out = model(torch.randn(2, 3, 32, 48))  # another grid than the default: 8 x 12
+    out.square().mean().backward()
+    assert torch.isfinite(out).all()
+    assert all(m.mixer.x_proj_weight.grad.abs().sum() > 0 for m in mixers)
 
 
 class Causal(Attention):

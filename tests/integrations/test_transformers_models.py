@@ -194,6 +194,22 @@ def test_save_pretrained_then_from_pretrained_gives_the_same_outputs(tmp_path):
         from_pretrained(transformers.ViTForImageClassification, tmp_path / "plain")
 
 
+def test_the_cross_mixer_converts_trains_and_reloads(tmp_path):
+    vit = replace_attention(build(num_register_tokens=0), "zigzag8", mixer="cross", k=2, d_state=4)
+    mixers = mixers_of(vit)
+    assert mixers[0].mixer.zigzag.order.shape == (2, 17)  # S0 and S1 in layer 0
+    randomise(vit, seed=2, scale=0.02)
+    vit.eval()
+    x = torch.randn(2, 1, 8, 8)
+    vit(x).logits.square().mean().backward()
+    assert all(m.mixer.mixer.x_proj_weight.grad.abs().sum() > 0 for m in mixers)
+    vit.save_pretrained(tmp_path / "cross")
+    again = from_pretrained(transformers.ViTForImageClassification, tmp_path / "cross")
+    assert again.config.zigma["mixer"] == "cross" and again.config.zigma["k"] == 2
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, vit(x).logits)
+
+
 def test_weights_reload_into_a_converted_model():
     vit = replace_attention(build())
     fresh = replace_attention(build())

@@ -11,6 +11,7 @@ from zigzag_mamba import orders
 from zigzag_mamba.cli import main
 from zigzag_mamba.train.ablate import AblationConfig, AblationError, config_with_preset
 from zigzag_mamba.train.ablate import run as ablate_run
+from zigzag_mamba.train.ablate.config import split_arm
 from zigzag_mamba.train.ablate.data import Evaluation, open_study_data
 from zigzag_mamba.train.ablate.photos import PhotoCrops
 from zigzag_mamba.train.ablate.report import summarise
@@ -193,12 +194,21 @@ def test_intervals_need_two_values():
 def test_the_summary_pairs_each_pattern_with_the_baseline_seed_by_seed():
     fd = {"zigzag8": [1.0, 2.0, 3.0], "sweep": [1.5, 3.0, 4.5]}
     results = [
-        {"pattern": pattern, "seed": seed, "heldout_loss": 0.1 * (seed + 1), "fd": value}
+        {
+            "pattern": pattern,
+            "seed": seed,
+            "heldout_loss": 0.1 * (seed + 1),
+            "fd": value,
+            "parameters": 100 if pattern == "sweep" else 120,
+            "train_seconds": 10.0 * (seed + 1),
+            "steps": 20,
+        }
         for pattern, values in fd.items()
         for seed, value in enumerate(values)
     ]
     rows = {row["pattern"]: row for row in summarise(results, AblationConfig(seeds=[0, 1, 2]))}
     sweep = rows["sweep"]
+    assert sweep["parameters"] == 100 and sweep["seconds_per_step"] == pytest.approx(1.0)
     assert sweep["seeds"] == [0, 1, 2] and sweep["fd"]["mean"] == pytest.approx(3.0)
     assert sweep["fd_vs_baseline"]["mean"] == pytest.approx(1.0)  # differences 0.5, 1, 1.5
     half = T_975_2DOF * 0.5 / math.sqrt(3)
@@ -208,6 +218,13 @@ def test_the_summary_pairs_each_pattern_with_the_baseline_seed_by_seed():
 
 
 # -- bad input -------------------------------------------------------------------------------
+
+
+def test_an_arm_names_its_strategy_and_an_unknown_mixer_is_refused(tmp_path, capsys):
+    assert split_arm("sweep4+cross") == ("sweep4", "cross")
+    error = _error(capsys, "--out-dir", str(tmp_path / "a"), "--patterns", "sweep4+crossed")
+    assert "unknown mixer(s) 'crossed'" in error and "cross" in error
+    assert not (tmp_path / "a").exists()
 
 
 def _error(capsys, *args: str) -> str:

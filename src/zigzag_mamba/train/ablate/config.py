@@ -54,7 +54,10 @@ class AblationConfig(SmallRun):
     train_crops: int = option(32768, "training crops drawn from the photos per seed", at_least=1)
     patterns: list[str] = field(
         default_factory=lambda: ["all"],
-        metadata={"help": "patterns; 'all': every registered 2-D one and 'none' (no permutation)"},
+        metadata={
+            "help": "arms: a pattern, or PATTERN+MIXER for another strategy (sweep+bidirectional, "
+            "sweep4+cross); 'all': every registered 2-D pattern and 'none' (no permutation)"
+        },
     )
     seeds: list[int] = field(
         default_factory=lambda: [0, 1, 2],
@@ -78,6 +81,20 @@ class AblationConfig(SmallRun):
         for name in self.patterns:
             names += all_patterns() if name == "all" else [name]
         return list(dict.fromkeys(names))
+
+
+def split_arm(arm: str) -> tuple[str, str | None]:
+    """An arm of the study, ``PATTERN`` or ``PATTERN+MIXER``, as (pattern, mixer or None): the
+    pattern alone runs the default mixer (one order per layer), ``sweep+bidirectional`` Vim's
+    strategy, ``sweep4+cross`` VMamba's.
+
+    Example::
+
+        >>> split_arm("sweep4+cross"), split_arm("zigzag8")
+        (('sweep4', 'cross'), ('zigzag8', None))
+    """
+    pattern, _, mixer = arm.partition("+")
+    return pattern, mixer or None
 
 
 def all_patterns() -> list[str]:
@@ -173,7 +190,7 @@ def protocol(config: AblationConfig, model: dict[str, Any], train: dict[str, Any
         {
             "version": PROTOCOL_VERSION,
             "settings": settings,
-            "model": {k: v for k, v in model.items() if k != "pattern"},
+            "model": {k: v for k, v in model.items() if k not in ("pattern", "mixer")},
             "train": {k: v for k, v in train.items() if k not in ("out_dir", "seed", "progress")},
             "evaluation": {
                 "seed": EVAL_SEED,

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,11 @@ def summarise(results: list[dict[str, Any]], config: AblationConfig) -> list[dic
     rows = []
     for pattern, runs in by_pattern.items():
         row: dict[str, Any] = {"pattern": pattern, "seeds": sorted(runs)}
+        # What an arm costs: strategies differ in parameters and time per step, orders do not.
+        row["parameters"] = next(iter(runs.values()))["parameters"]
+        row["seconds_per_step"] = statistics.fmean(
+            run["train_seconds"] / run["steps"] for run in runs.values()
+        )
         for metric in METRICS:
             values = {seed: run[metric] for seed, run in runs.items()}
             row[metric] = _estimate(list(values.values()), config).to_dict()
@@ -130,6 +136,12 @@ def markdown(
         f"{len(reference['times'])} times on {reference['heldout_loss_images']} held-out images.",
         "",
     ]
+    lines += ["## Cost", "", "| pattern | parameters | seconds per step |", "| --- | ---: | ---: |"]
+    lines += [
+        f"| `{row['pattern']}` | {row['parameters']:,} | {row['seconds_per_step']:.3g} |"
+        for row in summary
+    ]
+    lines += ["", "Seconds per step: the mean over seeds of training time / steps.", ""]
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from zigzag_mamba.modules.block import MIXERS
 from zigzag_mamba.orders import as_grid, pattern_family
 from zigzag_mamba.train.ablate.config import (
     NO_PATTERN,
@@ -28,6 +29,7 @@ from zigzag_mamba.train.ablate.config import (
     all_patterns,
     check_protocol,
     protocol,
+    split_arm,
 )
 from zigzag_mamba.train.ablate.data import Evaluation, StudyData, evenly_spaced, open_study_data
 from zigzag_mamba.train.ablate.report import write_reports
@@ -68,11 +70,17 @@ def check_settings(config: AblationConfig) -> list[str]:
             "or turn intervals off (--no-intervals)"
         )
     patterns = config.resolved_patterns()
-    unknown = [p for p in patterns if not _known(p)]
+    unknown = [p for p in patterns if not _known(split_arm(p)[0])]
     if unknown:
         raise AblationError(
             f"unknown scan pattern(s) {', '.join(map(repr, unknown))}; choose from "
             f"{', '.join(all_patterns())}, or 'all'"
+        )
+    mixers = {split_arm(p)[1] for p in patterns} - {None}
+    if mixers - set(MIXERS):
+        raise AblationError(
+            f"unknown mixer(s) {', '.join(map(repr, sorted(mixers - set(MIXERS))))} in "
+            f"PATTERN+MIXER; choose from {', '.join(MIXERS)}"
         )
     return patterns
 
@@ -90,7 +98,8 @@ def check_fit(patterns: list[str], shape: tuple[int, ...], patch_size: int) -> t
             f"{height}x{width} images do not split into {patch_size}x{patch_size} patches"
         )
     grid = as_grid((height // patch_size, width // patch_size))
-    for pattern in patterns:
+    for arm in patterns:
+        pattern = split_arm(arm)[0]
         if pattern == NO_PATTERN:
             continue
         try:
@@ -103,10 +112,11 @@ def check_fit(patterns: list[str], shape: tuple[int, ...], patch_size: int) -> t
     return grid
 
 
-def model_spec(config: AblationConfig, shape: tuple[int, ...], pattern: str) -> dict[str, Any]:
-    """The ZigMaBackbone of a run: the same for every pattern but for ``pattern``."""
+def model_spec(config: AblationConfig, shape: tuple[int, ...], arm: str) -> dict[str, Any]:
+    """The ZigMaBackbone of a run: the same for every arm but for its pattern (and mixer)."""
     from zigzag_mamba.train.build import model_spec as base_spec
 
+    pattern, mixer = split_arm(arm)
     return base_spec(
         "ZigMa-T/1",
         data_shape=shape,
@@ -116,6 +126,7 @@ def model_spec(config: AblationConfig, shape: tuple[int, ...], pattern: str) -> 
         depth=config.depth,
         patch_size=config.patch_size,
         pattern=None if pattern == NO_PATTERN else pattern,
+        **({} if mixer is None else {"mixer": mixer}),
     )
 
 

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from zigzag_mamba import cli
-from zigzag_mamba.viz import draw_orders
+from zigzag_mamba.viz import draw_orders, draw_strategies
 
 
 def test_draw_orders_writes_a_png(tmp_path):
@@ -13,6 +13,12 @@ def test_draw_orders_writes_a_png(tmp_path):
     image = np.asarray(Image.open(path).convert("L"))
     assert image.shape[0] > 100 and image.shape[1] > 100
     assert image.std() > 10  # something was drawn, not a blank canvas
+
+
+def test_draw_strategies_draws_one_row_per_strategy(tmp_path):
+    image = np.asarray(Image.open(draw_strategies((4, 6), tmp_path / "s.png")).convert("L"))
+    # Three rows of panels: the picture is taller than one row and wider than it is tall.
+    assert image.shape[0] > 200 and image.shape[1] > image.shape[0] and image.std() > 10
 
 
 def test_cli_orders_writes_the_file(tmp_path, capsys):

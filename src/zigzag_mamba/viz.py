@@ -75,6 +75,55 @@ def draw_orders(
     return path
 
 
+#: (row title, pattern, how the layer reads its orders) of :func:`draw_strategies`.
+STRATEGIES = (
+    ("alternating (mamba, zigzag8)", "zigzag8", "one"),
+    ("bidirectional (Vim, sweep)", "sweep", "both ways"),
+    ("cross, k = 4 (VMamba's SS2D, sweep4)", "sweep4", "four"),
+)
+
+
+def draw_strategies(grid: int | Sequence[int], path: str | Path, *, layers: int = 2) -> Path:
+    """Draw what each scan strategy reads in each of its first ``layers`` layers on an (H, W)
+    ``grid``: one order per layer (alternating), one order forward and backward
+    (bidirectional), or four orders at once (cross). Saves a PNG to ``path``.
+
+    Example::
+
+        >>> draw_strategies((6, 6), "strategies.png")
+        PosixPath('strategies.png')
+    """
+    H, W = as_grid(grid)
+    rows = []
+    for title, pattern, reads in STRATEGIES:
+        family = pattern_family(pattern, (H, W))
+        row = []
+        for layer in range(layers):
+            if reads == "one":
+                row.append((f"layer {layer}", family[layer % len(family)]))
+            elif reads == "both ways":
+                row += [(f"layer {layer}, forward", family[0]), ("backward", family[0].flip(0))]
+            else:
+                row += [
+                    (f"layer {layer}" if j == 0 else "", order) for j, order in enumerate(family)
+                ]
+        rows.append((title, row))
+    columns = max(len(row) for _, row in rows)
+    fig = _figure_class()(figsize=(1.9 * columns, 2.3 * len(rows)), layout="constrained")
+    fig.suptitle(f"What each strategy's layers read on a {H}x{W} grid")
+    for r, (title, row) in enumerate(rows):
+        for c, (label, order) in enumerate(row):
+            ax = fig.add_subplot(len(rows), columns, r * columns + c + 1)
+            _draw_order(ax, order, H, W)
+            ax.set_title(label, fontsize=8)
+            if c == 0:
+                ax.set_ylabel(title, fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def _panel(
     order: torch.Tensor, k: int, grid: tuple[int, ...]
 ) -> tuple[str, torch.Tensor, int, int]:

@@ -140,7 +140,8 @@ def replace_attention(
             ``VisionTransformer`` (or a model whose blocks hold an ``attn`` with timm's
             ``Attention`` signature); see :mod:`zigzag_mamba.integrations.vit`.
         pattern: the token-order pattern; layer i (the block's position) reads order i % k.
-        mixer: ``"mamba"`` or ``"bidirectional"``.
+        mixer: ``"mamba"``, ``"bidirectional"`` or ``"cross"`` (k orders per layer; ``k`` is
+            one of ``mamba_kwargs``, 4 by default).
         prefix_position: where the class and register tokens sit in each scanned sequence;
             ``"end"`` lets a causal scan give them the whole image.
         mamba_kwargs: :class:`~zigzag_mamba.Mamba` arguments (``d_state``, ``expand``, ...).

@@ -38,7 +38,8 @@ class ZigMaConfig:
         context_dim: width of text-encoder tokens for text conditioning (``context``): the
             tokens are projected to D, their mean is added to c and every block cross-attends
             to them.
-        mixer: ``"mamba"`` or ``"bidirectional"``.
+        mixer: the scan strategy: ``"mamba"``, ``"bidirectional"`` or ``"cross"`` (see
+            :class:`~zigzag_mamba.ZigMaBlock`).
         ssm_cfg: extra :class:`~zigzag_mamba.Mamba` arguments.
         norm_eps: RMSNorm epsilon.
 

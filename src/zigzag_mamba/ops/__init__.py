@@ -1,12 +1,19 @@
 """Functional ops, each in its own package with a reference twin and its backends.
 
-``selective_scan`` (the SSM), ``permute_tokens`` (token orders), ``mixer_in`` / ``mixer_out``
+``selective_scan`` (the SSM), ``permute_tokens`` (token orders), ``cross_permute`` /
+``cross_merge`` (k orders at once, for the cross mixer), ``mixer_in`` / ``mixer_out``
 (the block's stages around the mixer) and ``causal_conv1d``; :func:`backends` reports what runs
 where and :class:`use_backend` forces a backend (docs/design.md has the rules).
 """
 
 from zigzag_mamba.ops.backends import backends, use_backend
 from zigzag_mamba.ops.conv import causal_conv1d, causal_conv1d_reference
+from zigzag_mamba.ops.cross_permute import (
+    cross_merge,
+    cross_merge_reference,
+    cross_permute,
+    cross_permute_reference,
+)
 from zigzag_mamba.ops.mixer_io import (
     mixer_in,
     mixer_in_reference,
@@ -26,6 +33,10 @@ __all__ = [
     "backends",
     "causal_conv1d",
     "causal_conv1d_reference",
+    "cross_merge",
+    "cross_merge_reference",
+    "cross_permute",
+    "cross_permute_reference",
     "inverse_order",
     "mixer_in",
     "mixer_in_reference",

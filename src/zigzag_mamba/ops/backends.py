@@ -8,7 +8,8 @@ Probes run lazily, once per device type, at first use; never at import.
 
 The choice is ``"auto"`` (the first available backend for the tensor's device) unless it is
 forced: for the whole process by an environment variable (``ZIGZAG_MAMBA_SELECTIVE_SCAN``,
-``ZIGZAG_MAMBA_PERMUTE_TOKENS``, ``ZIGZAG_MAMBA_MIXER_IO``, ``ZIGZAG_MAMBA_CAUSAL_CONV1D``), or
+``ZIGZAG_MAMBA_PERMUTE_TOKENS``, ``ZIGZAG_MAMBA_CROSS_PERMUTE``, ``ZIGZAG_MAMBA_MIXER_IO``,
+``ZIGZAG_MAMBA_CAUSAL_CONV1D``), or
 in the current thread by :class:`use_backend`. A backend that does not take the inputs' dtype
 (the Triton and mamba-ssm kernels compute in fp32 and take no float64) hands the call to the
 op's portable ``"torch"`` backend, which runs everywhere.

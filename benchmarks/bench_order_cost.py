@@ -25,9 +25,8 @@ from collections.abc import Iterator
 
 import torch
 
-from zigzag_mamba.bench.cli import add_block_arguments, parse_block_arguments
+from zigzag_mamba.bench.cli import report_main
 from zigzag_mamba.bench.contenders import paired_order_blocks
-from zigzag_mamba.bench.report import LiveReport
 from zigzag_mamba.bench.timing import DTYPES, machine_info, paired_ratio, time_interleaved
 
 DEFAULTS = {  # device -> (lengths, dim, batch, dtype, repeats)
@@ -66,14 +65,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> Iterator[str]:
             )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_block_arguments(parser, list(DEFAULTS), repeats="interleaved calls of each block")
-    args = parse_block_arguments(parser, DEFAULTS)
-    report = LiveReport(args.out)
-    for line in measure(args, torch.device(args.device)):
-        report.add(line)
-
-
 if __name__ == "__main__":
-    main()
+    report_main(
+        __doc__.split("\n")[0], DEFAULTS, measure, repeats="interleaved calls of each block"
+    )

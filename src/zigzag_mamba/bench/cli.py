@@ -208,6 +208,22 @@ def parse_block_arguments(
     return args
 
 
+def report_main(description: str, defaults: dict[str, tuple], measure, repeats: str) -> None:
+    """The entry point of a benchmark that prints a Markdown report line by line: the block
+    arguments (:func:`add_block_arguments`), then ``measure(args, device)``'s lines, each
+    printed (and written to ``--out``) as it comes."""
+    import torch
+
+    from zigzag_mamba.bench.report import LiveReport
+
+    parser = argparse.ArgumentParser(description=description)
+    add_block_arguments(parser, list(defaults), repeats=repeats)
+    args = parse_block_arguments(parser, defaults)
+    report = LiveReport(args.out)
+    for line in measure(args, torch.device(args.device)):
+        report.add(line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``benchmarks/bench_blocks.py``: the same command without ``zigma``."""
     parser = argparse.ArgumentParser(prog="bench_blocks.py", description=DESCRIPTION)

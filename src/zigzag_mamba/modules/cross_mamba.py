@@ -112,7 +112,7 @@ class CrossMamba(Mamba):
             self.dt_proj_bias.float().reshape(-1),
         )
 
-    def _check_orders(self, hidden_states: torch.Tensor, permutation: Permutation) -> None:
+    def _check_orders(self, permutation: Permutation) -> None:
         if not isinstance(permutation, Permutation) or permutation.order.dim() != 2:
             raise TypeError(
                 f"CrossMamba takes the tokens and a Permutation of its k={self.k} orders, (k, L) "
@@ -125,7 +125,7 @@ class CrossMamba(Mamba):
 
     def forward(self, hidden_states: torch.Tensor, permutation: Permutation) -> torch.Tensor:
         """``hidden_states`` (B, L, D) in raster order; ``permutation`` the k orders (k, L)."""
-        self._check_orders(hidden_states, permutation)
+        self._check_orders(permutation)
         xz = self._project(hidden_states)
         x, z = xz.chunk(2, dim=-1)
         conv_w, conv_b, x_proj_w, dt_proj_w, A, D, delta_bias = self._weights(xz.dtype)
@@ -155,7 +155,7 @@ class CrossMamba(Mamba):
     ) -> torch.Tensor:
         """The definition: k :class:`Mamba` branches, one per order, in a loop, each gated by
         its permuted z, put back in raster order and summed."""
-        self._check_orders(hidden_states, permutation)
+        self._check_orders(permutation)
         xz = self._project(hidden_states)
         conv_w, conv_b, x_proj_w, dt_proj_w, A, D, delta_bias = self._weights(xz.dtype)
         E, out = self.d_inner, 0

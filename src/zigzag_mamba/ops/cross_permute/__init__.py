@@ -84,14 +84,12 @@ def _check(name: str, tokens: torch.Tensor, rank: int, permutation: Permutation)
         got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise ValueError(f"{name} must be tokens {shape}, got {got}")
     if not isinstance(permutation, Permutation) or permutation.order.dim() != 2:
+        got = type(permutation).__name__
+        if isinstance(permutation, Permutation):
+            got = f"orders of shape {tuple(permutation.order.shape)}"
         raise TypeError(
-            "permutation must be a Permutation of k orders, (k, L) tensors "
-            "(Permutation.stack), got "
-            + (
-                f"orders of shape {tuple(permutation.order.shape)}"
-                if isinstance(permutation, Permutation)
-                else type(permutation).__name__
-            )
+            f"permutation must be a Permutation of k orders, (k, L) tensors (Permutation.stack), "
+            f"got {got}"
         )
     k, length = permutation.order.shape
     if tokens.shape[1] != length or (rank == 4 and tokens.shape[2] != k):

@@ -11,7 +11,12 @@ import torch
 import triton
 import triton.language as tl
 
-from zigzag_mamba.ops.permute.triton import channel_block, default_block_l, gather_tokens
+from zigzag_mamba.ops.permute.triton import (
+    channel_block,
+    default_block_l,
+    gather_tokens,
+    row_tile,
+)
 from zigzag_mamba.ops.utils import launch_device, new_empty
 
 
@@ -37,12 +42,7 @@ def _merge_rows_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    row_blocks = tl.cdiv(n_rows, BLOCK_L)
-    batch = (tl.program_id(0) // row_blocks).to(tl.int64)
-    rows = (tl.program_id(0) % row_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < n_rows
-    mask = row_ok[:, None] & (cols < C)[None, :]
+    batch, rows, cols, row_ok, mask = row_tile(n_rows, C, BLOCK_L, BLOCK_C)
     acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
     for j in tl.static_range(K):
         src = tl.load(inverse_ptr + j * n_rows + rows, mask=row_ok, other=0).to(tl.int64)

@@ -22,6 +22,18 @@ _CHANNEL_BLOCKS = (64, 128, 256, 512)
 
 
 @triton.jit
+def row_tile(n_rows, C, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile of a (B, n_rows, C) output: (batch, rows, cols, row mask, mask)."""
+    # Batch and row blocks share grid axis 0, which (unlike axes 1 and 2) has no 65535 limit.
+    row_blocks = tl.cdiv(n_rows, BLOCK_L)
+    batch = (tl.program_id(0) // row_blocks).to(tl.int64)
+    rows = (tl.program_id(0) % row_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < n_rows
+    return batch, rows, cols, row_ok, row_ok[:, None] & (cols < C)[None, :]
+
+
+@triton.jit
 def _gather_rows_kernel(
     x_ptr,
     index_ptr,
@@ -34,13 +46,7 @@ def _gather_rows_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # Batch and row blocks share grid axis 0, which (unlike axes 1 and 2) has no 65535 limit.
-    row_blocks = tl.cdiv(n_rows, BLOCK_L)
-    batch = (tl.program_id(0) // row_blocks).to(tl.int64)
-    rows = (tl.program_id(0) % row_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < n_rows
-    mask = row_ok[:, None] & (cols < C)[None, :]
+    batch, rows, cols, row_ok, mask = row_tile(n_rows, C, BLOCK_L, BLOCK_C)
     # int64 offsets: B * L * C may exceed 2**31 elements.
     src = tl.load(index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     x_offsets = batch * stride_xb + src[:, None] * stride_xl + cols[None, :] * stride_xc

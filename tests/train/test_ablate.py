@@ -200,6 +200,8 @@ def test_the_summary_pairs_each_pattern_with_the_baseline_seed_by_seed():
             "heldout_loss": 0.1 * (seed + 1),
             "fd": value,
             "parameters": 100 if pattern == "sweep" else 120,
+            "depth": 4,
+            "train_flops": 10**6,
             "train_seconds": 10.0 * (seed + 1),
             "steps": 20,
         }
@@ -230,6 +232,32 @@ def test_an_arm_names_its_strategy_and_an_unknown_mixer_is_refused(tmp_path, cap
 def _error(capsys, *args: str) -> str:
     assert main([*QUICK, *args]) == 2
     return capsys.readouterr().err
+
+
+def test_matched_arms_get_the_depth_nearest_the_baselines_parameter_count():
+    config = config_with_preset("quick", depth=4, match="params")
+    shape = (3, 8, 8)
+    target = ablate_run._parameters(ablate_run._spec(config, shape, "zigzag8", 4))
+
+    def miss(arm: str, depth: int) -> int:
+        return abs(ablate_run._parameters(ablate_run._spec(config, shape, arm, depth)) - target)
+
+    assert ablate_run.model_spec(config, shape, "zigzag8")["depth"] == 4
+    for arm in ("zigzag8+bidirectional", "zigzag8+cross"):
+        depth = ablate_run.model_spec(config, shape, arm)["depth"]
+        assert depth < 4  # a block of either strategy has more parameters
+        assert all(miss(arm, depth) <= miss(arm, d) for d in (depth - 1, depth + 1) if d >= 1)
+    unmatched = config_with_preset("quick", depth=4)
+    assert ablate_run.model_spec(unmatched, shape, "zigzag8+cross")["depth"] == 4
+
+
+def test_a_bad_match_or_baseline_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "never")
+    error = _error(capsys, "--out-dir", out, "--match", "flops")
+    assert "match" in error and "none, params" in error
+    error = _error(capsys, "--out-dir", out, "--baseline", "zigzag3")
+    assert "unknown scan pattern(s) 'zigzag3'" in error and "--baseline" in error
+    assert not (tmp_path / "never").exists()
 
 
 def test_an_unknown_pattern_is_refused_before_anything_runs(tmp_path, capsys):

@@ -54,6 +54,7 @@ import importlib
 import warnings
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from zigzag_mamba.ops.backends import (
     backend_module,
@@ -221,6 +222,20 @@ _selective_scan_bwd.register_autograd(
     ),
     setup_context=no_context,
 )
+
+
+# Model FLOPs for torch.utils.flop_counter: 9 per step, channel and state in the forward (the
+# decay's product and exponential, delta * B * u, the state update, its read-out by C), as
+# VMamba counts the scan; the backward counts twice the forward, as for a matrix product.
+@register_flop_formula(torch.ops.zigzag_mamba.selective_scan_fwd)
+def scan_flops(u, delta, A, *args, **kwargs) -> int:
+    batch, channels, length = u
+    return 9 * batch * channels * length * A[1]
+
+
+@register_flop_formula(torch.ops.zigzag_mamba.selective_scan_bwd)
+def _scan_backward_flops(dout, dlast, inputs, *args, **kwargs) -> int:
+    return 2 * scan_flops(*inputs[:3])
 
 
 def selective_scan(

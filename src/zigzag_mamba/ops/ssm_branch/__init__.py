@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from zigzag_mamba.ops.backends import backend_module, implementation
-from zigzag_mamba.ops.conv import conv_backend
-from zigzag_mamba.ops.selective_scan import CHUNK, ScanInputs
+from zigzag_mamba.ops.conv import conv_backend, conv_flops
+from zigzag_mamba.ops.selective_scan import CHUNK, ScanInputs, scan_flops
 from zigzag_mamba.ops.ssm_branch.inputs import BranchInputs
 from zigzag_mamba.ops.ssm_branch.reference import split_xz, ssm_branch_reference
 from zigzag_mamba.ops.utils import (
@@ -191,6 +192,23 @@ _ssm_branch_bwd.register_autograd(
     ),
     setup_context=no_context,
 )
+
+
+# Model FLOPs for torch.utils.flop_counter: the conv's, the two projections' and the scan's, as
+# each op counts them; the backward counts twice the forward (its recomputation is not counted).
+@register_flop_formula(torch.ops.zigzag_mamba.ssm_branch_fwd)
+def _branch_flops(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, *args, **kwargs):
+    batch, length, _ = xz
+    channels, rank = dt_proj_weight
+    tokens = batch * length
+    projections = 2 * tokens * channels * (x_proj_weight[0] + rank)
+    scan = scan_flops((batch, channels, length), None, A)
+    return conv_flops((batch, channels, length), conv_weight) + projections + scan
+
+
+@register_flop_formula(torch.ops.zigzag_mamba.ssm_branch_bwd)
+def _branch_backward_flops(dy, inputs, *args, **kwargs) -> int:
+    return 2 * _branch_flops(*inputs)
 
 
 def ssm_branch(

@@ -26,8 +26,9 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
-        help="start from a preset: 'quick' (a smoke test, under a minute) or 'photos-study' "
-        "(the committed study, about 90 minutes on one CPU thread); flags override it",
+        help="start from a preset: 'quick' (a smoke test, under a minute), 'photos-study' "
+        "(the committed pattern study, about 90 minutes on one CPU thread) or "
+        "'strategies-study' (the committed strategy study); flags override it",
     )
     parser.add_argument(
         "--quick", action="store_const", const="quick", dest="preset", help="--preset quick"

@@ -68,6 +68,12 @@ class AblationConfig(SmallRun):
     eval_times: int = option(8, "points of the fixed t-grid of the held-out loss", at_least=1)
     fd_samples: int = option(512, "EMA samples for the Frechet distance", at_least=2)
     baseline: str = option("zigzag8", "pattern the others are compared with, seed by seed")
+    match: str = option(
+        "none",
+        "'params': each arm gets the depth whose parameter count is nearest the baseline's at "
+        "--depth (strategies differ in parameters per block); 'none': --depth for every arm",
+        choices=("none", "params"),
+    )
     intervals: bool = option(True, "report 95% t-intervals (needs >= 2 seeds)")
     confidence: float = option(0.95, "confidence level of the intervals", above=0, below=1)
     device: str = option("auto", "auto, cpu, cuda, ...")
@@ -150,6 +156,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "intervals": True,
         "threads": 1,
     },
+}
+# The three strategies on one order set at matched parameter count (docs/ablation.md), with
+# every other setting of the photo study.
+PRESETS["strategies-study"] = {
+    **PRESETS["photos-study"],
+    "patterns": ["zigzag8", "zigzag8+bidirectional", "zigzag8+cross"],
+    "match": "params",
 }
 
 

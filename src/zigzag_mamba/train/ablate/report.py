@@ -31,6 +31,8 @@ CSV_FIELDS = (
     "train_seconds",
     "eval_seconds",
     "parameters",
+    "depth",
+    "train_flops",
     "threads",
 )
 
@@ -48,8 +50,10 @@ def summarise(results: list[dict[str, Any]], config: AblationConfig) -> list[dic
     rows = []
     for pattern, runs in by_pattern.items():
         row: dict[str, Any] = {"pattern": pattern, "seeds": sorted(runs)}
-        # What an arm costs: strategies differ in parameters and time per step, orders do not.
-        row["parameters"] = next(iter(runs.values()))["parameters"]
+        # What an arm costs: strategies differ in parameters, FLOPs and time per step, orders
+        # do not.
+        first = next(iter(runs.values()))
+        row.update({key: first[key] for key in ("parameters", "depth", "train_flops")})
         row["seconds_per_step"] = statistics.fmean(
             run["train_seconds"] / run["steps"] for run in runs.values()
         )
@@ -136,12 +140,24 @@ def markdown(
         f"{len(reference['times'])} times on {reference['heldout_loss_images']} held-out images.",
         "",
     ]
-    lines += ["## Cost", "", "| pattern | parameters | seconds per step |", "| --- | ---: | ---: |"]
     lines += [
-        f"| `{row['pattern']}` | {row['parameters']:,} | {row['seconds_per_step']:.3g} |"
+        "## Cost",
+        "",
+        "| pattern | depth | parameters | GFLOPs per step | seconds per step |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| `{row['pattern']}` | {row['depth']} | {row['parameters']:,} | "
+        f"{row['train_flops'] / 1e9:.3g} | {row['seconds_per_step']:.3g} |"
         for row in summary
     ]
-    lines += ["", "Seconds per step: the mean over seeds of training time / steps.", ""]
+    lines += [
+        "",
+        "GFLOPs per step: the model FLOPs of one step's forward and backward "
+        "(torch.utils.flop_counter). Seconds per step: the mean over seeds of training time / "
+        "steps.",
+        "",
+    ]
     return "\n".join(lines)
 
 

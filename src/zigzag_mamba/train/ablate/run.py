@@ -70,13 +70,15 @@ def check_settings(config: AblationConfig) -> list[str]:
             "or turn intervals off (--no-intervals)"
         )
     patterns = config.resolved_patterns()
-    unknown = [p for p in patterns if not _known(split_arm(p)[0])]
+    # The baseline's model is built even when it is not run: it sets the protocol's model.
+    arms = [*patterns, config.baseline]
+    unknown = [p for p in arms if not _known(split_arm(p)[0])]
     if unknown:
         raise AblationError(
-            f"unknown scan pattern(s) {', '.join(map(repr, unknown))}; choose from "
-            f"{', '.join(all_patterns())}, or 'all'"
+            f"unknown scan pattern(s) {', '.join(map(repr, unknown))} (--patterns, "
+            f"--baseline); choose from {', '.join(all_patterns())}, or 'all'"
         )
-    mixers = {split_arm(p)[1] for p in patterns} - {None}
+    mixers = {split_arm(p)[1] for p in arms} - {None}
     if mixers - set(MIXERS):
         raise AblationError(
             f"unknown mixer(s) {', '.join(map(repr, sorted(mixers - set(MIXERS))))} in "
@@ -113,7 +115,25 @@ def check_fit(patterns: list[str], shape: tuple[int, ...], patch_size: int) -> t
 
 
 def model_spec(config: AblationConfig, shape: tuple[int, ...], arm: str) -> dict[str, Any]:
-    """The ZigMaBackbone of a run: the same for every arm but for its pattern (and mixer)."""
+    """The ZigMaBackbone of a run: the same for every arm but for its pattern, its mixer and,
+    with ``match="params"``, its depth (:func:`matched_depth`)."""
+    depth = config.depth if config.match == "none" else matched_depth(config, shape, arm)
+    return _spec(config, shape, arm, depth)
+
+
+def matched_depth(config: AblationConfig, shape: tuple[int, ...], arm: str) -> int:
+    """The depth whose parameter count is nearest the baseline's at ``config.depth`` (the
+    shallower of two equally near)."""
+    target = _parameters(_spec(config, shape, config.baseline, config.depth))
+    counts = {}
+    for depth in range(1, 4 * config.depth + 1):
+        counts[depth] = _parameters(_spec(config, shape, arm, depth))
+        if counts[depth] >= target:
+            break
+    return min(counts, key=lambda depth: (abs(counts[depth] - target), depth))
+
+
+def _spec(config: AblationConfig, shape: tuple[int, ...], arm: str, depth: int) -> dict[str, Any]:
     from zigzag_mamba.train.build import model_spec as base_spec
 
     pattern, mixer = split_arm(arm)
@@ -123,11 +143,17 @@ def model_spec(config: AblationConfig, shape: tuple[int, ...], arm: str) -> dict
         num_classes=0,
         cfg_dropout=0.0,
         dim=config.dim,
-        depth=config.depth,
+        depth=depth,
         patch_size=config.patch_size,
         pattern=None if pattern == NO_PATTERN else pattern,
         **({} if mixer is None else {"mixer": mixer}),
     )
+
+
+def _parameters(spec: dict[str, Any]) -> int:
+    from zigzag_mamba.train.build import build_model
+
+    return sum(p.numel() for p in build_model(spec).parameters())
 
 
 def build_run_model(config: AblationConfig, shape: tuple[int, ...], pattern: str, seed: int):
@@ -158,7 +184,7 @@ def _run(config: AblationConfig) -> dict[str, Any]:
     patterns = check_settings(config)
     seeds = list(dict.fromkeys(config.seeds))
     data = open_study_data(config)
-    check_fit(patterns, data.shape, config.patch_size)
+    check_fit([*patterns, config.baseline], data.shape, config.patch_size)
     available = len(data.train_set(seeds[0]))
     if available < config.batch_size:
         raise AblationError(
@@ -168,7 +194,8 @@ def _run(config: AblationConfig) -> dict[str, Any]:
     out = Path(config.out_dir)
     # One writer per results folder, from its first write on.
     with RunLock(out):
-        spec = model_spec(config, data.shape, patterns[0])
+        # The baseline's model: with matched depths, the arms' depths follow from it.
+        spec = _spec(config, data.shape, config.baseline, config.depth)
         check_protocol(out, protocol(config, spec, train_config(config, 0, out).to_dict()))
 
         from zigzag_mamba.train.interpolant import Interpolant
@@ -211,6 +238,7 @@ def train_and_score(
 
     path = result_path(out, pattern, seed)
     model, spec = build_run_model(config, data.shape, pattern, seed)
+    flops = training_flops(model, data.shape, config.batch_size)
     trainer = Trainer(
         model, data.train_set(seed), train_config(config, seed, path.parent), model_config=spec
     )
@@ -227,6 +255,8 @@ def train_and_score(
         "train_seconds": round(trained - began, 2),
         "eval_seconds": round(time.perf_counter() - trained, 2),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "depth": spec["depth"],
+        "train_flops": flops,
         "threads": torch.get_num_threads(),
         "versions": _versions(),
     }
@@ -237,6 +267,20 @@ def train_and_score(
     with contextlib.suppress(OSError):
         trainer.checkpoint_path.parent.rmdir()
     return result
+
+
+def training_flops(model: torch.nn.Module, shape: tuple[int, ...], batch_size: int) -> int:
+    """Model FLOPs of one training step's forward and backward (``torch.utils.flop_counter``'s
+    count: matrix products, convolutions and the library's ops), on a batch of zeros; the
+    model's gradients are cleared afterwards."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(batch_size, *shape)
+    t = torch.full((batch_size,), 0.5)
+    with FlopCounterMode(display=False) as counter:
+        model(x, t).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 
 def _loss_curve(log: Path) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""The library's ops are counted by torch.utils.flop_counter: the scan and the conv by their
-formulas, and the fused SSM branch as the sum of the ops it fuses."""
+"""FLOP_FORMULAS lets torch.utils.flop_counter count the library's ops: the scan and the conv by
+their formulas, and the fused SSM branch as the sum of the ops it fuses."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tests.ops.test_ssm_branch import CASES, make_inputs
+from zigzag_mamba.ops import FLOP_FORMULAS
 from zigzag_mamba.ops.conv import causal_conv1d
 from zigzag_mamba.ops.selective_scan import selective_scan
 from zigzag_mamba.ops.ssm_branch import ssm_branch, ssm_branch_reference
@@ -17,9 +18,9 @@ def _flops(fn, *inputs) -> tuple[int, int]:
     leaves = [
         None if t is None else t.detach().requires_grad_(t.is_floating_point()) for t in inputs
     ]
-    with FlopCounterMode(display=False) as forward:
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as forward:
         out = fn(*leaves)
-    with FlopCounterMode(display=False) as backward:
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as backward:
         out.sum().backward()
     return forward.get_total_flops(), forward.get_total_flops() + backward.get_total_flops()
 

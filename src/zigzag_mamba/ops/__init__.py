@@ -7,6 +7,7 @@ where and :class:`use_backend` forces a backend (docs/design.md has the rules).
 """
 
 from zigzag_mamba.ops.backends import backends, use_backend
+from zigzag_mamba.ops.conv import FLOPS as _CONV_FLOPS
 from zigzag_mamba.ops.conv import causal_conv1d, causal_conv1d_reference
 from zigzag_mamba.ops.cross_permute import (
     cross_merge,
@@ -26,9 +27,18 @@ from zigzag_mamba.ops.permute import (
     permute_tokens,
     permute_tokens_reference,
 )
+from zigzag_mamba.ops.selective_scan import FLOPS as _SCAN_FLOPS
 from zigzag_mamba.ops.selective_scan import selective_scan, selective_scan_reference
+from zigzag_mamba.ops.ssm_branch import FLOPS as _BRANCH_FLOPS
+
+#: The ops that compute, for ``torch.utils.flop_counter.FlopCounterMode(custom_mapping=...)``
+#: (not registered there at import: importing the flop counter imports Triton). The scan counts
+#: 9 per step, channel and state, the conv a multiply-add per tap, the SSM branch its parts; a
+#: backward counts twice its forward. The gathers and merges move memory and count nothing.
+FLOP_FORMULAS = {**_CONV_FLOPS, **_SCAN_FLOPS, **_BRANCH_FLOPS}
 
 __all__ = [
+    "FLOP_FORMULAS",
     "Permutation",
     "backends",
     "causal_conv1d",

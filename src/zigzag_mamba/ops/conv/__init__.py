@@ -24,7 +24,6 @@ mixer's transposed views of the in_proj output. The ``torch`` backend returns co
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import register_flop_formula
 
 from zigzag_mamba.ops.backends import (
     PORTABLE,
@@ -128,17 +127,22 @@ def _backward(ctx, dout):
 _causal_conv1d_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-# Model FLOPs for torch.utils.flop_counter: a multiply-add per tap, channel and step; the
+# Model FLOPs (gathered in zigzag_mamba.ops.FLOP_FORMULAS):
+# a multiply-add per tap, channel and step; the
 # backward counts twice the forward.
-@register_flop_formula(torch.ops.zigzag_mamba.causal_conv1d_fwd)
 def conv_flops(x, weight, *args, **kwargs) -> int:
     batch, channels, length = x
     return 2 * batch * channels * length * weight[1]
 
 
-@register_flop_formula(torch.ops.zigzag_mamba.causal_conv1d_bwd)
 def _conv_backward_flops(dout, x, weight, *args, **kwargs) -> int:
     return 2 * conv_flops(x, weight)
+
+
+FLOPS = {
+    torch.ops.zigzag_mamba.causal_conv1d_fwd: conv_flops,
+    torch.ops.zigzag_mamba.causal_conv1d_bwd: _conv_backward_flops,
+}
 
 
 _causal_conv1d_bwd.register_autograd(

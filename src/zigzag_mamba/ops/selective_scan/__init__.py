@@ -54,7 +54,6 @@ import importlib
 import warnings
 
 import torch
-from torch.utils.flop_counter import register_flop_formula
 
 from zigzag_mamba.ops.backends import (
     backend_module,
@@ -224,18 +223,23 @@ _selective_scan_bwd.register_autograd(
 )
 
 
-# Model FLOPs for torch.utils.flop_counter: 9 per step, channel and state in the forward (the
+# Model FLOPs (gathered in zigzag_mamba.ops.FLOP_FORMULAS):
+# 9 per step, channel and state in the forward (the
 # decay's product and exponential, delta * B * u, the state update, its read-out by C), as
 # VMamba counts the scan; the backward counts twice the forward, as for a matrix product.
-@register_flop_formula(torch.ops.zigzag_mamba.selective_scan_fwd)
 def scan_flops(u, delta, A, *args, **kwargs) -> int:
     batch, channels, length = u
     return 9 * batch * channels * length * A[1]
 
 
-@register_flop_formula(torch.ops.zigzag_mamba.selective_scan_bwd)
 def _scan_backward_flops(dout, dlast, inputs, *args, **kwargs) -> int:
     return 2 * scan_flops(*inputs[:3])
+
+
+FLOPS = {
+    torch.ops.zigzag_mamba.selective_scan_fwd: scan_flops,
+    torch.ops.zigzag_mamba.selective_scan_bwd: _scan_backward_flops,
+}
 
 
 def selective_scan(

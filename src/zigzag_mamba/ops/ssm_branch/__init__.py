@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import register_flop_formula
 
 from zigzag_mamba.ops.backends import backend_module, implementation
 from zigzag_mamba.ops.conv import conv_backend, conv_flops
@@ -194,9 +193,9 @@ _ssm_branch_bwd.register_autograd(
 )
 
 
-# Model FLOPs for torch.utils.flop_counter: the conv's, the two projections' and the scan's, as
+# Model FLOPs (gathered in zigzag_mamba.ops.FLOP_FORMULAS):
+# the conv's, the two projections' and the scan's, as
 # each op counts them; the backward counts twice the forward (its recomputation is not counted).
-@register_flop_formula(torch.ops.zigzag_mamba.ssm_branch_fwd)
 def _branch_flops(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, *args, **kwargs):
     batch, length, _ = xz
     channels, rank = dt_proj_weight
@@ -206,9 +205,14 @@ def _branch_flops(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, 
     return conv_flops((batch, channels, length), conv_weight) + projections + scan
 
 
-@register_flop_formula(torch.ops.zigzag_mamba.ssm_branch_bwd)
 def _branch_backward_flops(dy, inputs, *args, **kwargs) -> int:
     return 2 * _branch_flops(*inputs)
+
+
+FLOPS = {
+    torch.ops.zigzag_mamba.ssm_branch_fwd: _branch_flops,
+    torch.ops.zigzag_mamba.ssm_branch_bwd: _branch_backward_flops,
+}
 
 
 def ssm_branch(

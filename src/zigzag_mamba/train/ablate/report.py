@@ -154,7 +154,8 @@ def markdown(
     lines += [
         "",
         "GFLOPs per step: the model FLOPs of one step's forward and backward "
-        "(torch.utils.flop_counter). Seconds per step: the mean over seeds of training time / "
+        "(torch.utils.flop_counter with ops.FLOP_FORMULAS). Seconds per step: the mean over "
+        "seeds of training time / "
         "steps.",
         "",
     ]

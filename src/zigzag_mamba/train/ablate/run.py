@@ -271,13 +271,16 @@ def train_and_score(
 
 def training_flops(model: torch.nn.Module, shape: tuple[int, ...], batch_size: int) -> int:
     """Model FLOPs of one training step's forward and backward (``torch.utils.flop_counter``'s
-    count: matrix products, convolutions and the library's ops), on a batch of zeros; the
-    model's gradients are cleared afterwards."""
+    count of matrix products and convolutions, with the library's ops' formulas), on a batch of
+    zeros; the model's gradients are cleared afterwards."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from zigzag_mamba.ops import FLOP_FORMULAS
 
     x = torch.zeros(batch_size, *shape)
     t = torch.full((batch_size,), 0.5)
-    with FlopCounterMode(display=False) as counter:
+    counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
+    with counter:
         model(x, t).sum().backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()

@@ -31,10 +31,10 @@ from zigzag_mamba.ops.selective_scan import FLOPS as _SCAN_FLOPS
 from zigzag_mamba.ops.selective_scan import selective_scan, selective_scan_reference
 from zigzag_mamba.ops.ssm_branch import FLOPS as _BRANCH_FLOPS
 
-#: The ops that compute, for ``torch.utils.flop_counter.FlopCounterMode(custom_mapping=...)``
-#: (not registered there at import: importing the flop counter imports Triton). The scan counts
-#: 9 per step, channel and state, the conv a multiply-add per tap, the SSM branch its parts; a
-#: backward counts twice its forward. The gathers and merges move memory and count nothing.
+#: The FLOP formulas of the ops that compute (each beside its op), for
+#: ``torch.utils.flop_counter.FlopCounterMode(custom_mapping=FLOP_FORMULAS)``; not registered
+#: there at import, since importing the flop counter imports Triton. The gathers and merges
+#: move memory and count nothing.
 FLOP_FORMULAS = {**_CONV_FLOPS, **_SCAN_FLOPS, **_BRANCH_FLOPS}
 
 __all__ = [

@@ -125,11 +125,18 @@ def _backward(ctx, dout):
 
 
 _causal_conv1d_fwd.register_autograd(_backward, setup_context=_setup_context)
+_causal_conv1d_bwd.register_autograd(
+    double_backward_unsupported(
+        "causal_conv1d",
+        "causal_conv1d_reference computes the same in plain PyTorch, which autograd "
+        "differentiates as often as asked.",
+    ),
+    setup_context=no_context,
+)
 
 
-# Model FLOPs (gathered in zigzag_mamba.ops.FLOP_FORMULAS):
-# a multiply-add per tap, channel and step; the
-# backward counts twice the forward.
+# Model FLOPs (gathered in zigzag_mamba.ops.FLOP_FORMULAS): a multiply-add per tap, channel and
+# step; the backward counts twice the forward.
 def conv_flops(x, weight, *args, **kwargs) -> int:
     batch, channels, length = x
     return 2 * batch * channels * length * weight[1]
@@ -143,16 +150,6 @@ FLOPS = {
     torch.ops.zigzag_mamba.causal_conv1d_fwd: conv_flops,
     torch.ops.zigzag_mamba.causal_conv1d_bwd: _conv_backward_flops,
 }
-
-
-_causal_conv1d_bwd.register_autograd(
-    double_backward_unsupported(
-        "causal_conv1d",
-        "causal_conv1d_reference computes the same in plain PyTorch, which autograd "
-        "differentiates as often as asked.",
-    ),
-    setup_context=no_context,
-)
 
 
 def causal_conv1d(

@@ -223,10 +223,9 @@ _selective_scan_bwd.register_autograd(
 )
 
 
-# Model FLOPs (gathered in zigzag_mamba.ops.FLOP_FORMULAS):
-# 9 per step, channel and state in the forward (the
-# decay's product and exponential, delta * B * u, the state update, its read-out by C), as
-# VMamba counts the scan; the backward counts twice the forward, as for a matrix product.
+# Model FLOPs (gathered in zigzag_mamba.ops.FLOP_FORMULAS): 9 per step, channel and state in the
+# forward (the decay's product and exponential, delta * B * u, the state update, its read-out by
+# C), as VMamba counts the scan; the backward counts twice the forward, as for a matrix product.
 def scan_flops(u, delta, A, *args, **kwargs) -> int:
     batch, channels, length = u
     return 9 * batch * channels * length * A[1]

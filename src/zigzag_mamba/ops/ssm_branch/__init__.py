@@ -193,9 +193,9 @@ _ssm_branch_bwd.register_autograd(
 )
 
 
-# Model FLOPs (gathered in zigzag_mamba.ops.FLOP_FORMULAS):
-# the conv's, the two projections' and the scan's, as
-# each op counts them; the backward counts twice the forward (its recomputation is not counted).
+# Model FLOPs (gathered in zigzag_mamba.ops.FLOP_FORMULAS): the conv's, the two projections' and
+# the scan's, as each op counts them; the backward counts twice the forward (its recomputation
+# is not counted).
 def _branch_flops(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, *args, **kwargs):
     batch, length, _ = xz
     channels, rank = dt_proj_weight

@@ -155,8 +155,7 @@ def markdown(
         "",
         "GFLOPs per step: the model FLOPs of one step's forward and backward "
         "(torch.utils.flop_counter with ops.FLOP_FORMULAS). Seconds per step: the mean over "
-        "seeds of training time / "
-        "steps.",
+        "seeds of training time / steps.",
         "",
     ]
     return "\n".join(lines)

@@ -22,7 +22,7 @@ from zigzag_mamba.cli import main
 from zigzag_mamba.train import TrainConfig
 from zigzag_mamba.train.checkpoint import CheckpointError, hash_path, load_checkpoint
 from zigzag_mamba.train.config import OptionError
-from zigzag_mamba.train.data import ImageFolder, LatentDataset, open_dataset
+from zigzag_mamba.train.data import ImageFolder, TensorFileDataset, open_dataset
 from zigzag_mamba.train.lock import LOCK_NAME, RunFolderBusy, RunLock
 
 TINY = [
@@ -288,7 +288,7 @@ def test_latent_labels_must_be_integer_class_ids(tmp_path, labels, message):
     path = tmp_path / "latents.pt"
     torch.save({"latents": torch.randn(3, 4, 8, 8), "labels": labels}, path)
     with pytest.raises(ValueError, match=rf"labels in {path} {message}"):
-        LatentDataset(path)
+        TensorFileDataset(path)
 
 
 def test_implausible_label_counts_warn_and_payloads_are_refused_by_name(tmp_path, capsys):
@@ -297,14 +297,14 @@ def test_implausible_label_counts_warn_and_payloads_are_refused_by_name(tmp_path
         {"latents": torch.randn(3, 4, 8, 8), "labels": torch.tensor([0, 1, 5_000_000])}, path
     )
     with pytest.warns(RuntimeWarning, match="makes 5000001 classes for 3 samples"):
-        assert LatentDataset(path).num_classes == 5_000_001
+        assert TensorFileDataset(path).num_classes == 5_000_001
     torch.save({"latents": _Payload()}, path)
-    with pytest.raises(ValueError, match=rf"latent file {path} holds objects other than tensors"):
-        LatentDataset(path)
+    with pytest.raises(ValueError, match=rf"data file {path} holds objects other than tensors"):
+        TensorFileDataset(path)
     assert "must never run" not in capsys.readouterr().out
     path.write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match=rf"latent file {path} cannot be read"):
-        LatentDataset(path)
+    with pytest.raises(ValueError, match=rf"data file {path} cannot be read"):
+        TensorFileDataset(path)
 
 
 def test_16_bit_palette_and_transparent_images_are_converted(tmp_path):

@@ -6,7 +6,7 @@ from PIL import Image
 from zigzag_mamba.train.data import (
     DigitsDataset,
     ImageFolder,
-    LatentDataset,
+    TensorFileDataset,
     load_digits_tensors,
     open_dataset,
 )
@@ -95,7 +95,7 @@ def test_latent_files(tmp_path):
         {"latents": torch.ones(5, 4, 2, 2), "labels": torch.tensor([0, 1, 2, 1, 0])},
         tmp_path / "z.pt",
     )
-    data = LatentDataset(tmp_path / "z.pt", scale=0.5)
+    data = TensorFileDataset(tmp_path / "z.pt", scale=0.5)
     assert len(data) == 5 and data.num_classes == 3
     x, label = data[1]
     assert torch.equal(x, torch.full((4, 2, 2), 0.5)) and label == 1
@@ -105,15 +105,15 @@ def test_latent_files(tmp_path):
     save_file({"latents": torch.zeros(3, 4, 2, 2)}, str(tmp_path / "z.safetensors"))
     assert open_dataset(str(tmp_path / "z.safetensors")).num_classes == 0
     torch.save({"images": torch.ones(2)}, tmp_path / "wrong.pt")
-    with pytest.raises(ValueError, match="no 'latents'"):
-        LatentDataset(tmp_path / "wrong.pt")
+    with pytest.raises(ValueError, match=r"one of 'latents' and 'videos' \(found: images\)"):
+        TensorFileDataset(tmp_path / "wrong.pt")
     with pytest.raises(FileNotFoundError, match="not 'digits'"):
         open_dataset(str(tmp_path / "nothing"))
 
 
 def test_random_flip_is_refused_where_it_would_do_nothing(tmp_path):
     torch.save({"latents": torch.ones(2, 4, 2, 2)}, tmp_path / "z.pt")
-    for source, kind in (("digits", "the digits"), (str(tmp_path / "z.pt"), "latents")):
+    for source, kind in (("digits", "the digits"), (str(tmp_path / "z.pt"), "a data file")):
         with pytest.raises(ValueError, match=f"random_flip applies to image folders only; {kind}"):
             open_dataset(source, random_flip=True)
     assert len(open_dataset(str(tmp_path / "z.pt"))) == 2

@@ -12,11 +12,11 @@ Example::
 Optional dependencies (the train extra: ``pip install -e '.[train]'`` in a clone, or
 ``pip install 'zigzag-mamba[train]'`` from an index) load only when used: tqdm for
 progress bars, Pillow for images, scikit-learn for the digits, PyYAML for YAML configs,
-safetensors for latent files, torchdiffeq for adaptive ODE solvers.
+safetensors for .safetensors data files, torchdiffeq for adaptive ODE solvers.
 """
 
 from zigzag_mamba.train.config import TrainConfig
-from zigzag_mamba.train.data import DigitsDataset, ImageFolder, LatentDataset, open_dataset
+from zigzag_mamba.train.data import DigitsDataset, ImageFolder, TensorFileDataset, open_dataset
 from zigzag_mamba.train.ema import EMA
 from zigzag_mamba.train.interpolant import Interpolant
 from zigzag_mamba.train.metrics import FrechetDistance, feature_stats, frechet_distance
@@ -29,8 +29,8 @@ __all__ = [
     "FrechetDistance",
     "ImageFolder",
     "Interpolant",
-    "LatentDataset",
     "NonFiniteLossError",
+    "TensorFileDataset",
     "TrainConfig",
     "Trainer",
     "feature_stats",

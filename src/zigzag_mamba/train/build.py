@@ -7,26 +7,36 @@ from typing import Any
 
 from torch import nn
 
+#: The pattern of models built for clips: two spatial zigzag layers, then one through time.
+VIDEO_PATTERN = "video_sst"
+
 
 def model_spec(
     name: str, *, data_shape: tuple[int, ...], num_classes: int, cfg_dropout: float, **overrides
 ) -> dict[str, Any]:
-    """The mapping :func:`build_model` takes: a ``CONFIGS`` preset plus the data's shape.
+    """The mapping :func:`build_model` takes: a ``CONFIGS`` preset plus the data's shape,
+    (C, H, W) for images or (T, C, H, W) for clips. Clips get ``num_frames`` T and, unless
+    ``overrides`` name one, the paper's video pattern :data:`VIDEO_PATTERN`.
 
     Example::
 
         >>> spec = model_spec("ZigMa-T/1", data_shape=(1, 8, 8), num_classes=10, cfg_dropout=0.1)
         >>> spec["input_size"], spec["in_channels"]
         ([8, 8], 1)
+        >>> clips = model_spec("ZigMa-T/1", data_shape=(8, 1, 16, 16), num_classes=0, cfg_dropout=0)
+        >>> clips["num_frames"], clips["pattern"]
+        (8, 'video_sst')
     """
-    channels, *size = data_shape
+    *frames, channels, height, width = data_shape
     spec: dict[str, Any] = {
         "name": name,
-        "input_size": list(size),
+        "input_size": [height, width],
         "in_channels": channels,
         "num_classes": num_classes,
         "class_dropout_prob": cfg_dropout if num_classes else 0.0,
     }
+    if frames:
+        spec.update(num_frames=frames[0], pattern=VIDEO_PATTERN)
     spec.update(overrides)
     return spec
 

@@ -1,4 +1,4 @@
-"""Training data: image folders, scikit-learn's handwritten digits, and precomputed latents.
+"""Training data: image folders, scikit-learn's handwritten digits, and tensor files.
 
 Every dataset yields ``(x, label)`` with ``x`` a float tensor of shape (C, H, W) scaled to
 ``[-1, 1]`` (latents as stored) and has a ``num_classes`` attribute (0 when unlabelled).
@@ -291,49 +291,74 @@ def _stratified_holdout(labels: Tensor, fraction: float, seed: int) -> Tensor:
     return test
 
 
-class LatentDataset(Dataset):
-    """Precomputed latents (e.g. from a VAE encoder) stored in a ``.pt`` or ``.safetensors`` file.
+class TensorFileDataset(Dataset):
+    """Tensors stored in a ``.pt`` or ``.safetensors`` file: precomputed latents, or video clips.
 
-    The file holds ``latents`` (N, C, H, W) and optionally ``labels`` (N,) of class ids; latents
-    are multiplied by ``scale`` (e.g. 0.18215 for Stable Diffusion's VAE). Nothing is downloaded:
-    encode your images with your own VAE first.
+    The file holds one of
+
+    - ``latents`` (N, C, H, W), or (N, T, C, H, W) for clips, e.g. from a VAE encoder: used as
+      stored, multiplied by ``scale`` (e.g. 0.18215 for Stable Diffusion's VAE);
+    - ``videos`` (N, T, C, H, W): clips of pixels, floats in ``[-1, 1]`` or uint8 in
+      ``[0, 255]`` (mapped to ``[-1, 1]``);
+
+    and optionally ``labels`` (N,) of class ids. Nothing is downloaded: encode your images with
+    your own VAE first.
 
     Example::
 
         >>> torch.save({"latents": torch.randn(10, 4, 32, 32)}, "latents.pt")  # doctest: +SKIP
-        >>> LatentDataset("latents.pt", scale=0.18215)[0][0].shape  # doctest: +SKIP
+        >>> TensorFileDataset("latents.pt", scale=0.18215)[0][0].shape  # doctest: +SKIP
         torch.Size([4, 32, 32])
     """
 
     def __init__(self, path: str | Path, *, scale: float = 1.0) -> None:
         tensors = _load_tensors(Path(path))
-        if "latents" not in tensors:
-            raise ValueError(f"{path} has no 'latents' tensor (found: {sorted(tensors)})")
-        latents = tensors["latents"]
-        if not isinstance(latents, Tensor) or latents.dim() != 4 or len(latents) == 0:
-            raise ValueError(f"latents in {path} must be a non-empty (N, C, H, W) tensor")
-        if not latents.is_floating_point():
-            raise ValueError(f"latents in {path} must be floating point, got {latents.dtype}")
+        keys = [key for key in _TENSOR_KEYS if key in tensors]
+        if len(keys) != 1:
+            found = ", ".join(sorted(tensors)) or "nothing"
+            raise ValueError(
+                f"data file {path} must hold exactly one of 'latents' and 'videos' (found: "
+                f"{found})"
+            )
+        key = keys[0]
+        data = tensors[key]
+        if not isinstance(data, Tensor) or data.dim() not in _TENSOR_KEYS[key]:
+            shape = " or ".join(_SHAPES[rank] for rank in _TENSOR_KEYS[key])
+            got = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
+            raise ValueError(f"{key} in {path} must be a {shape} tensor, got {got}")
+        if len(data) == 0:
+            raise ValueError(f"{key} in {path} must not be empty, got {tuple(data.shape)}")
+        if key == "videos" and data.dtype == torch.uint8:
+            data = data.float() / 127.5 - 1.0
+        elif not data.is_floating_point():
+            allowed = "floating point or uint8" if key == "videos" else "floating point"
+            raise ValueError(f"{key} in {path} must be {allowed}, got {data.dtype}")
         labels = tensors.get("labels")
         if labels is None:
-            labels, self.num_classes = torch.zeros(len(latents), dtype=torch.long), 0
+            labels, self.num_classes = torch.zeros(len(data), dtype=torch.long), 0
         else:
-            self.num_classes = check_labels(labels, len(latents), f"labels in {path}")
-        self.latents = latents.float() * scale
+            self.num_classes = check_labels(labels, len(data), f"labels in {path}")
+        self.kind = key
+        self.tensors = data.float() * scale
         self.labels = labels.long()
 
     def __len__(self) -> int:
-        return len(self.latents)
+        return len(self.tensors)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.latents[index], int(self.labels[index])
+        return self.tensors[index], int(self.labels[index])
+
+
+# The tensors a data file may hold, with the ranks each may have.
+_TENSOR_KEYS = {"latents": (4, 5), "videos": (5,)}
+_SHAPES = {4: "(N, C, H, W)", 5: "(N, T, C, H, W)"}
 
 
 def _load_tensors(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
-        raise FileNotFoundError(f"latent file {path} does not exist")
+        raise FileNotFoundError(f"data file {path} does not exist")
     if path.is_dir():
-        raise ValueError(f"latent file {path} is a folder")
+        raise ValueError(f"data file {path} is a folder")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -344,46 +369,69 @@ def _load_tensors(path: Path) -> dict[str, Tensor]:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise ValueError(
-            f"latent file {path} holds objects other than tensors and plain containers; they "
-            "were not unpickled (a latent file holds tensors only)"
+            f"data file {path} holds objects other than tensors and plain containers; they "
+            "were not unpickled (a data file holds tensors only)"
         ) from None
     except Exception as exc:  # torch's and safetensors' own errors for a damaged file
-        raise ValueError(f"latent file {path} cannot be read: {exc}") from None
+        raise ValueError(f"data file {path} cannot be read: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a dict with a 'latents' tensor")
+        raise ValueError(f"data file {path} must hold a dict of tensors ('latents' or 'videos')")
     return data
 
 
 def open_dataset(
-    source: str, *, image_size: int | None = None, random_flip: bool = False, seed: int = 0
+    source: str,
+    *,
+    image_size: int | None = None,
+    random_flip: bool = False,
+    video: bool = False,
+    seed: int = 0,
 ) -> Dataset:
     """Build a dataset from a short description, as the CLI does.
 
-    ``"digits"`` (scikit-learn's digits, train split; ``image_size`` defaults to 8), a folder
-    of images, or a ``.pt``/``.safetensors`` file of latents. ``random_flip`` applies to image
-    folders only: asked for other data, it is refused rather than silently ignored.
+    ``"digits"`` (scikit-learn's digits, train split; ``image_size`` defaults to 8),
+    ``"moving-digits"`` (clips of them moving, train split; the canvas ``image_size`` defaults to
+    16), a folder of images (with ``video``, a folder of clips: see
+    :class:`~zigzag_mamba.train.videos.VideoFolder`), or a ``.pt``/``.safetensors`` data file
+    (:class:`TensorFileDataset`). ``random_flip`` applies to image folders only and ``video``
+    to folders only: asked for other data, each is refused rather than silently ignored.
 
     Example::
 
         >>> len(open_dataset("digits"))
         1438
     """
+    from zigzag_mamba.train import videos
+
     check_image_size(image_size)
     path = Path(source)
-    if source == "digits":
-        kind = "the digits"
+    if source in ("digits", "moving-digits"):
+        kind = f"the {source}"
     elif path.is_dir():
-        return ImageFolder(path, image_size, random_flip=random_flip, seed=seed)
+        kind = "a clip folder" if video else "an image folder"
     elif path.suffix in (".pt", ".pth", ".safetensors"):
-        kind = "latents"
+        kind = "a data file"
     else:
         raise FileNotFoundError(
-            f"data source {source!r} is not 'digits', a folder of images, or a latent file"
+            f"data source {source!r} is not 'digits', 'moving-digits', a folder, or a "
+            ".pt/.safetensors data file"
         )
-    if random_flip:
+    if random_flip and kind != "an image folder":
         raise ValueError(
             f"random_flip applies to image folders only; {kind} ({source!r}) would not be flipped"
         )
-    if kind == "latents":
-        return LatentDataset(path)
+    if video and not path.is_dir():
+        raise ValueError(
+            f"video reads a folder as clips; {kind} ({source!r}) is no folder (data files and "
+            "moving-digits say themselves whether they hold clips)"
+        )
+    if kind == "an image folder":
+        return ImageFolder(path, image_size, random_flip=random_flip, seed=seed)
+    if kind == "a clip folder":
+        return videos.VideoFolder(path, image_size)
+    if kind == "a data file":
+        return TensorFileDataset(path)
+    if source == "moving-digits":
+        size = 16 if image_size is None else image_size
+        return videos.MovingDigits("train", size=size, seed=seed)
     return DigitsDataset("train", 8 if image_size is None else image_size, seed=seed)

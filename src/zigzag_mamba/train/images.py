@@ -1,4 +1,5 @@
-"""Image grids written as PNG with Pillow (no torchvision)."""
+"""Image grids written as PNG, and clips as frame strips and animated GIFs, with Pillow (no
+torchvision)."""
 
 from __future__ import annotations
 
@@ -71,15 +72,50 @@ def save_grid(
         >>> save_grid(torch.rand(16, 1, 8, 8) * 2 - 1, "grid.png", columns=4, scale=4)
         PosixPath('grid.png')
     """
+    path = Path(path)
+    _picture(image_grid(images, columns), scale).save(_ready(path))
+    return path
+
+
+def save_clips(
+    clips: Tensor, path: str | Path, columns: int | None = None, *, scale: int = 1
+) -> tuple[Path, Path]:
+    """Write clips (N, T, C, H, W) in ``[-1, 1]`` twice: as frame strips at ``path`` (a PNG
+    grid, one clip a row, its T frames left to right) and as an animated GIF beside it
+    (``path`` with the suffix ``.gif``: the clips tiled ``columns`` a row, all playing at once,
+    looping). Both are enlarged ``scale`` times; returns the two paths.
+
+    Example::
+
+        >>> save_clips(torch.rand(4, 8, 1, 16, 16) * 2 - 1, "clips.png", columns=2, scale=2)
+        (PosixPath('clips.png'), PosixPath('clips.gif'))
+    """
+    path = Path(path)
+    frames = clips.shape[1]
+    save_grid(clips.flatten(0, 1), path, frames, scale=scale)
+    movie = [_picture(image_grid(clips[:, t], columns), scale) for t in range(frames)]
+    gif = _ready(path.with_suffix(".gif"))
+    movie[0].save(gif, save_all=True, append_images=movie[1:], duration=GIF_FRAME_MS, loop=0)
+    return path, gif
+
+
+#: How long each frame of an animated GIF shows, in milliseconds.
+GIF_FRAME_MS = 125
+
+
+def _picture(grid: np.ndarray, scale: int):
+    """A Pillow image of a uint8 grid (H, W, 1 or 3), enlarged ``scale`` times with
+    nearest-neighbour, so that small images keep their true pixels."""
     from PIL import Image
 
-    grid = image_grid(images, columns)
     picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if scale > 1:
         picture = picture.resize(
             (picture.width * scale, picture.height * scale), Image.Resampling.NEAREST
         )
-    path = Path(path)
+    return picture
+
+
+def _ready(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path)
     return path

@@ -1,7 +1,7 @@
 """The ``zigma train``, ``zigma sample`` and ``zigma demo`` commands.
 
 Options come from flags, optionally on top of a YAML or JSON file (``--config``) whose keys
-are the flag names with underscores, plus ``data``, ``image_size``, ``random_flip`` and
+are the flag names with underscores, plus ``data``, ``image_size``, ``random_flip``, ``video`` and
 ``model`` (a preset name, or a mapping with ``name`` and ZigMaBackbone arguments). With
 ``--resume``, the run's own ``config.json`` (or its checkpoint's config) takes the defaults'
 place. Heavy imports happen inside the handlers.
@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from zigzag_mamba.cli import add_threads_argument, positive_int, set_threads
-from zigzag_mamba.train.apps.options import DEFAULT_DATA, DEFAULT_MODEL, resolve_train_options
+from zigzag_mamba.train.apps.options import (
+    DEFAULT_DATA,
+    DEFAULT_MODEL,
+    RUN_KEYS,
+    resolve_train_options,
+)
 from zigzag_mamba.train.config import OptionError, TrainConfig, add_flags, check_device, given
 from zigzag_mamba.train.samplers import ODE_METHODS
 
@@ -74,7 +79,8 @@ def _register_train(subparsers) -> None:
     parser.add_argument("--config", help="YAML or JSON file of options; flags override it")
     parser.add_argument(
         "--data",
-        help="'digits', a folder of images, or a .pt/.safetensors latent file "
+        help="'digits', 'moving-digits' (clips of them moving), a folder of images (of clips "
+        "with --video), or a .pt/.safetensors file of 'latents' or 'videos' "
         f"(default: {DEFAULT_DATA})",
     )
     parser.add_argument(
@@ -87,6 +93,12 @@ def _register_train(subparsers) -> None:
         "--random-flip",
         action=argparse.BooleanOptionalAction,
         help="flip images left-right at random (image folders only; default: no)",
+    )
+    parser.add_argument(
+        "--video",
+        action=argparse.BooleanOptionalAction,
+        help="read the --data folder as clips: animated GIFs or folders of frames, one "
+        "sub-folder per class optional (default: no)",
     )
     parser.add_argument(
         "--model", help=f"a ZigMa preset, e.g. ZigMa-B/2 (default: {DEFAULT_MODEL})"
@@ -129,6 +141,7 @@ def _train(args: argparse.Namespace) -> int:
             run["data"],
             image_size=run["image_size"],
             random_flip=run["random_flip"],
+            video=run["video"],
             seed=config.seed,
         )
     except (ValueError, FileNotFoundError) as exc:
@@ -193,20 +206,22 @@ def _check_data_fits(
 ) -> None:
     size = spec["input_size"]
     size = [size, size] if isinstance(size, int) else list(size)
-    if [spec["in_channels"], *size] == list(shape) and spec["num_classes"] == num_classes:
+    frames = [spec["num_frames"]] if spec.get("num_frames") else []
+    expected = [*frames, spec["in_channels"], *size]
+    if expected == list(shape) and spec["num_classes"] == num_classes:
         return
     describe = lambda s, k: f"{'x'.join(map(str, s))}, {k} classes"
     raise SystemExit(
         f"zigma train: the data {data!r} ({describe(shape, num_classes)}) does not fit the "
-        f"model ({describe([spec['in_channels'], *size], spec['num_classes'])}); a resumed run "
-        "needs the data it was trained on (--data, --image-size)"
+        f"model ({describe(expected, spec['num_classes'])}); a resumed run needs the data it "
+        "was trained on (--data, --image-size, --video)"
     )
 
 
 def _write_run_config(config: TrainConfig, run: dict[str, Any], spec: dict[str, Any]) -> None:
     from zigzag_mamba.train.checkpoint import write_atomically
 
-    resolved = {**config.to_dict(), **{k: run[k] for k in ("data", "image_size", "random_flip")}}
+    resolved = {**config.to_dict(), **{k: run[k] for k in RUN_KEYS}}
     resolved["model"] = spec
     write_atomically(Path(config.out_dir) / "config.json", json.dumps(resolved, indent=2) + "\n")
 
@@ -222,13 +237,19 @@ def _register_sample(subparsers) -> None:
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--ckpt", required=True, help="checkpoint file (…/checkpoints/last.pt)")
-    parser.add_argument("--out", default="samples.png", help="PNG grid to write")
+    parser.add_argument(
+        "--out",
+        default="samples.png",
+        help="PNG grid to write (clips: their frame strips, and an animated GIF beside it)",
+    )
     parser.add_argument(
         "--num",
         type=positive_int,
         help="number of samples (default: a row of --columns per class, or 64 unconditionally)",
     )
-    parser.add_argument("--columns", type=positive_int, default=8, help="images per grid row")
+    parser.add_argument(
+        "--columns", type=positive_int, default=8, help="images (or GIF clips) per grid row"
+    )
     parser.add_argument(
         "--labels",
         type=int,
@@ -280,7 +301,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     from zigzag_mamba.train.build import load_model
     from zigzag_mamba.train.checkpoint import CHECKPOINT_KEYS, CheckpointError, load_checkpoint
-    from zigzag_mamba.train.images import save_grid
+    from zigzag_mamba.train.images import save_clips, save_grid
     from zigzag_mamba.train.interpolant import Interpolant
     from zigzag_mamba.train.samplers import generate
 
@@ -310,7 +331,8 @@ def _sample(args: argparse.Namespace) -> int:
         sample_eps=train["sample_eps"],
     )
     generator = torch.Generator(device).manual_seed(args.seed)
-    shape = (spec["in_channels"], *spec["input_size"])
+    frames = [spec["num_frames"]] if spec.get("num_frames") else []
+    shape = (*frames, spec["in_channels"], *spec["input_size"])
     if args.num is None:
         args.num = args.columns * spec["num_classes"] if spec["num_classes"] else 64
     noise = torch.randn((args.num, *shape), generator=generator, device=device)
@@ -328,8 +350,13 @@ def _sample(args: argparse.Namespace) -> int:
         num_steps=args.steps,
         generator=generator,
     )
-    path = save_grid(samples, args.out, args.columns, scale=max(1, 64 // samples.shape[-1]))
-    print(f"wrote {args.num} samples to {path}")
+    scale = max(1, 64 // samples.shape[-1])
+    if frames:
+        strips, gif = save_clips(samples, args.out, args.columns, scale=scale)
+        print(f"wrote {args.num} clips to {strips} (frame strips) and {gif} (animated)")
+    else:
+        path = save_grid(samples, args.out, args.columns, scale=scale)
+        print(f"wrote {args.num} samples to {path}")
     if args.save_tensor:
         torch.save({"samples": samples.cpu(), "labels": labels}, args.save_tensor)
         print(f"wrote the raw samples to {args.save_tensor}")
@@ -378,7 +405,9 @@ def _register_demo(subparsers) -> None:
         description=(
             "Train a zigzag8 ZigMa on scikit-learn's 8x8 digits, sample a 10x10 grid with "
             "classifier-free guidance, and score it with a digit classifier trained on the "
-            "spot. Writes samples.png, orders.png, loss.csv and metrics.json."
+            "spot. Writes samples.png, orders.png, loss.csv and metrics.json. With --video, "
+            "the same for clips of moving digits, scored frame by frame and on their motion, "
+            "plus samples.gif."
         ),
     )
     add_flags(parser, DemoConfig)
@@ -387,9 +416,13 @@ def _register_demo(subparsers) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from zigzag_mamba.train.apps.demo import DemoConfig, run_demo
+    from zigzag_mamba.train.apps.video_demo import VIDEO_DEFAULTS
 
+    values = given(args, DemoConfig)
+    if values.get("video"):
+        values = {**VIDEO_DEFAULTS, **values}
     try:
-        config = DemoConfig(**given(args, DemoConfig))
+        config = DemoConfig(**values)
     except OptionError as exc:
         raise SystemExit(f"zigma demo: {exc.for_flags()}") from None
     run_demo(config)

@@ -39,12 +39,18 @@ class DemoConfig(SmallRun):
     cfg_scale: float = option(2.0, "classifier-free guidance scale for the samples", at_least=0)
     eval_per_class: int = option(50, "samples per digit for the scores", at_least=1)
     seed: int = option(0, "seed for everything", at_least=0)
+    video: bool = option(
+        False,
+        "moving digits instead: 8-frame 16x16 clips, a video_sst model with 4x4 patches, "
+        "written to outputs/demo-video (see zigzag_mamba.train.apps.video_demo)",
+    )
 
 
 class DigitClassifier(nn.Module):
-    """A small CNN for 8x8 digits; ``features`` gives the 128-d space for Frechet distances."""
+    """A small CNN for ``size x size`` digits (8: scikit-learn's own; even sizes); ``features``
+    gives the 128-d space for Frechet distances."""
 
-    def __init__(self) -> None:
+    def __init__(self, size: int = 8) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(1, 32, 3, padding=1),
@@ -53,7 +59,7 @@ class DigitClassifier(nn.Module):
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(64 * 4 * 4, 128),
+            nn.Linear(64 * (size // 2) ** 2, 128),
             nn.ReLU(),
         )
         self.head = nn.Linear(128, 10)
@@ -65,10 +71,10 @@ class DigitClassifier(nn.Module):
 def train_digit_classifier(
     images: Tensor, labels: Tensor, *, epochs: int = 10, seed: int = 0
 ) -> DigitClassifier:
-    """Fit :class:`DigitClassifier` to images in ``[-1, 1]`` of shape (N, 1, 8, 8)."""
+    """Fit :class:`DigitClassifier` to images in ``[-1, 1]`` of shape (N, 1, S, S)."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = DigitClassifier()
+    model = DigitClassifier(images.shape[-1])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(epochs):
         order = torch.randperm(len(images), generator=generator)
@@ -121,6 +127,10 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     """
     config = config or DemoConfig()
     with torch_threads(config.threads):
+        if config.video:
+            from zigzag_mamba.train.apps.video_demo import run_video_demo
+
+            return run_video_demo(config)
         return _run(config)
 
 

@@ -17,7 +17,7 @@ from zigzag_mamba.train.config import OptionError, TrainConfig, read_config_file
 DEFAULT_MODEL = "ZigMa-T/1"
 DEFAULT_DATA = "digits"
 # Options besides TrainConfig's that config.json records.
-RUN_KEYS = ("data", "image_size", "random_flip")
+RUN_KEYS = ("data", "image_size", "random_flip", "video")
 # What a resumed run may change: when checkpoints, logs and samples are written, where and how
 # long it runs, and how it samples. The weights it goes on to learn are those one run would.
 RESUME_MAY_CHANGE = frozenset(
@@ -62,7 +62,12 @@ def resolve_train_options(args: argparse.Namespace) -> tuple[TrainConfig, dict[s
     _check_resume_path(resume)
     out_dir = Path(options.get("out_dir", TrainConfig().out_dir))
     saved = _saved_run(resume, out_dir) if resume is not None else None
-    base: dict[str, Any] = {"data": DEFAULT_DATA, "image_size": None, "random_flip": False}
+    base: dict[str, Any] = {
+        "data": DEFAULT_DATA,
+        "image_size": None,
+        "random_flip": False,
+        "video": False,
+    }
     base_model: dict[str, Any] = {"name": DEFAULT_MODEL}
     if saved is not None:
         _check_resume(options, model, origins, saved, out_dir)

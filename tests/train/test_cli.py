@@ -16,7 +16,7 @@ TINY = [
 ]  # fmt: skip
 
 
-COMMANDS = ["orders", "train", "sample", "demo", "ablate", "bench"]
+COMMANDS = ["orders", "train", "sample", "demo", "encode", "ablate", "bench"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

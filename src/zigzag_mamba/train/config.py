@@ -230,6 +230,11 @@ class TrainConfig(Checked):
     eval_samples: int = option(
         0, "samples generated for the metric hooks at each sample grid", at_least=0
     )
+    vae: str = option(
+        "",
+        "a diffusers AutoencoderKL (hub name or folder) whose latents the data file holds "
+        "(zigma encode): sample grids are decoded to images with it (empty: none)",
+    )
     progress: bool = option(True, "show a progress bar")
 
     def check(self) -> None:

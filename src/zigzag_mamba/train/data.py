@@ -301,8 +301,9 @@ class TensorFileDataset(Dataset):
     - ``videos`` (N, T, C, H, W): clips of pixels, floats in ``[-1, 1]`` or uint8 in
       ``[0, 255]`` (mapped to ``[-1, 1]``);
 
-    and optionally ``labels`` (N,) of class ids. Nothing is downloaded: encode your images with
-    your own VAE first.
+    and optionally ``labels`` (N,) of class ids, and the 0-d :data:`SCALING_KEYS` that
+    ``zigma encode`` writes beside latents (read into ``scaling``, else None). Nothing is
+    downloaded: encode your images first (:mod:`zigzag_mamba.train.vae`).
 
     Example::
 
@@ -317,8 +318,7 @@ class TensorFileDataset(Dataset):
         if len(keys) != 1:
             found = ", ".join(sorted(tensors)) or "nothing"
             raise ValueError(
-                f"data file {path} must hold exactly one of 'latents' and 'videos' (found: "
-                f"{found})"
+                f"data file {path} must hold exactly one of 'latents' and 'videos' (found: {found})"
             )
         key = keys[0]
         data = tensors[key]
@@ -338,6 +338,7 @@ class TensorFileDataset(Dataset):
             labels, self.num_classes = torch.zeros(len(data), dtype=torch.long), 0
         else:
             self.num_classes = check_labels(labels, len(data), f"labels in {path}")
+        self.scaling = _scaling(tensors, path) if SCALING_KEYS[0] in tensors else None
         self.kind = key
         self.tensors = data.float() * scale
         self.labels = labels.long()
@@ -347,6 +348,20 @@ class TensorFileDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         return self.tensors[index], int(self.labels[index])
+
+
+#: The 0-d tensors beside a data file's latents that record how they were scaled.
+SCALING_KEYS = ("scaling_factor", "shift_factor")
+
+
+def _scaling(tensors: dict, path: str | Path) -> tuple[float, float]:
+    values = []
+    for key in SCALING_KEYS:
+        value = tensors.get(key, torch.tensor(0.0))
+        if not isinstance(value, Tensor) or value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"{key} in {path} must be one floating-point number, got {value!r}")
+        values.append(float(value))
+    return values[0], values[1]
 
 
 # The tensors a data file may hold, with the ranks each may have.

@@ -156,6 +156,12 @@ class Trainer:
         # The newest checkpoint known good: written by this run, or verified when resumed.
         self.last_checkpoint: Path | None = None
         self.resumed_from: Path | None = None
+        self.codec = None
+        if config.vae and self.main:  # loaded and checked now, not at the first sample grid
+            from zigzag_mamba.train.vae import LatentCodec
+
+            self.codec = LatentCodec.load(config.vae, self.device)
+            self.codec.check_data(dataset, "the training data")
 
     def _micro_batch(self) -> int:
         per_step = self.shard.world * self.config.grad_accum
@@ -342,11 +348,14 @@ class Trainer:
 
     def sample_grid(self) -> Path | None:
         """Write a grid of EMA samples to ``samples/step_XXXXXXX.png`` (main process only);
-        clips go there as frame strips, and as an animated GIF beside it (:func:`save_clips`)."""
+        clips go there as frame strips, and as an animated GIF beside it (:func:`save_clips`).
+        With ``config.vae``, latents are decoded to images first."""
         if not self.main:
             return None
         cfg = self.config
         samples, _ = self.sample(self.grid_rows() * cfg.grid_columns)
+        if self.codec is not None:
+            samples = self.codec.decode(samples)
         scale = max(1, 64 // samples.shape[-1])
         path = self.out_dir / "samples" / f"step_{self.step:07d}.png"
         if samples.dim() == 5:

@@ -1,4 +1,4 @@
-"""The ``zigma train``, ``zigma sample`` and ``zigma demo`` commands.
+"""The ``zigma train``, ``zigma sample``, ``zigma demo`` and ``zigma encode`` commands.
 
 Options come from flags, optionally on top of a YAML or JSON file (``--config``) whose keys
 are the flag names with underscores, plus ``data``, ``image_size``, ``random_flip``, ``video`` and
@@ -61,6 +61,7 @@ def register(subparsers) -> None:
     _register_train(subparsers)
     _register_sample(subparsers)
     _register_demo(subparsers)
+    _register_encode(subparsers)
 
 
 # -- zigma train ---------------------------------------------------------------------------
@@ -158,7 +159,10 @@ def _train(args: argparse.Namespace) -> int:
     )
     _check_data_fits(run["data"], data_shape, num_classes, spec)
     torch.manual_seed(config.seed)  # every process starts from the same weights
-    trainer = Trainer(build_model(spec), dataset, config, model_config=spec)
+    try:
+        trainer = Trainer(build_model(spec), dataset, config, model_config=spec)
+    except (ValueError, ImportError) as exc:  # a --vae that cannot be loaded or does not fit
+        raise SystemExit(f"zigma train: {exc}") from exc
     out = Path(config.out_dir)
     try:
         # The folder is locked, and the checkpoint to resume read, before anything is written.
@@ -291,7 +295,14 @@ def _register_sample(subparsers) -> None:
     parser.add_argument(
         "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda:1, ..."
     )
-    parser.add_argument("--save-tensor", help="also save the raw samples (and labels) to a .pt")
+    parser.add_argument(
+        "--vae",
+        help="decode latent samples to images with this diffusers AutoencoderKL (hub name or "
+        "folder; default: the run's --vae, if it had one)",
+    )
+    parser.add_argument(
+        "--save-tensor", help="also save the raw samples (latents, if decoded) and labels to a .pt"
+    )
     add_threads_argument(parser)
     parser.set_defaults(func=_sample)
 
@@ -323,6 +334,7 @@ def _sample(args: argparse.Namespace) -> int:
             f"channels; give 'all' or at most {channels}"
         )
     model.to(device).eval()
+    codec = _sample_codec(args.vae or train.get("vae"), spec, device)
     interpolant = Interpolant(
         train["path"],
         train["prediction"],
@@ -350,17 +362,36 @@ def _sample(args: argparse.Namespace) -> int:
         num_steps=args.steps,
         generator=generator,
     )
-    scale = max(1, 64 // samples.shape[-1])
+    pictures = samples if codec is None else codec.decode(samples)
+    scale = max(1, 64 // pictures.shape[-1])
     if frames:
-        strips, gif = save_clips(samples, args.out, args.columns, scale=scale)
+        strips, gif = save_clips(pictures, args.out, args.columns, scale=scale)
         print(f"wrote {args.num} clips to {strips} (frame strips) and {gif} (animated)")
     else:
-        path = save_grid(samples, args.out, args.columns, scale=scale)
+        path = save_grid(pictures, args.out, args.columns, scale=scale)
         print(f"wrote {args.num} samples to {path}")
     if args.save_tensor:
         torch.save({"samples": samples.cpu(), "labels": labels}, args.save_tensor)
         print(f"wrote the raw samples to {args.save_tensor}")
     return 0
+
+
+def _sample_codec(vae: str | None, spec: dict[str, Any], device):
+    """The run's VAE, loaded before any sampling, or None."""
+    if not vae:
+        return None
+    from zigzag_mamba.train.vae import LatentCodec
+
+    try:
+        codec = LatentCodec.load(vae, device)
+    except (ValueError, ImportError) as exc:
+        raise SystemExit(f"zigma sample: {exc}") from None
+    if codec.latent_channels != spec["in_channels"]:
+        raise SystemExit(
+            f"zigma sample: --vae {vae!r} makes {codec.latent_channels}-channel latents, the "
+            f"model {spec['in_channels']}"
+        )
+    return codec
 
 
 def _check_sample_arguments(args: argparse.Namespace) -> None:
@@ -426,4 +457,76 @@ def _demo(args: argparse.Namespace) -> int:
     except OptionError as exc:
         raise SystemExit(f"zigma demo: {exc.for_flags()}") from None
     run_demo(config)
+    return 0
+
+
+# -- zigma encode --------------------------------------------------------------------------
+
+
+def _register_encode(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "encode",
+        help="encode an image folder into a latent file with a diffusers VAE",
+        description=(
+            "Encode the images of a folder (one class per sub-folder, or unlabelled) with a "
+            "diffusers AutoencoderKL into a data file for zigma train: latents scaled by the "
+            "VAE's scaling factor, labels, and that scaling, so that a run with --vae can "
+            "decode its samples. See docs/training.md."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("images", help="the image folder")
+    parser.add_argument("out", help="the latent file to write (.safetensors or .pt)")
+    parser.add_argument(
+        "--vae",
+        required=True,
+        help="a diffusers AutoencoderKL: a hub name (stabilityai/sd-vae-ft-ema) or a folder",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=positive_int,
+        help="resize and centre-crop the images to this side (a multiple of the VAE's "
+        "downsampling, 8 for Stable Diffusion's); default: keep their size",
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per batch")
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda:1, ..."
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="show a progress bar",
+    )
+    add_threads_argument(parser)
+    parser.set_defaults(func=_encode)
+
+
+def _encode(args: argparse.Namespace) -> int:
+    import torch
+
+    from zigzag_mamba.train.vae import LatentCodec, encode_folder
+
+    set_threads(args)
+    try:
+        check_device("device", args.device)
+    except OptionError as exc:
+        raise SystemExit(f"zigma encode: {exc.for_flags()}") from None
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    try:
+        codec = LatentCodec.load(args.vae, device)
+        out = encode_folder(
+            args.images,
+            args.out,
+            codec,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            progress=args.progress,
+        )
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        raise SystemExit(f"zigma encode: {exc}") from None
+    print(f"wrote the latents of {args.images} to {out}")
+    print(f"train on them: zigma train --data {out} --vae {args.vae}")
     return 0

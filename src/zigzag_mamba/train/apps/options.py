@@ -39,6 +39,7 @@ RESUME_MAY_CHANGE = frozenset(
         "grid_columns",
         "grid_rows",
         "eval_samples",
+        "vae",
         "progress",
     }
 )

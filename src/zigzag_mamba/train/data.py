@@ -79,6 +79,13 @@ def check_labels(labels: object, count: int, where: str) -> int:
 _WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}
 
 
+def pillow_mode(channels: int) -> str:
+    """The Pillow mode of images with ``channels`` channels: 3 (RGB) or 1 (greyscale)."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    return "RGB" if channels == 3 else "L"
+
+
 def to_mode(image, mode: str, file: Path):
     """``image`` as ``mode`` ("RGB" or "L"), converting what Pillow's own ``convert`` would get
     wrong: 16-bit images are scaled to 8 bits (``convert`` clips them, so all but the darkest
@@ -132,12 +139,10 @@ class ImageFolder(Dataset):
         random_flip: bool = False,
         seed: int = 0,
     ) -> None:
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
         check_image_size(size)
         self.root = Path(root)
         self.size = size
-        self.mode = "RGB" if channels == 3 else "L"
+        self.mode = pillow_mode(channels)
         self.random_flip = random_flip
         self.seed = seed
         self.epoch = 0

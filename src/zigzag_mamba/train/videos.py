@@ -24,6 +24,7 @@ from zigzag_mamba.train.data import (
     _stratified_holdout,
     check_image_size,
     load_digits_tensors,
+    pillow_mode,
     to_mode,
 )
 
@@ -58,12 +59,10 @@ class VideoFolder(Dataset):
     """
 
     def __init__(self, root: str | Path, size: int | None = None, *, channels: int = 3) -> None:
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
         check_image_size(size)
         self.root = Path(root)
         self.size = size
-        self.mode = "RGB" if channels == 3 else "L"
+        self.mode = pillow_mode(channels)
         self.clips, self.labels, self.classes = _find_clips(self.root)
         self.num_classes = len(self.classes)
         self.num_frames = self._check_clips()

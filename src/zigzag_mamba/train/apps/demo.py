@@ -135,9 +135,8 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
 
 
 def _run(config: DemoConfig) -> dict[str, Any]:
-    from zigzag_mamba.train.build import build_model, model_spec
+    from zigzag_mamba.train.build import model_spec
     from zigzag_mamba.train.data import DigitsDataset
-    from zigzag_mamba.train.trainer import Trainer
     from zigzag_mamba.viz import draw_orders
 
     began = time.perf_counter()
@@ -157,23 +156,7 @@ def _run(config: DemoConfig) -> dict[str, Any]:
         patch_size=config.patch_size,
         pattern="zigzag8",
     )
-    torch.manual_seed(config.seed)
-    model = build_model(spec)
-    reserve = 75.0  # seconds kept for the final samples, the scores and the pictures
-    train_config = TrainConfig.from_shared(
-        config,
-        max_seconds=max(10.0, config.max_minutes * 60 - reserve - (time.perf_counter() - began)),
-        log_every=25,
-        ckpt_every=0,
-        sample_every=0,
-        grid_rows=10,
-        grid_columns=10,
-        device="cpu",
-    )
-    trainer = Trainer(model, train, train_config, model_config=spec)
-    summary = trainer.fit()
-    train_seconds = time.perf_counter() - began
-
+    trainer, summary = fit_demo_model(config, spec, train, began, grid_columns=10, reserve=75.0)
     grid = trainer.out_dir / "samples" / f"step_{trainer.step:07d}.png"
     shutil.copyfile(grid, out / "samples.png")
     tokens = 8 // config.patch_size
@@ -182,19 +165,65 @@ def _run(config: DemoConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = score_samples(
         classifier, samples.clamp(-1, 1), labels, test.images, train.images
     )
+    write_metrics(out, metrics, trainer, summary, config, began, classifier_accuracy)
+    _report(out, metrics)
+    return metrics
+
+
+def fit_demo_model(
+    config: DemoConfig,
+    spec: dict[str, Any],
+    data,
+    began: float,
+    *,
+    grid_columns: int,
+    reserve: float,
+):
+    """Build the model ``spec`` describes (seeded) and train it on ``data`` within the demo's
+    minutes, keeping ``reserve`` seconds for what follows; returns the trainer and its summary
+    (with ``train_seconds``, counted from ``began``)."""
+    from zigzag_mamba.train.build import build_model
+    from zigzag_mamba.train.trainer import Trainer
+
+    torch.manual_seed(config.seed)
+    train_config = TrainConfig.from_shared(
+        config,
+        max_seconds=max(10.0, config.max_minutes * 60 - reserve - (time.perf_counter() - began)),
+        log_every=25,
+        ckpt_every=0,
+        sample_every=0,
+        grid_rows=10,
+        grid_columns=grid_columns,
+        device="cpu",
+    )
+    trainer = Trainer(build_model(spec), data, train_config, model_config=spec)
+    summary = trainer.fit()
+    summary["train_seconds"] = time.perf_counter() - began
+    return trainer, summary
+
+
+def write_metrics(
+    out: Path,
+    metrics: dict[str, Any],
+    trainer,
+    summary: dict[str, Any],
+    config: DemoConfig,
+    began: float,
+    classifier_accuracy: float,
+) -> None:
+    """Add what every demo records (the run, its time, the model, the options) to ``metrics``
+    and write them to ``out/metrics.json``."""
     metrics.update(
         classifier_test_accuracy=classifier_accuracy,
         steps=trainer.step,
         final_loss=summary["loss"],
-        train_seconds=round(train_seconds, 1),
+        train_seconds=round(summary["train_seconds"], 1),
         wall_seconds=round(time.perf_counter() - began, 1),
-        parameters=sum(p.numel() for p in model.parameters()),
-        model=spec,
+        parameters=sum(p.numel() for p in trainer.model.parameters()),
+        model=trainer.model_config,
         demo=asdict(config),
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    _report(out, metrics)
-    return metrics
 
 
 def _report(out: Path, metrics: dict[str, Any]) -> None:

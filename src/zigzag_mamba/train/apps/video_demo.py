@@ -20,18 +20,21 @@ a grid with classifier-free guidance (row i = digit i) and scores clips drawn th
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from zigzag_mamba.train.apps.demo import DemoConfig, accuracy, train_digit_classifier
-from zigzag_mamba.train.config import TrainConfig
+from zigzag_mamba.train.apps.demo import (
+    DemoConfig,
+    accuracy,
+    fit_demo_model,
+    train_digit_classifier,
+    write_metrics,
+)
 
 #: What ``--video`` changes in the demo's defaults (flags given still win).
 VIDEO_DEFAULTS: dict[str, Any] = {"out_dir": "outputs/demo-video", "patch_size": 4}
@@ -41,8 +44,7 @@ GRID_COLUMNS = 5
 
 def run_video_demo(config: DemoConfig) -> dict[str, Any]:
     """Train, sample and score on moving digits; write everything to ``config.out_dir``."""
-    from zigzag_mamba.train.build import build_model, model_spec
-    from zigzag_mamba.train.trainer import Trainer
+    from zigzag_mamba.train.build import model_spec
     from zigzag_mamba.train.videos import MovingDigits
     from zigzag_mamba.viz import draw_orders
 
@@ -63,23 +65,9 @@ def run_video_demo(config: DemoConfig) -> dict[str, Any]:
         depth=config.depth,
         patch_size=config.patch_size,
     )
-    torch.manual_seed(config.seed)
-    model = build_model(spec)
-    reserve = 90.0  # seconds kept for the final samples, the scores and the pictures
-    train_config = TrainConfig.from_shared(
-        config,
-        max_seconds=max(10.0, config.max_minutes * 60 - reserve - (time.perf_counter() - began)),
-        log_every=25,
-        ckpt_every=0,
-        sample_every=0,
-        grid_rows=10,
-        grid_columns=GRID_COLUMNS,
-        device="cpu",
+    trainer, summary = fit_demo_model(
+        config, spec, train, began, grid_columns=GRID_COLUMNS, reserve=90.0
     )
-    trainer = Trainer(model, train, train_config, model_config=spec)
-    summary = trainer.fit()
-    train_seconds = time.perf_counter() - began
-
     strips = trainer.out_dir / "samples" / f"step_{trainer.step:07d}.png"
     shutil.copyfile(strips, out / "samples.png")
     shutil.copyfile(strips.with_suffix(".gif"), out / "samples.gif")
@@ -87,17 +75,7 @@ def run_video_demo(config: DemoConfig) -> dict[str, Any]:
     draw_orders(spec["pattern"], (frames, tokens, tokens), out / "orders.png")
     samples, labels = trainer.sample(10 * config.eval_per_class, seed=config.seed + 7)
     metrics: dict[str, Any] = score_clips(classifier, samples.clamp(-1, 1), labels, test, train)
-    metrics.update(
-        classifier_test_accuracy=classifier_accuracy,
-        steps=trainer.step,
-        final_loss=summary["loss"],
-        train_seconds=round(train_seconds, 1),
-        wall_seconds=round(time.perf_counter() - began, 1),
-        parameters=sum(p.numel() for p in model.parameters()),
-        model=spec,
-        demo=asdict(config),
-    )
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_metrics(out, metrics, trainer, summary, config, began, classifier_accuracy)
     _report(out, metrics)
     return metrics
 

@@ -99,6 +99,16 @@ def save_clips(
     return path, gif
 
 
+def save_samples(samples: Tensor, path: str | Path, columns: int) -> tuple[Path, ...]:
+    """Write samples as the trainer and ``zigma sample`` show them, enlarged to about 64 pixels
+    a side: images (N, C, H, W) as a grid (:func:`save_grid`; returns its path), clips
+    (N, T, C, H, W) as frame strips and a GIF (:func:`save_clips`; returns both paths)."""
+    scale = max(1, 64 // samples.shape[-1])
+    if samples.dim() == 5:
+        return save_clips(samples, path, columns, scale=scale)
+    return (save_grid(samples, path, columns, scale=scale),)
+
+
 #: How long each frame of an animated GIF shows, in milliseconds.
 GIF_FRAME_MS = 125
 

@@ -37,7 +37,7 @@ from zigzag_mamba.train.checkpoint import (
 )
 from zigzag_mamba.train.config import TrainConfig
 from zigzag_mamba.train.ema import EMA
-from zigzag_mamba.train.images import save_clips, save_grid
+from zigzag_mamba.train.images import save_samples
 from zigzag_mamba.train.interpolant import Interpolant
 from zigzag_mamba.train.loader import BatchStream, setup_distributed
 from zigzag_mamba.train.lock import RunLock
@@ -348,7 +348,7 @@ class Trainer:
 
     def sample_grid(self) -> Path | None:
         """Write a grid of EMA samples to ``samples/step_XXXXXXX.png`` (main process only);
-        clips go there as frame strips, and as an animated GIF beside it (:func:`save_clips`).
+        clips go there as frame strips, and as an animated GIF beside it (:func:`save_samples`).
         With ``config.vae``, latents are decoded to images first."""
         if not self.main:
             return None
@@ -356,11 +356,8 @@ class Trainer:
         samples, _ = self.sample(self.grid_rows() * cfg.grid_columns)
         if self.codec is not None:
             samples = self.codec.decode(samples)
-        scale = max(1, 64 // samples.shape[-1])
         path = self.out_dir / "samples" / f"step_{self.step:07d}.png"
-        if samples.dim() == 5:
-            return save_clips(samples, path, cfg.grid_columns, scale=scale)[0]
-        return save_grid(samples, path, cfg.grid_columns, scale=scale)
+        return save_samples(samples, path, cfg.grid_columns)[0]
 
     def _run_metrics(self) -> None:
         if not (self.main and self.metrics and self.config.eval_samples):

@@ -312,7 +312,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     from zigzag_mamba.train.build import load_model
     from zigzag_mamba.train.checkpoint import CHECKPOINT_KEYS, CheckpointError, load_checkpoint
-    from zigzag_mamba.train.images import save_clips, save_grid
+    from zigzag_mamba.train.images import save_samples
     from zigzag_mamba.train.interpolant import Interpolant
     from zigzag_mamba.train.samplers import generate
 
@@ -363,13 +363,11 @@ def _sample(args: argparse.Namespace) -> int:
         generator=generator,
     )
     pictures = samples if codec is None else codec.decode(samples)
-    scale = max(1, 64 // pictures.shape[-1])
+    written = save_samples(pictures, args.out, args.columns)
     if frames:
-        strips, gif = save_clips(pictures, args.out, args.columns, scale=scale)
-        print(f"wrote {args.num} clips to {strips} (frame strips) and {gif} (animated)")
+        print(f"wrote {args.num} clips to {written[0]} (frame strips) and {written[1]} (animated)")
     else:
-        path = save_grid(pictures, args.out, args.columns, scale=scale)
-        print(f"wrote {args.num} samples to {path}")
+        print(f"wrote {args.num} samples to {written[0]}")
     if args.save_tensor:
         torch.save({"samples": samples.cpu(), "labels": labels}, args.save_tensor)
         print(f"wrote the raw samples to {args.save_tensor}")

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 COMMAND_MODULES = (
     "zigzag_mamba.viz",
     "zigzag_mamba.train.apps.cli",
+    "zigzag_mamba.train.apps.demo_command",
+    "zigzag_mamba.train.apps.encode",
     "zigzag_mamba.train.ablate.cli",
     "zigzag_mamba.bench.cli",
 )

@@ -22,8 +22,9 @@ from zigzag_mamba.cli import main
 from zigzag_mamba.train import TrainConfig
 from zigzag_mamba.train.checkpoint import CheckpointError, hash_path, load_checkpoint
 from zigzag_mamba.train.config import OptionError
-from zigzag_mamba.train.data import ImageFolder, TensorFileDataset, open_dataset
+from zigzag_mamba.train.data import ImageFolder, open_dataset
 from zigzag_mamba.train.lock import LOCK_NAME, RunFolderBusy, RunLock
+from zigzag_mamba.train.tensor_files import TensorFileDataset
 
 TINY = [
     "--data", "digits", "--batch-size", "8", "--model-arg", "dim=16", "--model-arg", "depth=2",

@@ -6,11 +6,11 @@ from PIL import Image
 from zigzag_mamba.train.data import (
     DigitsDataset,
     ImageFolder,
-    TensorFileDataset,
     load_digits_tensors,
     open_dataset,
 )
 from zigzag_mamba.train.loader import BatchStream, Shard
+from zigzag_mamba.train.tensor_files import TensorFileDataset
 
 
 def _write(path, size=(6, 4), value=200, mode="RGB"):

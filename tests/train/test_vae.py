@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from zigzag_mamba.cli import main
-from zigzag_mamba.train.data import TensorFileDataset
+from zigzag_mamba.train.tensor_files import TensorFileDataset
 
 diffusers = pytest.importorskip("diffusers")
 from safetensors.torch import load_file  # noqa: E402

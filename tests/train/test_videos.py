@@ -8,8 +8,9 @@ from PIL import Image
 from zigzag_mamba.cli import main
 from zigzag_mamba.train.apps import video_demo
 from zigzag_mamba.train.apps.demo import DigitClassifier
-from zigzag_mamba.train.data import TensorFileDataset, open_dataset
+from zigzag_mamba.train.data import open_dataset
 from zigzag_mamba.train.images import image_grid, save_clips
+from zigzag_mamba.train.tensor_files import TensorFileDataset
 from zigzag_mamba.train.videos import MovingDigits, VideoFolder
 
 

@@ -16,11 +16,12 @@ safetensors for .safetensors data files, torchdiffeq for adaptive ODE solvers.
 """
 
 from zigzag_mamba.train.config import TrainConfig
-from zigzag_mamba.train.data import DigitsDataset, ImageFolder, TensorFileDataset, open_dataset
+from zigzag_mamba.train.data import DigitsDataset, ImageFolder, open_dataset
 from zigzag_mamba.train.ema import EMA
 from zigzag_mamba.train.interpolant import Interpolant
 from zigzag_mamba.train.metrics import FrechetDistance, feature_stats, frechet_distance
 from zigzag_mamba.train.samplers import generate, guided_model, sample_ode, sample_sde
+from zigzag_mamba.train.tensor_files import TensorFileDataset
 from zigzag_mamba.train.trainer import NonFiniteLossError, Trainer
 
 __all__ = [

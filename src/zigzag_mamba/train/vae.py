@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from zigzag_mamba.train.data import SCALING_KEYS, ImageFolder
+from zigzag_mamba.train.data import ImageFolder
+from zigzag_mamba.train.tensor_files import SCALING_KEYS
 
 
 class LatentCodec:
@@ -44,9 +45,13 @@ class LatentCodec:
     def load(cls, name_or_path: str, device: str | torch.device = "cpu") -> LatentCodec:
         """A diffusers ``AutoencoderKL`` from the hub or a folder (a VAE's own, or a pipeline's
         with a ``vae`` sub-folder), or a ``ValueError`` naming it."""
-        from zigzag_mamba.integrations._optional import require
-
-        diffusers = require("diffusers", "diffusers", "--vae")
+        try:
+            import diffusers
+        except ImportError as exc:
+            raise ImportError(
+                "--vae needs diffusers, which is not installed: pip install "
+                "'zigzag-mamba[diffusers]'  (or: pip install diffusers)"
+            ) from exc
         subfolder = "vae" if (Path(name_or_path) / "vae" / "config.json").is_file() else None
         try:
             vae = diffusers.AutoencoderKL.from_pretrained(name_or_path, subfolder=subfolder)

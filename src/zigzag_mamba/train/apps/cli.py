@@ -1,4 +1,4 @@
-"""The ``zigma train``, ``zigma sample``, ``zigma demo`` and ``zigma encode`` commands.
+"""The ``zigma train`` and ``zigma sample`` commands.
 
 Options come from flags, optionally on top of a YAML or JSON file (``--config``) whose keys
 are the flag names with underscores, plus ``data``, ``image_size``, ``random_flip``, ``video`` and
@@ -25,11 +25,11 @@ from zigzag_mamba.train.apps.options import (
     RUN_KEYS,
     resolve_train_options,
 )
-from zigzag_mamba.train.config import OptionError, TrainConfig, add_flags, check_device, given
+from zigzag_mamba.train.config import OptionError, TrainConfig, add_flags, check_device
 from zigzag_mamba.train.samplers import ODE_METHODS
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows an option's default unless it is None or the help text already says it."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
@@ -60,8 +60,6 @@ def _guided_channels(text: str) -> str | int:
 def register(subparsers) -> None:
     _register_train(subparsers)
     _register_sample(subparsers)
-    _register_demo(subparsers)
-    _register_encode(subparsers)
 
 
 # -- zigma train ---------------------------------------------------------------------------
@@ -238,7 +236,7 @@ def _register_sample(subparsers) -> None:
         "sample",
         help="draw samples from a trained checkpoint into a PNG grid",
         description="Sample a checkpoint written by `zigma train` (EMA weights by default).",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--ckpt", required=True, help="checkpoint file (…/checkpoints/last.pt)")
     parser.add_argument(
@@ -420,111 +418,3 @@ def _sample_labels(args: argparse.Namespace, num_classes: int, device):
             raise SystemExit(f"--labels must be in [0, {num_classes - 1}]")
         return pool[torch.arange(args.num, device=device) % len(pool)]
     return (torch.arange(args.num, device=device) // args.columns) % num_classes
-
-
-# -- zigma demo ----------------------------------------------------------------------------
-
-
-def _register_demo(subparsers) -> None:
-    from zigzag_mamba.train.apps.demo import DemoConfig
-
-    parser = subparsers.add_parser(
-        "demo",
-        help="train a small class-conditional ZigMa on real handwritten digits (CPU, minutes)",
-        description=(
-            "Train a zigzag8 ZigMa on scikit-learn's 8x8 digits, sample a 10x10 grid with "
-            "classifier-free guidance, and score it with a digit classifier trained on the "
-            "spot. Writes samples.png, orders.png, loss.csv and metrics.json. With --video, "
-            "the same for clips of moving digits, scored frame by frame and on their motion, "
-            "plus samples.gif."
-        ),
-    )
-    add_flags(parser, DemoConfig)
-    parser.set_defaults(func=_demo)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from zigzag_mamba.train.apps.demo import DemoConfig, run_demo
-    from zigzag_mamba.train.apps.video_demo import VIDEO_DEFAULTS
-
-    values = given(args, DemoConfig)
-    if values.get("video"):
-        values = {**VIDEO_DEFAULTS, **values}
-    try:
-        config = DemoConfig(**values)
-    except OptionError as exc:
-        raise SystemExit(f"zigma demo: {exc.for_flags()}") from None
-    run_demo(config)
-    return 0
-
-
-# -- zigma encode --------------------------------------------------------------------------
-
-
-def _register_encode(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "encode",
-        help="encode an image folder into a latent file with a diffusers VAE",
-        description=(
-            "Encode the images of a folder (one class per sub-folder, or unlabelled) with a "
-            "diffusers AutoencoderKL into a data file for zigma train: latents scaled by the "
-            "VAE's scaling factor, labels, and that scaling, so that a run with --vae can "
-            "decode its samples. See docs/training.md."
-        ),
-        formatter_class=_HelpFormatter,
-    )
-    parser.add_argument("images", help="the image folder")
-    parser.add_argument("out", help="the latent file to write (.safetensors or .pt)")
-    parser.add_argument(
-        "--vae",
-        required=True,
-        help="a diffusers AutoencoderKL: a hub name (stabilityai/sd-vae-ft-ema) or a folder",
-    )
-    parser.add_argument(
-        "--image-size",
-        type=positive_int,
-        help="resize and centre-crop the images to this side (a multiple of the VAE's "
-        "downsampling, 8 for Stable Diffusion's); default: keep their size",
-    )
-    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per batch")
-    parser.add_argument(
-        "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda:1, ..."
-    )
-    parser.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="show a progress bar",
-    )
-    add_threads_argument(parser)
-    parser.set_defaults(func=_encode)
-
-
-def _encode(args: argparse.Namespace) -> int:
-    import torch
-
-    from zigzag_mamba.train.vae import LatentCodec, encode_folder
-
-    set_threads(args)
-    try:
-        check_device("device", args.device)
-    except OptionError as exc:
-        raise SystemExit(f"zigma encode: {exc.for_flags()}") from None
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
-    try:
-        codec = LatentCodec.load(args.vae, device)
-        out = encode_folder(
-            args.images,
-            args.out,
-            codec,
-            image_size=args.image_size,
-            batch_size=args.batch_size,
-            progress=args.progress,
-        )
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        raise SystemExit(f"zigma encode: {exc}") from None
-    print(f"wrote the latents of {args.images} to {out}")
-    print(f"train on them: zigma train --data {out} --vae {args.vae}")
-    return 0

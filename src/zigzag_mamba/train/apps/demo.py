@@ -39,11 +39,6 @@ class DemoConfig(SmallRun):
     cfg_scale: float = option(2.0, "classifier-free guidance scale for the samples", at_least=0)
     eval_per_class: int = option(50, "samples per digit for the scores", at_least=1)
     seed: int = option(0, "seed for everything", at_least=0)
-    video: bool = option(
-        False,
-        "moving digits instead: 8-frame 16x16 clips, a video_sst model with 4x4 patches, "
-        "written to outputs/demo-video (see zigzag_mamba.train.apps.video_demo)",
-    )
 
 
 class DigitClassifier(nn.Module):
@@ -127,10 +122,6 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     """
     config = config or DemoConfig()
     with torch_threads(config.threads):
-        if config.video:
-            from zigzag_mamba.train.apps.video_demo import run_video_demo
-
-            return run_video_demo(config)
         return _run(config)
 
 

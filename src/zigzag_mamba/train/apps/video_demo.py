@@ -35,6 +35,7 @@ from zigzag_mamba.train.apps.demo import (
     train_digit_classifier,
     write_metrics,
 )
+from zigzag_mamba.train.threads import torch_threads
 
 #: What ``--video`` changes in the demo's defaults (flags given still win).
 VIDEO_DEFAULTS: dict[str, Any] = {"out_dir": "outputs/demo-video", "patch_size": 4}
@@ -43,7 +44,13 @@ GRID_COLUMNS = 5
 
 
 def run_video_demo(config: DemoConfig) -> dict[str, Any]:
-    """Train, sample and score on moving digits; write everything to ``config.out_dir``."""
+    """Train, sample and score on moving digits; write everything to ``config.out_dir``
+    (``zigma demo --video``, which starts from :data:`VIDEO_DEFAULTS`)."""
+    with torch_threads(config.threads):
+        return _run(config)
+
+
+def _run(config: DemoConfig) -> dict[str, Any]:
     from zigzag_mamba.train.build import model_spec
     from zigzag_mamba.train.videos import MovingDigits
     from zigzag_mamba.viz import draw_orders
